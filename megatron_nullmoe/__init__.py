@@ -1,0 +1,32 @@
+"""megatron-nullmoe: null experts for Megatron-Core MoE layers.
+
+A token-choice router picks top-k over E real experts plus Z zero-compute null slots, so each token
+runs between 0 and k real experts; only real (token, expert) rows are permuted, sent and computed.
+After "Improving MoE Compute Efficiency by Composing Weight and Data Sparsity" (arXiv 2601.15370).
+"""
+
+from megatron_nullmoe.config import NullExpertConfig, NullExpertConfigError
+from megatron_nullmoe.layer import NullExpertMoELayer
+from megatron_nullmoe.model_utils import (
+    dispatch_stats,
+    null_routers,
+    routing_stats,
+    set_vision_mask,
+    update_null_budget,
+)
+from megatron_nullmoe.router import NullExpertRouter
+from megatron_nullmoe.spec import null_router, with_null_experts
+
+__all__ = [
+    "NullExpertConfig",
+    "NullExpertConfigError",
+    "NullExpertMoELayer",
+    "NullExpertRouter",
+    "dispatch_stats",
+    "null_router",
+    "null_routers",
+    "routing_stats",
+    "set_vision_mask",
+    "update_null_budget",
+    "with_null_experts",
+]

@@ -1,0 +1,121 @@
+"""The plugin's own knobs, and the one place where they are checked against a TransformerConfig.
+
+Every error names the field, the value it had, and what would be valid. Nothing falls back
+silently: a megatron-core MoE option whose code path assumes exactly `moe_router_topk` rows per
+token (capacity, padding, fused permute, DeepEP metadata, static CUDA graphs) is refused.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+NULL_LOGIT_MODES = ("shared", "per_expert")
+GATE_NORMALIZATIONS = ("renormalize", "keep_null_share")
+SUPPORTED_DISPATCHERS = ("alltoall", "allgather")
+
+
+class NullExpertConfigError(ValueError):
+    """A null-expert setting, or a megatron-core setting that null experts cannot honour."""
+
+
+def _fail(field: str, value: Any, valid: str) -> None:
+    raise NullExpertConfigError(f"{field}={value!r} is not valid with null experts: {valid}")
+
+
+@dataclass(frozen=True)
+class NullExpertConfig:
+    """Null-expert settings of a MoE layer.
+
+    num_null_experts: Z, the number of zero-compute slots added to the E real experts. The router
+        takes top-k over E + Z slots; each token runs between 0 and k real experts.
+    null_logits: "shared" (default): one learned router row gives one null logit per token,
+        replicated in the Z slots (a learned threshold). "per_expert": Z router rows (AdaMoE).
+    gate_normalization: "renormalize" (default): real gates take over the null picks' share, so
+        the null logit gets no task-loss gradient (only the balancing and z losses shape it).
+        "keep_null_share": the null share is dropped, and the task loss reaches the null logit.
+    target_real_per_token: optional compute-budget control. When set, a bias on the null slots is
+        moved every step so that the realised mean number of real experts per token tracks this
+        target (in (0, k]). Off by default.
+    budget_update_rate: step size of that bias per update (sign update, as aux-loss-free bias).
+    """
+
+    num_null_experts: int = 0
+    null_logits: str = "shared"
+    gate_normalization: str = "renormalize"
+    target_real_per_token: Optional[float] = None
+    budget_update_rate: float = 1e-2
+
+    def __post_init__(self) -> None:
+        if isinstance(self.num_null_experts, bool) or not isinstance(self.num_null_experts, int):
+            _fail("num_null_experts", self.num_null_experts, "an integer >= 0")
+        if self.num_null_experts < 0:
+            _fail("num_null_experts", self.num_null_experts, "an integer >= 0")
+        if self.null_logits not in NULL_LOGIT_MODES:
+            _fail("null_logits", self.null_logits, f"one of {NULL_LOGIT_MODES}")
+        if self.gate_normalization not in GATE_NORMALIZATIONS:
+            _fail("gate_normalization", self.gate_normalization, f"one of {GATE_NORMALIZATIONS}")
+        if self.target_real_per_token is not None and not self.target_real_per_token > 0:
+            _fail("target_real_per_token", self.target_real_per_token, "None or a number > 0")
+        if not self.budget_update_rate > 0:
+            _fail("budget_update_rate", self.budget_update_rate, "a number > 0")
+
+    @property
+    def num_null_logits(self) -> int:
+        """Router rows the null slots need: 1 when shared, Z per expert, 0 without nulls."""
+        if self.num_null_experts == 0:
+            return 0
+        return 1 if self.null_logits == "shared" else self.num_null_experts
+
+    def check(self, config: Any) -> None:
+        """Checks this config against a megatron-core TransformerConfig; raises on conflicts."""
+        num_experts = config.num_moe_experts
+        topk = config.moe_router_topk
+        if not num_experts:
+            _fail("num_moe_experts", num_experts, "null experts need a MoE layer (>= 1 experts)")
+        num_slots = num_experts + self.num_null_experts
+        if topk > num_slots:
+            _fail(
+                "moe_router_topk",
+                topk,
+                f"at most num_moe_experts + num_null_experts = {num_experts} + "
+                f"{self.num_null_experts} = {num_slots}",
+            )
+        if self.target_real_per_token is not None and self.target_real_per_token > topk:
+            _fail("target_real_per_token", self.target_real_per_token, f"in (0, top-k={topk}]")
+        if config.moe_token_dispatcher_type not in SUPPORTED_DISPATCHERS:
+            _fail(
+                "moe_token_dispatcher_type",
+                config.moe_token_dispatcher_type,
+                f"one of {SUPPORTED_DISPATCHERS} (flex/DeepEP metadata assumes top-k real rows "
+                "per token)",
+            )
+        lb = config.moe_router_load_balancing_type
+        lb_types = lb if isinstance(lb, list) else [lb]
+        valid_lb = ("aux_loss", "seq_aux_loss", "global_aux_loss", "none")
+        for kind in lb_types:
+            if kind not in valid_lb:
+                _fail("moe_router_load_balancing_type", lb, f"a subset of {valid_lb}")
+        refused = {
+            "moe_expert_capacity_factor": (None, "None (dropless); capacity assumes T*topk rows"),
+            "moe_pad_expert_input_to_capacity": (False, "False; padding creates non-real rows"),
+            "moe_router_num_groups": (None, "None; group-limited routing is not supported"),
+            "moe_router_group_topk": (None, "None; group-limited routing is not supported"),
+            "moe_permute_fusion": (False, "False; the fused permute allocates static T*topk rows"),
+            "moe_router_fusion": (False, "False; the fused top-k kernel knows only real experts"),
+            "moe_router_padding_for_quantization": (False, "False; padding rows are not real"),
+            "moe_shared_expert_overlap": (False, "False; not implemented in null dispatchers"),
+            "moe_enable_routing_replay": (False, "False; replay records top-k over real experts"),
+            "moe_router_force_load_balancing": (False, "False; random logits skip null slots"),
+            "expert_tensor_parallel_size": (1, "1; expert tensor parallelism is not supported"),
+        }
+        for field, (allowed, why) in refused.items():
+            value = getattr(config, field, allowed)
+            if value != allowed and not (allowed is False and not value):
+                _fail(field, value, why)
+        if getattr(config, "cuda_graph_impl", "none") != "none":
+            _fail(
+                "cuda_graph_impl",
+                config.cuda_graph_impl,
+                "'none'; CUDA graphs assume a static row count per step",
+            )

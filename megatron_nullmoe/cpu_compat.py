@@ -1,0 +1,145 @@
+"""Lets megatron-core (CUDA-first) run on a CPU-only machine, for the tests and the CPU demo.
+
+This is the one module that patches anything. It is active only after `enable()` is called and
+only when CUDA is absent (or `force=True`); it is never used on the GPU path. The null-expert
+router and dispatchers do not need it: they use their input's device and take process groups as
+arguments. What megatron-core itself needs on CPU:
+
+- `device="cuda"` literals, `torch.cuda.current_device()` and `Tensor.cuda()` in module code:
+  a TorchFunctionMode rewrites CUDA devices to CPU and makes `.cuda()` a no-op;
+- `torch.cuda.Stream/Event/synchronize` (the alltoall dispatcher makes a stream in __init__):
+  no-op stand-ins;
+- the CUDA RNG tracker (weight init and dropout fork it): a tracker on the CPU generator;
+- 0.16.1 references `te_general_gemm` even when Transformer Engine is absent: set it to None.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+_STATE = {"enabled": False, "mode": None}
+_CPU = torch.device("cpu")
+
+
+def _is_cuda(device) -> bool:
+    if isinstance(device, torch.device):
+        return device.type == "cuda"
+    if isinstance(device, str):
+        return device.startswith("cuda")
+    return isinstance(device, int) and not isinstance(device, bool)
+
+
+class _CudaToCpu(TorchFunctionMode):
+    """Rewrites CUDA device arguments to CPU for every torch call made while active."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if func is torch.Tensor.cuda:
+            return args[0]
+        if _is_cuda(kwargs.get("device")):
+            kwargs["device"] = _CPU
+        if func is torch.Tensor.to and len(args) > 1 and _is_cuda(args[1]):
+            args = (args[0], _CPU, *args[2:])
+        return func(*args, **kwargs)
+
+
+class _NoStream:
+    """Stand-in for torch.cuda.Stream/Event on CPU: every operation is already synchronous."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def wait_stream(self, *args, **kwargs):
+        pass
+
+    def wait_event(self, *args, **kwargs):
+        pass
+
+    def record_event(self, *args, **kwargs):
+        return _NoStream()
+
+    def record(self, *args, **kwargs):
+        pass
+
+    def synchronize(self):
+        pass
+
+    def query(self):
+        return True
+
+    def elapsed_time(self, other):
+        return 0.0
+
+
+def _install_rng_tracker() -> None:
+    from megatron.core.tensor_parallel import random as mrandom
+
+    class CpuRNGStatesTracker(mrandom.CudaRNGStatesTracker):
+        """Megatron's named RNG streams, kept on the CPU generator."""
+
+        def add(self, name, seed):
+            self._is_initialized = True
+            if seed in self.seeds_:
+                raise Exception(f"seed {seed} already exists")
+            self.seeds_.add(seed)
+            if name in self.states_:
+                raise Exception(f"rng state {name} already exists")
+            orig = torch.get_rng_state()
+            torch.manual_seed(seed)
+            self.states_[name] = torch.get_rng_state()
+            torch.set_rng_state(orig)
+
+        @contextlib.contextmanager
+        def fork(self, name=mrandom._MODEL_PARALLEL_RNG_TRACKER_NAME):
+            if name not in self.states_:
+                raise Exception(f"rng state {name} is not added")
+            orig = torch.get_rng_state()
+            torch.set_rng_state(self.states_[name])
+            try:
+                yield
+            finally:
+                self.states_[name] = torch.get_rng_state()
+                torch.set_rng_state(orig)
+
+    mrandom._CUDA_RNG_STATE_TRACKER = CpuRNGStatesTracker()
+    mrandom._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
+
+
+def enable(force: bool = False) -> bool:
+    """Activates the CPU compatibility layer when CUDA is absent; returns whether it is active.
+
+    Idempotent. Call it before building megatron-core modules (and before
+    `model_parallel_cuda_manual_seed`, which then seeds the CPU tracker).
+    """
+    if _STATE["enabled"]:
+        return True
+    if torch.cuda.is_available() and not force:
+        return False
+    from megatron.core.transformer.moe import moe_utils
+
+    if not getattr(moe_utils, "HAVE_TE", False):
+        moe_utils.te_general_gemm = None
+    torch.cuda.current_device = lambda: 0
+    torch.cuda.set_device = lambda *a, **k: None
+    torch.cuda.synchronize = lambda *a, **k: None
+    torch.cuda.Stream = _NoStream
+    torch.cuda.Event = _NoStream
+    torch.cuda.current_stream = lambda *a, **k: _NoStream()
+    torch.cuda.stream = lambda *a, **k: contextlib.nullcontext()
+    torch.cuda.manual_seed = lambda *a, **k: None
+    torch.cuda.manual_seed_all = lambda *a, **k: None
+    torch.cuda.memory_allocated = lambda *a, **k: 0
+    torch.cuda.max_memory_allocated = lambda *a, **k: 0
+    torch.cuda.empty_cache = lambda *a, **k: None
+    _install_rng_tracker()
+    mode = _CudaToCpu()
+    mode.__enter__()
+    _STATE.update(enabled=True, mode=mode)
+    return True
+
+
+def is_enabled() -> bool:
+    return _STATE["enabled"]

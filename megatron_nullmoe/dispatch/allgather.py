@@ -1,0 +1,76 @@
+"""Null-aware all-gather dispatcher.
+
+By design this moves every token: each rank gathers all tokens of the EP group, then runs its
+local experts on the real rows routed to them (null picks never become rows in the expert GEMMs).
+It suits small EP sizes; prefer `alltoall` when communication matters.
+
+Shape legend: T local tokens, G = T * P gathered tokens, H hidden, L local experts, Q local rows.
+"""
+
+from __future__ import annotations
+
+import torch
+from megatron.core.transformer.moe.moe_utils import permute, unpermute
+from megatron.core.transformer.moe.token_dispatcher import MoETokenDispatcher
+
+from megatron_nullmoe.dispatch import comm
+from megatron_nullmoe.dispatch.stats import DispatchStats
+
+
+class NullAllGatherDispatcher(MoETokenDispatcher):
+    """All-gather over the expert-parallel group; experts compute only their real rows."""
+
+    def __init__(self, num_local_experts, local_expert_indices, config, pg_collection=None):
+        super().__init__(config=config, pg_collection=pg_collection)
+        self.num_local_experts = num_local_experts
+        self.local_expert_indices = list(local_expert_indices)
+        self.topk = config.moe_router_topk
+        self.stats = DispatchStats()
+
+    def dispatch_preprocess(self, tokens, routing_map, probs):
+        self.hidden_shape = tokens.shape
+        self.routing_map = routing_map
+        return tokens.reshape(-1, self.hidden_shape[-1]), probs
+
+    def token_dispatch(self, x_TH, probs_TE):
+        self.num_tokens = x_TH.shape[0]
+        self.local_rows = int(self.routing_map.sum())
+        if self.ep_size > 1:
+            with torch.no_grad():
+                self.routing_map = comm.all_gather(self.ep_group, self.routing_map.to(torch.uint8)).bool()
+            probs_TE = comm.all_gather(self.ep_group, probs_TE)
+            x_TH = comm.all_gather(self.ep_group, x_TH)
+        return x_TH, probs_TE
+
+    def dispatch_postprocess(self, x_GH, probs_GE):
+        first, last = self.local_expert_indices[0], self.local_expert_indices[-1] + 1
+        self.local_map_GL = self.routing_map[:, first:last].contiguous()
+        self.gathered_shape = x_GH.shape
+        tokens_per_expert = self.local_map_GL.sum(dim=0).long().cpu()
+        x_QH, probs_Q, self.sorted_indices_Q = permute(
+            x_GH, self.local_map_GL, probs=probs_GE[:, first:last].contiguous()
+        )
+        self.stats.add(
+            rows_dispatched=self.local_rows,
+            rows_topk=self.num_tokens * self.topk,
+            rows_computed=x_QH.shape[0],
+            rows_sent_remote=self.num_tokens * (self.ep_size - 1),
+            bytes_sent_remote=self.num_tokens
+            * (self.ep_size - 1)
+            * (x_GH.shape[-1] * x_GH.element_size() + probs_GE.shape[-1] * probs_GE.element_size()),
+        )
+        return x_QH, tokens_per_expert, probs_Q
+
+    def combine_preprocess(self, y_QH):
+        return unpermute(
+            y_QH, self.sorted_indices_Q, restore_shape=self.gathered_shape, routing_map=self.local_map_GL
+        )
+
+    def token_combine(self, y_GH):
+        if self.ep_size > 1:
+            y_GH = comm.reduce_scatter(self.ep_group, y_GH)
+        return y_GH
+
+    def combine_postprocess(self, y_TH):
+        self.routing_map = None
+        return y_TH.view(self.hidden_shape)

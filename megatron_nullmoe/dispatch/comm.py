@@ -1,0 +1,90 @@
+"""Device-agnostic differentiable collectives for the dispatchers.
+
+megatron-core's own `all_to_all` allocates its output on `torch.cuda.current_device()`; these
+allocate on the input's device, so the same code runs with NCCL on GPU and gloo on CPU.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.distributed as dist
+
+
+class _AllToAll(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, group, input, output_splits: Sequence[int], input_splits: Sequence[int]):
+        ctx.group, ctx.output_splits, ctx.input_splits = group, output_splits, input_splits
+        if dist.get_world_size(group) == 1:
+            return input
+        input = input.contiguous()
+        output = input.new_empty((sum(output_splits), *input.shape[1:]))
+        dist.all_to_all_single(
+            output,
+            input,
+            output_split_sizes=list(output_splits),
+            input_split_sizes=list(input_splits),
+            group=group,
+        )
+        return output
+
+    @staticmethod
+    def backward(ctx, grad):
+        return None, _AllToAll.apply(ctx.group, grad, ctx.input_splits, ctx.output_splits), None, None
+
+
+def all_to_all(group, input: torch.Tensor, output_splits, input_splits) -> torch.Tensor:
+    """Uneven all-to-all along dim 0: rank r sends input_splits[j] rows to rank j."""
+    return _AllToAll.apply(group, input, list(output_splits), list(input_splits))
+
+
+class _AllGather(torch.autograd.Function):
+    """All-gather along dim 0 (equal sizes); backward reduce-scatters the gradient."""
+
+    @staticmethod
+    def forward(ctx, group, input):
+        ctx.group = group
+        world = dist.get_world_size(group)
+        if world == 1:
+            return input
+        input = input.contiguous()
+        parts = [torch.empty_like(input) for _ in range(world)]
+        dist.all_gather(parts, input, group=group)
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad):
+        world = dist.get_world_size(ctx.group)
+        if world == 1:
+            return None, grad
+        # gloo has no reduce_scatter: all-reduce then keep this rank's slice (same result).
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return None, grad.chunk(world, dim=0)[dist.get_rank(ctx.group)].contiguous()
+
+
+def all_gather(group, input: torch.Tensor) -> torch.Tensor:
+    return _AllGather.apply(group, input)
+
+
+class _ReduceScatter(torch.autograd.Function):
+    """Sum over ranks then keep this rank's equal slice of dim 0; backward all-gathers."""
+
+    @staticmethod
+    def forward(ctx, group, input):
+        ctx.group = group
+        world = dist.get_world_size(group)
+        if world == 1:
+            return input
+        summed = input.contiguous().clone()
+        dist.all_reduce(summed, group=group)
+        return summed.chunk(world, dim=0)[dist.get_rank(group)].contiguous()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return None, _AllGather.apply(ctx.group, grad)
+
+
+def reduce_scatter(group, input: torch.Tensor) -> torch.Tensor:
+    return _ReduceScatter.apply(group, input)

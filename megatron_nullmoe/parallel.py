@@ -1,0 +1,70 @@
+"""Process-group set-up: torch.distributed (NCCL on GPU, gloo on CPU) and megatron-core's
+parallel state, the same way for tests, benchmarks and training."""
+
+from __future__ import annotations
+
+import os
+import socket
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(rank=None, world_size=None, backend=None, timeout_s: int = 300) -> str:
+    """Initialises torch.distributed from arguments or torchrun's environment; returns backend.
+
+    On CPU it enables the CPU compatibility layer first (megatron-core is CUDA-first).
+    """
+    rank = int(os.environ.get("RANK", 0)) if rank is None else rank
+    world_size = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29500")
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "gloo":
+        from megatron_nullmoe import cpu_compat
+
+        cpu_compat.enable()
+    else:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank % torch.cuda.device_count())))
+    if not dist.is_initialized():
+        dist.init_process_group(
+            backend, rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout_s)
+        )
+    return backend
+
+
+def init_model_parallel(tp: int = 1, ep: int = 1, pp: int = 1, seed: int = 1234) -> None:
+    """megatron-core parallel state plus its named RNG streams."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+    world = dist.get_world_size()
+    if world % (tp * pp) != 0 or (world // (tp * pp)) % ep != 0:
+        raise ValueError(
+            f"world size {world} does not split into tensor={tp} x pipeline={pp} with expert={ep} "
+            f"inside data parallel (need world % (tp*pp) == 0 and (world/(tp*pp)) % ep == 0)"
+        )
+    ps.destroy_model_parallel()
+    ps.initialize_model_parallel(
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        expert_model_parallel_size=ep,
+    )
+    torch.manual_seed(seed)
+    model_parallel_cuda_manual_seed(seed)
+
+
+def shutdown() -> None:
+    from megatron.core import parallel_state as ps
+
+    ps.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,275 @@
+"""NullExpertRouter: megatron-core's TopKRouter over E real experts plus Z zero-compute null slots.
+
+The router holds the logits of all S = E + Z slots, calls the pure math in `routing.math`, and
+returns megatron-core's router contract restricted to real experts: (probs [T, E], routing_map
+[T, E] bool). Null picks never appear in the map, so downstream they never become rows.
+
+Balancing losses (aux_loss, seq_aux_loss, global_aux_loss), z-loss and the expert bias cover all S
+slots: uniform use of slots is what drives the null rate to Z / S. With Z = 0 every output equals
+TopKRouter's for the same weights and input.
+
+Shape legend: T tokens, H hidden, E real experts, Z null slots, S = E + Z, K top-k.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from megatron.core.transformer.moe.moe_utils import (
+    compute_routing_scores_for_aux_loss,
+    get_default_pg_collection,
+    get_tokens_per_expert_and_token_count,
+    save_to_aux_losses_tracker,
+    switch_load_balancing_loss_func,
+)
+from megatron.core.transformer.moe.router import TopKRouter
+
+from megatron_nullmoe import _mcore
+from megatron_nullmoe.config import NullExpertConfig
+from megatron_nullmoe.routing import math as rmath
+from megatron_nullmoe.routing.stats import RoutingStats, count_routing
+
+# (load-balancing type, name in megatron-core's tracker, group attribute, group includes DP)
+_BALANCING_LOSSES = (
+    ("aux_loss", "load_balancing_loss", "tp_cp_group", False),
+    ("seq_aux_loss", "seq_load_balancing_loss", "tp_cp_group", False),
+    ("global_aux_loss", "global_load_balancing_loss", "tp_dp_cp_group", True),
+)
+
+
+class NullExpertRouter(TopKRouter):
+    """Top-k router over real experts and null slots; returns real columns only.
+
+    Built by megatron-core's MoELayer as `router(config=..., pg_collection=...)`; the null settings
+    are bound with `functools.partial(NullExpertRouter, null_config=...)` (see `with_null_experts`).
+    """
+
+    def __init__(self, config, pg_collection=None, *, null_config: NullExpertConfig, **kwargs):
+        null_config.check(config)
+        if pg_collection is None:
+            pg_collection = get_default_pg_collection()
+        super().__init__(config=config, pg_collection=pg_collection)
+        self.null_config = null_config
+        self.num_real = config.num_moe_experts
+        self.num_null = null_config.num_null_experts
+        self.num_slots = self.num_real + self.num_null
+        device = self.weight.device
+
+        self.null_weight = None
+        self.null_bias = None
+        if null_config.num_null_logits:
+            rows = null_config.num_null_logits
+            self.null_weight = torch.nn.Parameter(
+                torch.empty(rows, config.hidden_size, dtype=torch.float32, device=device)
+            )
+            if config.add_bias_linear:
+                self.null_bias = torch.nn.Parameter(torch.zeros(rows, device=device))
+            self._init_null_parameters()
+
+        # megatron-core sizes these by E; with nulls they count all S slots.
+        if self.enable_expert_bias:
+            self.register_buffer("local_tokens_per_expert", self._zeros(self.num_slots), False)
+            self.register_buffer("expert_bias", self._zeros(self.num_slots))
+        if self.global_tokens_per_expert is not None:
+            self.register_buffer("global_tokens_per_expert", self._zeros(self.num_slots), False)
+
+        # Compute-budget control: a selection bias on null slots, checkpointed with the model.
+        self.register_buffer("null_budget_bias", self._zeros(()))
+        self.register_buffer("budget_counts", self._zeros(2, torch.float64), False)
+        self._counts: Optional[dict[str, torch.Tensor]] = None
+        self.vision_mask: Optional[torch.Tensor] = None
+
+    def _zeros(self, shape, dtype=torch.float32) -> torch.Tensor:
+        return torch.zeros(shape, dtype=dtype, device=self.weight.device)
+
+    def _init_null_parameters(self) -> None:
+        if self.config.perform_initialization:
+            self.config.init_method(self.null_weight)
+        self.null_weight.data = self.null_weight.data.to(dtype=self.config.params_dtype)
+        setattr(self.null_weight, "sequence_parallel", self.config.sequence_parallel)
+        if self.null_bias is not None:
+            self.null_bias.data = self.null_bias.data.to(dtype=self.config.params_dtype)
+            setattr(self.null_bias, "sequence_parallel", self.config.sequence_parallel)
+
+    # ----------------------------------------------------------------------------- logits
+    def gating(self, input: torch.Tensor) -> torch.Tensor:
+        """Slot logits [..., S] in the router dtype. Parameters follow the input's device."""
+        for p in (self.weight, self.bias, self.null_weight, self.null_bias):
+            if p is not None and p.device != input.device:
+                p.data = p.data.to(input.device)
+        dtype = {"fp32": torch.float32, "fp64": torch.float64}.get(
+            self.config.moe_router_dtype, input.dtype
+        )
+        weight, bias = self.weight, self.bias
+        if self.null_weight is not None:
+            weight = torch.cat([self.weight, self.null_weight.to(self.weight.dtype)])
+            if bias is not None:
+                bias = torch.cat([self.bias, self.null_bias.to(self.bias.dtype)])
+        logits = _mcore.gating_linear(input, weight, bias, dtype)
+        if self.null_weight is None:
+            return logits
+        return rmath.expand_null_logits(
+            logits[..., : self.num_real], logits[..., self.num_real :], self.num_null
+        )
+
+    def _selection_bias(self) -> Optional[torch.Tensor]:
+        """Bias on slot selection only: expert bias (sigmoid) plus the null budget bias."""
+        bias = self.expert_bias if self.enable_expert_bias else None
+        if self.num_null and self.null_config.target_real_per_token is not None:
+            null_S = torch.zeros(self.num_slots, device=self.null_budget_bias.device)
+            null_S[self.num_real :] = self.null_budget_bias
+            bias = null_S if bias is None else bias + null_S
+        return bias
+
+    # ---------------------------------------------------------------------------- routing
+    def routing(self, logits: torch.Tensor, padding_mask: Optional[torch.Tensor] = None):
+        """Top-k over S slots -> (probs [T, E], routing_map [T, E]); attaches balancing losses.
+
+        padding_mask ([seq, batch], True = padding) removes tokens from losses, expert-bias counts,
+        budget control and statistics; padding tokens are still routed, as in TopKRouter.
+        """
+        seq_length, bsz = logits.shape[:2]
+        logits_TS = logits.reshape(-1, self.num_slots)
+        pad_T = padding_mask.reshape(-1) if padding_mask is not None else None
+        logits_TS = self.apply_z_loss(logits_TS, padding_mask=pad_T)
+
+        routing = rmath.topk_over_slots(
+            logits_TS,
+            self.topk,
+            score_function=self.score_function,
+            pre_softmax=self.config.moe_router_pre_softmax,
+            selection_bias_S=self._selection_bias(),
+        )
+        gates_TK = rmath.real_gates(
+            routing,
+            self.num_real,
+            score_function=self.score_function,
+            pre_softmax=self.config.moe_router_pre_softmax,
+            gate_normalization=self.null_config.gate_normalization,
+            scaling_factor=self.config.moe_router_topk_scaling_factor,
+        )
+        probs_TE, map_TE = rmath.scatter_real(gates_TK, routing.index_TK, self.num_real)
+
+        if self.training and torch.is_grad_enabled() and self.is_aux_loss_enabled():
+            probs_TE = self._attach_balancing_losses(probs_TE, logits_TS, pad_T, seq_length, bsz)
+        slots_TS = rmath.slot_map(routing.index_TK, self.num_slots)
+        self._apply_expert_bias(slots_TS, padding_mask=pad_T)
+        self._record(routing.index_TK, pad_T)
+        return probs_TE, map_TE
+
+    def _attach_balancing_losses(self, probs_TE, logits_TS, pad_T, seq_length, bsz):
+        """Switch-style losses over all S slots, through megatron-core's own loss functions."""
+        map_TS, scores_TS = compute_routing_scores_for_aux_loss(
+            logits_TS, self.topk, self.score_function, fused=False, padding_mask=pad_T
+        )
+        for kind, name, group_attr, group_has_dp in _BALANCING_LOSSES:
+            coeff = self.get_aux_loss_coeff(kind)
+            if coeff == 0:
+                continue
+            group = getattr(self, group_attr)
+            per_seq = kind == "seq_aux_loss"
+            m_TS = map_TS.reshape(seq_length, -1) if per_seq else map_TS
+            s_TS = scores_TS.reshape(seq_length, -1) if per_seq else scores_TS
+            counts_S, local_tokens, total_tokens = get_tokens_per_expert_and_token_count(
+                routing_map=m_TS,
+                reduce_group=group,
+                topk=self.topk * (bsz if per_seq else 1),
+                with_padding_mask=pad_T is not None,
+            )
+            if kind == "global_aux_loss":
+                self.global_tokens_per_expert += counts_S
+                self.ga_steps += 1
+                counts_S = self.global_tokens_per_expert / self.ga_steps
+            loss = switch_load_balancing_loss_func(
+                probs=s_TS,
+                tokens_per_expert=counts_S,
+                total_num_tokens=total_tokens,
+                topk=self.topk,
+                num_experts=self.num_slots,
+                moe_aux_loss_coeff=coeff,
+                fused=False,
+            )
+            if per_seq:
+                loss = loss / bsz
+            probs_TE = self.attach_and_log_load_balancing_loss(
+                probs_TE, coeff, loss, name, group,
+                reduce_group_has_dp=group_has_dp, valid_token_count=local_tokens,
+            )
+        return probs_TE
+
+    # ------------------------------------------------------------------------ statistics
+    def _record(self, index_TK: torch.Tensor, pad_T: Optional[torch.Tensor]) -> None:
+        """Accumulates routing counts once per real forward (not in a recompute's no-grad pass)."""
+        if self.training and not torch.is_grad_enabled():
+            return
+        with torch.no_grad():
+            valid_T = None if pad_T is None else ~pad_T
+            vision_T = self._vision_mask_for(index_TK.shape[0])
+            counts = count_routing(index_TK, self.num_real, valid_T, vision_T)
+            if self._counts is None:
+                self._counts = counts
+            else:
+                for key, value in counts.items():
+                    self._counts[key] += value
+            if self.training:
+                self.budget_counts += torch.stack(
+                    [counts["tokens"] * self.topk - counts["null_picks"], counts["tokens"]]
+                )
+            if self.training and self.layer_number is not None:
+                tokens = counts["tokens"].clamp(min=1.0)
+                num_layers = _mcore.num_layers_for_tracker(self.config)
+                for name, value in (
+                    ("null_slot_fraction", counts["null_picks"] / (tokens * self.topk)),
+                    ("real_experts_per_token", self.topk - counts["null_picks"] / tokens),
+                ):
+                    save_to_aux_losses_tracker(
+                        name, value.float(), self.layer_number, num_layers,
+                        avg_group=self.tp_dp_cp_group,
+                    )
+
+    def _vision_mask_for(self, num_tokens: int) -> Optional[torch.Tensor]:
+        mask = self.vision_mask
+        if mask is None:
+            return None
+        if mask.numel() != num_tokens:
+            raise ValueError(
+                f"vision mask has {mask.numel()} entries but this MoE layer routes {num_tokens} "
+                "tokens; pass a [batch, seq] bool mask for the sequence this layer sees"
+            )
+        # Model code hands [batch, seq]; tokens reach the router flattened from [seq, batch].
+        return mask.to(device=self.weight.device).transpose(0, 1).reshape(-1)
+
+    def routing_stats(self, reset: bool = False) -> Optional[RoutingStats]:
+        """Routing statistics accumulated since the last reset, on this rank only."""
+        if self._counts is None:
+            return None
+        stats = RoutingStats(self.topk, {k: v.clone() for k, v in self._counts.items()})
+        if reset:
+            self._counts = None
+        return stats
+
+    # -------------------------------------------------------------------- budget control
+    @torch.no_grad()
+    def update_budget(self, group=None) -> Optional[float]:
+        """One budget-control step: moves the null bias by the sign of (realised - target).
+
+        Call once per optimizer step on every rank of `group` (the ranks whose tokens differ,
+        e.g. data-parallel x context-parallel). Returns the realised real-experts-per-token rate.
+        """
+        target = self.null_config.target_real_per_token
+        counts = self.budget_counts.clone()
+        self.budget_counts.zero_()
+        if target is None or not self.num_null:
+            return None
+        if group is not None and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(counts, group=group)
+        if counts[1] <= 0:
+            return None
+        realised = float(counts[0] / counts[1])
+        step = self.null_config.budget_update_rate
+        if realised > target:
+            self.null_budget_bias += step
+        elif realised < target:
+            self.null_budget_bias -= step
+        return realised

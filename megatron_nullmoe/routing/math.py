@@ -1,0 +1,182 @@
+"""Pure routing math for null-expert MoE: top-k over real + null slots, gates, balancing loss.
+
+No Megatron imports, no module state: every function takes tensors and returns tensors, so it can
+be checked against hand-computed cases and reused by any router.
+
+Shape legend: T tokens, H hidden, E real experts, Z null slots, S = E + Z slots, K top-k.
+Slots are laid out real first: columns [0, E) are real experts, [E, S) are null slots.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+
+SCORE_FUNCTIONS = ("softmax", "sigmoid")
+GATE_NORMALIZATIONS = ("renormalize", "keep_null_share")
+
+
+class SlotRouting(NamedTuple):
+    """The outcome of top-k over all S slots, before null picks are dropped.
+
+    picked_TK: at each of the K picks, the value gates are made from: the logit (softmax after
+        top-k), the softmax probability over all S slots (pre-softmax), or the sigmoid score.
+    index_TK: the chosen slot of each pick.
+    """
+
+    picked_TK: torch.Tensor
+    index_TK: torch.Tensor
+
+
+def expand_null_logits(real_TE: torch.Tensor, null_TN: torch.Tensor, num_null: int) -> torch.Tensor:
+    """Builds the [T, S] slot logits from real logits and null logits.
+
+    `null_TN` has N = 1 column (the "shared" mode: one learned null logit replicated in all Z slots,
+    so it acts as a learned per-token threshold) or N = Z columns ("per_expert" mode, AdaMoE-style).
+    """
+    if num_null == 0:
+        return real_TE
+    if null_TN.shape[-1] == 1:
+        null_TZ = null_TN.expand(*null_TN.shape[:-1], num_null)
+    elif null_TN.shape[-1] == num_null:
+        null_TZ = null_TN
+    else:
+        raise ValueError(
+            f"null logits have {null_TN.shape[-1]} columns; expected 1 (shared) or {num_null}"
+        )
+    return torch.cat([real_TE, null_TZ], dim=-1)
+
+
+def topk_over_slots(
+    logits_TS: torch.Tensor,
+    topk: int,
+    score_function: str = "softmax",
+    pre_softmax: bool = False,
+    selection_bias_S: Optional[torch.Tensor] = None,
+) -> SlotRouting:
+    """Top-k over all slots, as megatron-core's top-k router selects over its experts.
+
+    `selection_bias_S` shifts *which* slots are picked, never the gates (aux-loss-free balancing
+    and null budget control). It is added to the logits for softmax and to the sigmoid scores for
+    sigmoid, which is where megatron-core adds its expert bias.
+    """
+    if score_function not in SCORE_FUNCTIONS:
+        raise ValueError(f"score_function={score_function!r}; valid: {SCORE_FUNCTIONS}")
+    if score_function == "softmax":
+        select_TS = logits_TS if selection_bias_S is None else logits_TS + selection_bias_S
+        _, index_TK = torch.topk(select_TS, k=topk, dim=-1)
+        if pre_softmax:
+            scores_TS = torch.softmax(logits_TS, dim=-1, dtype=torch.float32).type_as(logits_TS)
+            return SlotRouting(torch.gather(scores_TS, -1, index_TK), index_TK)
+        return SlotRouting(torch.gather(logits_TS, -1, index_TK), index_TK)
+    scores_TS = torch.sigmoid(logits_TS.float()).type_as(logits_TS)
+    select_TS = scores_TS if selection_bias_S is None else scores_TS + selection_bias_S
+    _, index_TK = torch.topk(select_TS, k=topk, dim=-1)
+    return SlotRouting(torch.gather(scores_TS, -1, index_TK), index_TK)
+
+
+def real_gates(
+    routing: SlotRouting,
+    num_real: int,
+    score_function: str = "softmax",
+    pre_softmax: bool = False,
+    gate_normalization: str = "renormalize",
+    scaling_factor: Optional[float] = None,
+) -> torch.Tensor:
+    """Real-expert gate of each pick, [T, K] (exactly zero at null picks).
+
+    Base gates follow megatron-core: softmax over the k picked logits (top-k then softmax); the
+    all-slot softmax probability (pre-softmax, not renormalised); sigmoid scores divided by their
+    sum when k > 1. Then:
+    - "renormalize": the null picks' share goes to the real picks in proportion. For top-k-then-
+      softmax and sigmoid the null values are masked out before normalising, so the null logit is
+      not in the gate graph at all and gets exactly zero task-loss gradient. (Pre-softmax gates
+      still depend on it through the all-slot softmax denominator.)
+    - "keep_null_share": gates as computed over all k picks; the null share is simply not spent,
+      and the task loss reaches the null logit.
+    A token whose picks are all null gets zero gates (no routed output), never a NaN.
+    """
+    if gate_normalization not in GATE_NORMALIZATIONS:
+        raise ValueError(
+            f"gate_normalization={gate_normalization!r}; valid: {GATE_NORMALIZATIONS}"
+        )
+    picked_TK, index_TK = routing
+    topk = index_TK.shape[-1]
+    is_real_TK = index_TK < num_real
+    renorm = gate_normalization == "renormalize"
+    if score_function == "softmax" and not pre_softmax:
+        if renorm:
+            any_real_T1 = is_real_TK.any(dim=-1, keepdim=True)
+            masked = torch.where(is_real_TK, picked_TK, torch.full_like(picked_TK, float("-inf")))
+            picked_TK = torch.where(any_real_T1, masked, torch.zeros_like(picked_TK))
+        gates_TK = torch.softmax(picked_TK, dim=-1, dtype=torch.float32).type_as(picked_TK)
+    elif score_function == "softmax":
+        gates_TK = picked_TK
+        if renorm:
+            real_sum_T1 = (picked_TK * is_real_TK).sum(dim=-1, keepdim=True)
+            safe_T1 = torch.where(real_sum_T1 > 0, real_sum_T1, torch.ones_like(real_sum_T1))
+            gates_TK = picked_TK * (picked_TK.sum(dim=-1, keepdim=True) / safe_T1)
+    else:
+        norm_TK = picked_TK * is_real_TK if renorm else picked_TK
+        gates_TK = picked_TK
+        if topk > 1:
+            gates_TK = picked_TK / (norm_TK.sum(dim=-1, keepdim=True) + 1e-20)
+    gates_TK = gates_TK * is_real_TK
+    if scaling_factor:
+        gates_TK = gates_TK * scaling_factor
+    return gates_TK
+
+
+def scatter_real(
+    gates_TK: torch.Tensor, index_TK: torch.Tensor, num_real: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Turns per-pick gates into megatron-core's router outputs over real experts only.
+
+    Returns (probs_TE, routing_map_TE). Null picks are routed to a scratch column that is cut off,
+    so they never appear in the map: a null slot never becomes a row anywhere downstream.
+    """
+    num_tokens = gates_TK.shape[0]
+    is_real_TK = index_TK < num_real
+    col_TK = torch.where(is_real_TK, index_TK, torch.full_like(index_TK, num_real))
+    probs_TE1 = gates_TK.new_zeros(num_tokens, num_real + 1).scatter(1, col_TK, gates_TK)
+    map_TE1 = torch.zeros(
+        num_tokens, num_real + 1, dtype=torch.bool, device=gates_TK.device
+    ).scatter(1, col_TK, is_real_TK)
+    return probs_TE1[:, :num_real], map_TE1[:, :num_real]
+
+
+def slot_map(index_TK: torch.Tensor, num_slots: int) -> torch.Tensor:
+    """Boolean [T, S] map of the chosen slots (real and null)."""
+    out = torch.zeros(index_TK.shape[0], num_slots, dtype=torch.bool, device=index_TK.device)
+    return out.scatter(1, index_TK, True)
+
+
+def balancing_scores(logits_TS: torch.Tensor, score_function: str) -> torch.Tensor:
+    """Per-slot router probabilities P used by the load-balancing loss (over all S slots)."""
+    if score_function == "softmax":
+        return torch.softmax(logits_TS, dim=-1, dtype=torch.float32)
+    scores_TS = torch.sigmoid(logits_TS.float())
+    return scores_TS / (scores_TS.sum(dim=-1, keepdim=True) + 1e-20)
+
+
+def switch_balancing_loss(
+    scores_TS: torch.Tensor, slot_counts_S: torch.Tensor, num_tokens: float, topk: int
+) -> torch.Tensor:
+    """Switch-style balancing loss over all S slots: S * sum_i f_i * P_i.
+
+    f_i = slot_counts_S[i] / (num_tokens * topk) is the fraction of picks that went to slot i and
+    P_i = mean over tokens of scores_TS[:, i]. Its minimum, 1, is reached at uniform use, which
+    sends picks to null slots at the rate Z / S: data sparsity in expectation.
+    `slot_counts_S` may be reduced over more ranks than `scores_TS` covers; `num_tokens` must then
+    count the tokens of that same wider set (the loss is a sum of per-rank contributions).
+    """
+    num_slots = scores_TS.shape[-1]
+    return (scores_TS.sum(dim=0) * slot_counts_S).sum() * (
+        num_slots / (topk * num_tokens * num_tokens)
+    )
+
+
+def expected_real_per_token(topk: int, num_real: int, num_null: int) -> float:
+    """Real experts per token at perfect balance: k * E / (E + Z)."""
+    return topk * num_real / (num_real + num_null)

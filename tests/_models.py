@@ -1,0 +1,74 @@
+"""Small megatron-core MoE layers for tests, with weights that do not depend on the EP layout."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from megatron_nullmoe import NullExpertConfig, NullExpertMoELayer, null_router
+
+HIDDEN, FFN = 16, 24
+
+
+def moe_config(num_experts=4, topk=2, dispatcher="alltoall", ep=1, **overrides) -> TransformerConfig:
+    kw = dict(
+        num_layers=1,
+        hidden_size=HIDDEN,
+        ffn_hidden_size=FFN,
+        num_attention_heads=2,
+        num_moe_experts=num_experts,
+        moe_router_topk=topk,
+        moe_token_dispatcher_type=dispatcher,
+        expert_model_parallel_size=ep,
+        moe_aux_loss_coeff=0.0,
+        moe_router_load_balancing_type="none",
+        add_bias_linear=False,
+        use_cpu_initialization=True,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+    )
+    kw.update(overrides)
+    return TransformerConfig(**kw)
+
+
+def build_layer(config, null_config: NullExpertConfig, pg_collection=None):
+    spec = get_moe_module_spec(use_te=False, num_experts=config.num_moe_experts, moe_grouped_gemm=False)
+    subs = dataclasses.replace(spec.submodules, router=null_router(null_config))
+    layer = NullExpertMoELayer(config, subs, layer_number=1, pg_collection=pg_collection)
+    return layer
+
+
+def global_weights(config, null_config, seed=0) -> dict:
+    """Deterministic weights for all E experts, the router and the null rows."""
+    g = torch.Generator().manual_seed(seed)
+    E, H = config.num_moe_experts, config.hidden_size
+    return {
+        "router": torch.randn(E, H, generator=g) * 0.5,
+        "null": torch.randn(max(null_config.num_null_logits, 1), H, generator=g) * 0.5,
+        "fc1": torch.randn(E, config.ffn_hidden_size, H, generator=g) * 0.3,
+        "fc2": torch.randn(E, H, config.ffn_hidden_size, generator=g) * 0.3,
+    }
+
+
+def load_weights(layer, weights: dict) -> None:
+    with torch.no_grad():
+        layer.router.weight.copy_(weights["router"])
+        if layer.router.null_weight is not None:
+            layer.router.null_weight.copy_(weights["null"][: layer.router.null_weight.shape[0]])
+        for l, g in enumerate(layer.local_expert_indices):
+            expert = layer.experts.local_experts[l]
+            expert.linear_fc1.weight.copy_(weights["fc1"][g])
+            expert.linear_fc2.weight.copy_(weights["fc2"][g])
+
+
+def dense_reference(x_TH, probs_TE, map_TE, weights, activation=F.gelu) -> torch.Tensor:
+    """out = sum over chosen real experts e of g_e * FFN_e(x), computed densely."""
+    out = torch.zeros_like(x_TH)
+    for e in range(map_TE.shape[1]):
+        h = activation(x_TH @ weights["fc1"][e].t()) @ weights["fc2"][e].t()
+        out = out + (probs_TE[:, e] * map_TE[:, e]).unsqueeze(-1) * h
+    return out
