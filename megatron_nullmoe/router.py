@@ -75,7 +75,11 @@ class NullExpertRouter(TopKRouter):
             self.register_buffer("global_tokens_per_expert", self._zeros(self.num_slots), False)
 
         # Compute-budget control: a selection bias on null slots, checkpointed with the model.
-        self.register_buffer("null_budget_bias", self._zeros(()))
+        self.budget_control = bool(self.num_null) and null_config.target_real_per_token is not None
+        if self.budget_control:
+            self.register_buffer("null_budget_bias", self._zeros(()))
+        else:
+            self.null_budget_bias = None
         self.register_buffer("budget_counts", self._zeros(2, torch.float64), False)
         self._counts: Optional[dict[str, torch.Tensor]] = None
         self.vision_mask: Optional[torch.Tensor] = None
@@ -116,7 +120,7 @@ class NullExpertRouter(TopKRouter):
     def _selection_bias(self) -> Optional[torch.Tensor]:
         """Bias on slot selection only: expert bias (sigmoid) plus the null budget bias."""
         bias = self.expert_bias if self.enable_expert_bias else None
-        if self.num_null and self.null_config.target_real_per_token is not None:
+        if self.budget_control:
             null_S = torch.zeros(self.num_slots, device=self.null_budget_bias.device)
             null_S[self.num_real :] = self.null_budget_bias
             bias = null_S if bias is None else bias + null_S
@@ -198,6 +202,18 @@ class NullExpertRouter(TopKRouter):
             )
         return probs_TE
 
+    def _apply_expert_bias(self, routing_map, padding_mask=None):
+        """Counts slot use for aux-loss-free balancing (updated by the training loop).
+
+        Overrides megatron-core 0.16.1, whose version broadcasts the [T] padding mask against the
+        last ([S]) dimension of the map and fails whenever padding is given.
+        """
+        if self.enable_expert_bias and torch.is_grad_enabled():
+            with torch.no_grad():
+                if padding_mask is not None:
+                    routing_map = routing_map & (~padding_mask).unsqueeze(-1)
+                self.local_tokens_per_expert += routing_map.sum(dim=0)
+
     # ------------------------------------------------------------------------ statistics
     def _record(self, index_TK: torch.Tensor, pad_T: Optional[torch.Tensor]) -> None:
         """Accumulates routing counts once per real forward (not in a recompute's no-grad pass)."""
@@ -260,7 +276,7 @@ class NullExpertRouter(TopKRouter):
         target = self.null_config.target_real_per_token
         counts = self.budget_counts.clone()
         self.budget_counts.zero_()
-        if target is None or not self.num_null:
+        if not self.budget_control:
             return None
         if group is not None and torch.distributed.is_initialized():
             torch.distributed.all_reduce(counts, group=group)

@@ -121,7 +121,10 @@ def real_gates(
         norm_TK = picked_TK * is_real_TK if renorm else picked_TK
         gates_TK = picked_TK
         if topk > 1:
-            gates_TK = picked_TK / (norm_TK.sum(dim=-1, keepdim=True) + 1e-20)
+            norm_T1 = norm_TK.sum(dim=-1, keepdim=True)
+            # megatron-core's `sum + 1e-20`; a token with no real pick divides by 1 (no inf grad).
+            denom_T1 = torch.where(norm_T1 > 0, norm_T1 + 1e-20, torch.ones_like(norm_T1))
+            gates_TK = picked_TK / denom_T1
     gates_TK = gates_TK * is_real_TK
     if scaling_factor:
         gates_TK = gates_TK * scaling_factor

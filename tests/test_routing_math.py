@@ -1,0 +1,134 @@
+"""Pure routing math against hand-computed cases (no Megatron involved)."""
+
+import math
+
+import pytest
+import torch
+
+from megatron_nullmoe.routing import math as rm
+from megatron_nullmoe.routing.stats import RoutingStats, count_routing
+
+E = 3  # real experts in the hand cases; slots 3.. are null
+
+
+def route(logits, k, **kw):
+    gate_kw = {key: kw.pop(key) for key in ("gate_normalization", "scaling_factor") if key in kw}
+    routing = rm.topk_over_slots(torch.tensor(logits), k, **kw)
+    gates = rm.real_gates(routing, E, score_function=kw.get("score_function", "softmax"),
+                          pre_softmax=kw.get("pre_softmax", False), **gate_kw)
+    return routing, gates
+
+
+def test_shared_null_logit_is_a_threshold():
+    # One null logit (1.0) replicated in Z=2 slots; reals 2.0, 0.5, 3.0.
+    slots = rm.expand_null_logits(torch.tensor([[2.0, 0.5, 3.0]]), torch.tensor([[1.0]]), 2)
+    assert slots.tolist() == [[2.0, 0.5, 3.0, 1.0, 1.0]]
+    routing, gates = route(slots.tolist(), 3)
+    # top-3: experts 2 (3.0) and 0 (2.0), then one null copy (1.0); expert 1 is below the null.
+    assert sorted(routing.index_TK[0].tolist())[:2] == [0, 2]
+    assert int((routing.index_TK >= E).sum()) == 1
+    # renormalised gates: softmax over the real picks only.
+    want = torch.softmax(torch.tensor([3.0, 2.0]), 0)
+    got = {int(i): float(g) for i, g in zip(routing.index_TK[0], gates[0]) if i < E}
+    assert got[2] == pytest.approx(float(want[0]), abs=1e-6)
+    assert got[0] == pytest.approx(float(want[1]), abs=1e-6)
+
+
+def test_keep_null_share_leaves_null_mass_unspent():
+    logits = [[2.0, 0.5, 3.0, 1.0, 1.0]]
+    routing, gates = route(logits, 3, gate_normalization="keep_null_share")
+    full = torch.softmax(torch.tensor([3.0, 2.0, 1.0]), 0)
+    assert float(gates.sum()) == pytest.approx(float(full[0] + full[1]), abs=1e-6)
+    assert float(gates.sum()) < 1.0
+
+
+def test_all_null_token_gets_zero_gates_and_no_nan():
+    logits = torch.tensor([[-5.0, -6.0, -7.0, 4.0, 4.0]], requires_grad=True)
+    for mode in rm.GATE_NORMALIZATIONS:
+        for score, pre in (("softmax", False), ("softmax", True), ("sigmoid", False)):
+            routing = rm.topk_over_slots(logits, 2, score_function=score, pre_softmax=pre)
+            gates = rm.real_gates(routing, E, score, pre, mode)
+            assert torch.equal(gates, torch.zeros(1, 2))
+            gates.sum().backward()
+            assert torch.isfinite(logits.grad).all()
+            logits.grad = None
+    probs, rmap = rm.scatter_real(torch.zeros(1, 2), torch.tensor([[3, 4]]), E)
+    assert not rmap.any() and probs.shape == (1, E)
+
+
+def test_all_real_picks_equal_plain_topk_softmax():
+    logits = [[0.1, 2.0, 1.0, -1.0, -1.0]]
+    routing, gates = route(logits, 2)
+    assert sorted(routing.index_TK[0].tolist()) == [1, 2]
+    want = torch.softmax(torch.tensor([2.0, 1.0]), 0)
+    assert sorted(gates[0].tolist(), reverse=True) == pytest.approx(want.tolist(), abs=1e-6)
+
+
+def test_pre_softmax_renormalize_hands_null_share_to_reals():
+    logits = [[2.0, 0.0, 0.0, 1.0]]  # E=3 reals + one null slot
+    routing, gates = route(logits, 2, pre_softmax=True)
+    p = torch.softmax(torch.tensor(logits[0]), 0)
+    # picks: expert 0 (p0) and the null (p3); real gate = p0 * (p0 + p3) / p0 = p0 + p3
+    assert float(gates.sum()) == pytest.approx(float(p[0] + p[3]), abs=1e-6)
+
+
+def test_sigmoid_gates_normalise_over_real_picks():
+    logits = [[2.0, 1.0, -3.0, 1.5]]
+    routing, gates = route(logits, 3, score_function="sigmoid")
+    s = torch.sigmoid(torch.tensor([2.0, 1.0]))
+    assert sorted(gates[0].tolist(), reverse=True)[:2] == pytest.approx((s / s.sum()).tolist(), abs=1e-6)
+
+
+def test_ties_pick_k_distinct_slots_and_scaling_applies():
+    routing, gates = route([[1.0, 1.0, 1.0, 1.0, 1.0]], 3, scaling_factor=2.0)
+    assert len(set(routing.index_TK[0].tolist())) == 3
+    assert float(gates.sum()) == pytest.approx(2.0, abs=1e-6)
+
+
+def test_zero_nulls_is_plain_topk():
+    logits = torch.randn(5, E)
+    assert rm.expand_null_logits(logits, torch.empty(5, 0), 0) is logits
+    routing = rm.topk_over_slots(logits, 2)
+    assert (routing.index_TK < E).all()
+
+
+def test_selection_bias_changes_picks_not_gates():
+    logits = torch.tensor([[2.0, 1.0, 0.0, 1.5]])
+    bias = torch.tensor([0.0, 0.0, 0.0, 10.0])
+    routing = rm.topk_over_slots(logits, 2, selection_bias_S=bias)
+    assert 3 in routing.index_TK[0].tolist()
+    assert float(routing.picked_TK[0][routing.index_TK[0] == 3]) == 1.5  # unbiased logit
+
+
+def test_balancing_loss_minimum_at_uniform_slot_use():
+    T, S, k = 8, 4, 2
+    uniform = torch.full((T, S), 1.0 / S)
+    counts = torch.full((S,), T * k / S)
+    assert float(rm.switch_balancing_loss(uniform, counts, T, k)) == pytest.approx(1.0)
+    skewed = torch.tensor([T * k, 0.0, 0.0, 0.0])
+    assert float(rm.switch_balancing_loss(uniform, skewed, T, k)) == pytest.approx(1.0)
+    peaked = torch.zeros(T, S)
+    peaked[:, 0] = 1.0
+    assert float(rm.switch_balancing_loss(peaked, skewed, T, k)) == pytest.approx(S)
+
+
+def test_expected_real_per_token_iso_flops():
+    assert rm.expected_real_per_token(8, 64, 64) == 4.0
+    assert rm.expected_real_per_token(4, 8, 8) == 2.0
+
+
+def test_count_routing_histogram_modality_and_padding():
+    index = torch.tensor([[0, 3], [3, 4], [1, 2], [2, 0]])  # E=3: real counts 1, 0, 2, 2
+    vision = torch.tensor([True, True, False, False])
+    valid = torch.tensor([True, True, True, False])  # last token is padding
+    stats = RoutingStats(2, count_routing(index, E, valid, vision))
+    assert stats.tokens == 3
+    assert stats.real_histogram == pytest.approx([1 / 3, 1 / 3, 1 / 3])
+    assert stats.null_fraction == pytest.approx(3 / 6)
+    assert stats.real_per_token == pytest.approx(1.0)
+    assert stats.expert_tokens == [1.0, 1.0, 1.0]
+    by = stats.null_fraction_by_modality()
+    assert by["vision"] == pytest.approx(3 / 4) and by["text"] == pytest.approx(0.0)
+    total = stats + stats
+    assert total.tokens == 6 and total.null_fraction == pytest.approx(0.5)
+    assert math.isclose(stats.max_over_mean_load, 1.0)
