@@ -6,7 +6,7 @@ After "Improving MoE Compute Efficiency by Composing Weight and Data Sparsity" (
 """
 
 from megatron_nullmoe.config import NullExpertConfig, NullExpertConfigError
-from megatron_nullmoe.layer import NullExpertMoELayer
+from megatron_nullmoe.layer import NullExpertMoELayer, null_moe_layer
 from megatron_nullmoe.model_utils import (
     dispatch_stats,
     null_routers,
@@ -22,6 +22,7 @@ __all__ = [
     "NullExpertConfigError",
     "NullExpertMoELayer",
     "NullExpertRouter",
+    "null_moe_layer",
     "dispatch_stats",
     "null_router",
     "null_routers",

@@ -63,3 +63,18 @@ LAYER_CLASSES = {
     NullExpertTransformerLayer: NullExpertTransformerLayer,
     NullExpertMoETransformerLayer: NullExpertMoETransformerLayer,
 }
+
+
+def null_moe_layer(config, null_config, pg_collection=None, layer_number=1, use_te=False):
+    """A standalone NullExpertMoELayer with megatron-core's own expert modules (local or TE)."""
+    import dataclasses
+
+    from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec
+
+    from megatron_nullmoe.spec import null_router
+
+    spec = get_moe_module_spec(
+        use_te=use_te, num_experts=config.num_moe_experts, moe_grouped_gemm=config.moe_grouped_gemm
+    )
+    subs = dataclasses.replace(spec.submodules, router=null_router(null_config))
+    return NullExpertMoELayer(config, subs, layer_number=layer_number, pg_collection=pg_collection)

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 import torch.nn.functional as F
-from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megatron_nullmoe import NullExpertConfig, NullExpertMoELayer, null_router
+from megatron_nullmoe import NullExpertConfig
+from megatron_nullmoe.layer import null_moe_layer
 
 HIDDEN, FFN = 16, 24
 
@@ -36,10 +34,7 @@ def moe_config(num_experts=4, topk=2, dispatcher="alltoall", ep=1, **overrides) 
 
 
 def build_layer(config, null_config: NullExpertConfig, pg_collection=None):
-    spec = get_moe_module_spec(use_te=False, num_experts=config.num_moe_experts, moe_grouped_gemm=False)
-    subs = dataclasses.replace(spec.submodules, router=null_router(null_config))
-    layer = NullExpertMoELayer(config, subs, layer_number=1, pg_collection=pg_collection)
-    return layer
+    return null_moe_layer(config, null_config, pg_collection=pg_collection)
 
 
 def global_weights(config, null_config, seed=0) -> dict:

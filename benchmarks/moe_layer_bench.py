@@ -1,0 +1,157 @@
+"""MoE layer forward+backward on CPU: megatron-core top-k_b vs null-MoE at matched expected FLOPs.
+
+Variants, measured side by side in one run (rounds interleave the variants, medians reported):
+  (a) megatron-core MoELayer + TopKRouter at top-k_b (its own alltoall dispatcher on 1 rank; on
+      several ranks our dispatcher, because the stock one cannot run on CPU across ranks)
+  (b) null-MoE at matched expected FLOPs: k, Z with k*E/(E+Z) = k_b, budget control holding the
+      realised rate at k_b (so the match holds in fact, not only in expectation)
+  (c) the same k as (b) with Z = 0 (plain top-k with our router and dispatcher)
+
+Usage:  python benchmarks/moe_layer_bench.py [--ranks 1|2] [--tokens 2048] [--hidden 256] ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import statistics
+import time
+import warnings
+
+import torch
+
+warnings.filterwarnings("ignore")
+
+
+def build(variant, args, ep):
+    from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec
+    from megatron.core.transformer.moe.moe_layer import MoELayer
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from megatron_nullmoe import NullExpertConfig, null_moe_layer
+    from megatron_nullmoe.layer import install_null_dispatcher
+
+    k = args.topk_base if variant == "a" else args.topk
+    config = TransformerConfig(
+        num_layers=1, hidden_size=args.hidden, ffn_hidden_size=args.ffn, num_attention_heads=4,
+        num_moe_experts=args.experts, moe_router_topk=k, moe_token_dispatcher_type="alltoall",
+        expert_model_parallel_size=ep, add_bias_linear=False, use_cpu_initialization=True,
+        moe_router_load_balancing_type="none", moe_aux_loss_coeff=0.0,
+    )
+    if variant == "a":
+        spec = get_moe_module_spec(use_te=False, num_experts=args.experts)
+        layer = MoELayer(config, spec.submodules, layer_number=1)
+        if ep > 1:  # megatron's alltoall keeps split sizes as tensors on CPU: cannot run
+            from megatron_nullmoe.dispatch import NullAlltoAllDispatcher
+            from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
+
+            layer.token_dispatcher = NullAlltoAllDispatcher(
+                layer.num_local_experts, layer.local_expert_indices, config,
+                get_default_pg_collection(),
+            )
+        return layer, config
+    nulls = args.nulls if variant == "b" else 0
+    target = args.topk_base if variant == "b" else None
+    nc = NullExpertConfig(num_null_experts=nulls, target_real_per_token=target, budget_update_rate=0.1)
+    return null_moe_layer(config, nc), config
+
+
+def step(layer, x):
+    out, _ = layer(x)
+    out.float().pow(2).mean().backward()
+
+
+def rows(layer):
+    stats = getattr(layer.token_dispatcher, "stats", None)
+    return (stats.rows_dispatched, stats.rows_computed, stats.steps) if stats else None
+
+
+def main(rank=0, world=1, args=None):
+    from megatron_nullmoe import parallel, update_null_budget
+
+    if world > 1 or not torch.distributed.is_initialized():
+        parallel.init_distributed(rank=rank, world_size=world, backend="gloo")
+    parallel.init_model_parallel(ep=world, seed=5)
+    torch.manual_seed(5 + rank)
+    seq = args.tokens // args.batch
+    x = torch.randn(seq, args.batch, args.hidden)
+    layers = {v: build(v, args, world)[0] for v in "abc"}
+
+    # Warm up; let (b)'s budget control settle its realised rate at k_b.
+    for _ in range(args.warmup):
+        for v, layer in layers.items():
+            step(layer, x)
+            if v == "b":
+                update_null_budget(layer, group=torch.distributed.group.WORLD)
+            layer.zero_grad(set_to_none=True)
+    for layer in layers.values():
+        if getattr(layer.token_dispatcher, "stats", None):
+            layer.token_dispatcher.stats.reset()
+
+    times = {v: [] for v in layers}
+    for _ in range(args.rounds):
+        for v, layer in layers.items():
+            torch.distributed.barrier()
+            t0 = time.perf_counter()
+            step(layer, x)
+            torch.distributed.barrier()
+            times[v].append(time.perf_counter() - t0)
+            layer.zero_grad(set_to_none=True)
+    if rank != 0:
+        return
+    med = {v: statistics.median(t) for v, t in times.items()}
+    tokens = args.tokens
+    print(f"\nMoE layer fwd+bwd, CPU, {world} rank(s) (EP={world}), {tokens} tokens/rank, "
+          f"H={args.hidden}, FFN={args.ffn}, E={args.experts}, threads/rank={torch.get_num_threads()}")
+    print(f"{'variant':44s} {'rows disp/step':>14s} {'rows comp/step':>14s} {'ms':>8s} {'vs (a)':>7s}")
+    labels = {
+        "a": f"(a) megatron TopKRouter k={args.topk_base}",
+        "b": f"(b) null-MoE k={args.topk} Z={args.nulls} (budget {args.topk_base})",
+        "c": f"(c) null-MoE code k={args.topk} Z=0",
+    }
+    for v in "abc":
+        r = rows(layers[v])
+        if r:
+            disp, comp = f"{r[0] / r[2]:.0f}", f"{r[1] / r[2]:.0f}"
+        else:
+            disp = comp = f"{tokens * args.topk_base}*"
+        print(f"{labels[v]:44s} {disp:>14s} {comp:>14s} {med[v] * 1e3:8.1f} {med[v] / med['a']:7.2f}")
+    rb = rows(layers["b"])
+    print(f"(b)/(c) time {med['b'] / med['c']:.2f}; ideal real-row ratio "
+          f"{rb[0] / rb[2] / (tokens * args.topk):.2f}   (* stock dispatcher: T*k by construction)")
+
+
+def _spawned(rank, world, args):
+    os.environ.update(MASTER_ADDR="127.0.0.1")
+    main(rank, world, args)
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ranks", type=int, default=1)
+    p.add_argument("--tokens", type=int, default=2048, help="tokens per rank")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--ffn", type=int, default=512)
+    p.add_argument("--experts", type=int, default=8)
+    p.add_argument("--topk-base", type=int, default=2)
+    p.add_argument("--topk", type=int, default=4)
+    p.add_argument("--nulls", type=int, default=8)
+    p.add_argument("--warmup", type=int, default=30)
+    p.add_argument("--rounds", type=int, default=15)
+    a = p.parse_args()
+    if a.topk * a.experts != a.topk_base * (a.experts + a.nulls):
+        raise SystemExit(f"not iso-FLOP: k*E/(E+Z) = {a.topk * a.experts / (a.experts + a.nulls)}"
+                         f" != k_b = {a.topk_base}")
+    from megatron_nullmoe.parallel import free_port
+
+    os.environ["MASTER_PORT"] = str(free_port())
+    if a.ranks == 1:
+        torch.set_num_threads(max(1, torch.get_num_threads()))
+        main(0, 1, a)
+    else:
+        import torch.multiprocessing as mp
+
+        os.environ["OMP_NUM_THREADS"] = "1"
+        mp.start_processes(_spawned, args=(a.ranks, a), nprocs=a.ranks, start_method="spawn")
