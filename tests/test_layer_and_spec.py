@@ -10,6 +10,10 @@ from megatron.core.models.gpt.gpt_layer_specs import (
     get_gpt_layer_local_spec,
 )
 from megatron.core.transformer.moe.moe_layer import MoELayer
+from megatron.core.transformer.moe.moe_utils import (
+    clear_aux_losses_tracker,
+    get_moe_layer_wise_logging_tracker,
+)
 
 from megatron_nullmoe import (
     NullExpertConfig,
@@ -86,6 +90,7 @@ def test_gpt_model_with_null_experts_trains_a_step_and_reports_stats():
     vision = torch.zeros(2, 8, dtype=torch.bool)
     vision[:, :3] = True
     set_vision_mask(model, vision)
+    clear_aux_losses_tracker()
     loss = model(ids, torch.arange(8).expand(2, 8), None, labels=ids).mean()
     loss.backward()
     assert routers[0].null_weight.grad is not None
@@ -94,6 +99,10 @@ def test_gpt_model_with_null_experts_trains_a_step_and_reports_stats():
     by = stats["all"].null_fraction_by_modality()
     assert by["vision"] is not None and by["text"] is not None
     assert stats["all"].tokens == 2 * 16
+    tracker = get_moe_layer_wise_logging_tracker()
+    for name in ("null_slot_fraction", "real_experts_per_token"):
+        values = tracker[name]["values"]
+        assert values[0] > 0 and values[1] == 0 and values[2] > 0  # MoE layers 1 and 3 only
     rows = dispatch_stats(model)
     assert rows.rows_topk == 2 * 16 * 2 and rows.rows_dispatched <= rows.rows_topk
 
@@ -167,3 +176,15 @@ def test_megatron_options_null_experts_cannot_honour_are_refused(overrides, null
         nc.check(config)
     with pytest.raises(NullExpertConfigError, match=field):
         NullExpertRouter(config, null_config=nc)
+
+
+def test_transformer_engine_spec_converts_even_without_te():
+    config = _gpt_config()
+    try:
+        block = get_gpt_decoder_block_spec(config, use_transformer_engine=True)
+    except Exception as e:  # megatron-core cannot even describe TE specs here
+        pytest.skip(f"TE spec unavailable without Transformer Engine: {e}")
+    out = with_null_experts(block, NullExpertConfig(num_null_experts=4))
+    moe = [s for s in out.layer_specs if s.module is NullExpertTransformerLayer]
+    assert len(moe) == 2
+    assert all(s.submodules.mlp.submodules.router.func is NullExpertRouter for s in moe)

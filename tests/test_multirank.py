@@ -5,7 +5,7 @@ assignments to remote experts."""
 import pytest
 import torch
 
-from megatron_nullmoe import NullExpertConfig, parallel
+from megatron_nullmoe import NullExpertConfig, parallel, routing_stats
 from tests._dist import run_ranks
 from tests._models import HIDDEN, build_layer, global_weights, load_weights, moe_config
 
@@ -46,6 +46,7 @@ def ep_worker(rank, world, dispatcher, null_logits):
         "local": local,
         "expected_remote_rows": int(seen["map"][:, remote_mask].sum()),
         "stats": layer.token_dispatcher.stats.as_dict(),
+        "routing": routing_stats(layer, group=torch.distributed.group.WORLD)["all"].as_dict(),
     }
 
 
@@ -65,7 +66,8 @@ def single_rank_result(dispatcher, null_logits, world):
         gid: (e.linear_fc1.weight.grad, e.linear_fc2.weight.grad)
         for gid, e in enumerate(layer.experts.local_experts)
     }
-    return out.detach(), x.grad, layer.router.weight.grad, layer.router.null_weight.grad, experts
+    routing = routing_stats(layer, reset=True)["all"].as_dict()
+    return out.detach(), x.grad, layer.router.weight.grad, layer.router.null_weight.grad, experts, routing
 
 
 CASES = [
@@ -78,7 +80,9 @@ CASES = [
 @pytest.mark.parametrize("world,dispatcher,null_logits", CASES)
 def test_expert_parallel_equals_single_rank(single_rank, tmp_path, world, dispatcher, null_logits):
     ranks = run_ranks(world, ep_worker, (dispatcher, null_logits), tmp_path)
-    out, x_grad, router_grad, null_grad, experts = single_rank_result(dispatcher, null_logits, world)
+    out, x_grad, router_grad, null_grad, experts, routing = single_rank_result(
+        dispatcher, null_logits, world
+    )
     close = dict(rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(torch.cat([r["out"] for r in ranks], dim=1), out, **close)
     torch.testing.assert_close(torch.cat([r["x_grad"] for r in ranks], dim=1), x_grad, **close)
@@ -90,6 +94,12 @@ def test_expert_parallel_equals_single_rank(single_rank, tmp_path, world, dispat
             torch.testing.assert_close(fc1, experts[gid][0], **close)
             torch.testing.assert_close(fc2, experts[gid][1], **close)
 
+    # Routing statistics reduced across ranks equal the one-rank statistics of the global batch.
+    for r in ranks:
+        assert r["routing"]["tokens"] == routing["tokens"]
+        assert r["routing"]["real_histogram"] == pytest.approx(routing["real_histogram"])
+        assert r["routing"]["expert_tokens"] == pytest.approx(routing["expert_tokens"])
+        assert r["routing"]["null_fraction"] == pytest.approx(routing["null_fraction"])
     total_real = sum(int(r["map"].sum()) for r in ranks)
     assert 0 < total_real < SEQ * BATCH_PER_RANK * world * K  # nulls took some picks
     for r in ranks:
