@@ -24,14 +24,10 @@ def null_routers(model: torch.nn.Module) -> list[NullExpertRouter]:
 
 
 def _dispatchers(model):
+    """Null-aware dispatchers (they carry DispatchStats) of all MoE layers, in module order."""
     chunks = model if isinstance(model, (list, tuple)) else [model]
-    return [
-        m.token_dispatcher
-        for c in chunks
-        for m in c.modules()
-        if isinstance(getattr(m, "token_dispatcher", None), object)
-        and isinstance(getattr(getattr(m, "token_dispatcher", None), "stats", None), DispatchStats)
-    ]
+    found = [getattr(m, "token_dispatcher", None) for c in chunks for m in c.modules()]
+    return [d for d in found if isinstance(getattr(d, "stats", None), DispatchStats)]
 
 
 def set_vision_mask(model, vision_mask_BS: Optional[torch.Tensor]) -> None:
