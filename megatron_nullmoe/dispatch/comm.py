@@ -39,6 +39,14 @@ def all_to_all(group, input: torch.Tensor, output_splits, input_splits) -> torch
     return _AllToAll.apply(group, input, list(output_splits), list(input_splits))
 
 
+def _sum_then_slice(group, x: torch.Tensor) -> torch.Tensor:
+    """Reduce-scatter along dim 0 in equal slices. gloo has no reduce_scatter, so: all-reduce,
+    then keep this rank's slice (the same result)."""
+    summed = x.contiguous().clone()
+    dist.all_reduce(summed, group=group)
+    return summed.chunk(dist.get_world_size(group), dim=0)[dist.get_rank(group)].contiguous()
+
+
 class _AllGather(torch.autograd.Function):
     """All-gather along dim 0 (equal sizes); backward reduce-scatters the gradient."""
 
@@ -55,13 +63,9 @@ class _AllGather(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        world = dist.get_world_size(ctx.group)
-        if world == 1:
+        if dist.get_world_size(ctx.group) == 1:
             return None, grad
-        # gloo has no reduce_scatter: all-reduce then keep this rank's slice (same result).
-        grad = grad.contiguous().clone()
-        dist.all_reduce(grad, group=ctx.group)
-        return None, grad.chunk(world, dim=0)[dist.get_rank(ctx.group)].contiguous()
+        return None, _sum_then_slice(ctx.group, grad)
 
 
 def all_gather(group, input: torch.Tensor) -> torch.Tensor:
@@ -74,12 +78,9 @@ class _ReduceScatter(torch.autograd.Function):
     @staticmethod
     def forward(ctx, group, input):
         ctx.group = group
-        world = dist.get_world_size(group)
-        if world == 1:
+        if dist.get_world_size(group) == 1:
             return input
-        summed = input.contiguous().clone()
-        dist.all_reduce(summed, group=group)
-        return summed.chunk(world, dim=0)[dist.get_rank(group)].contiguous()
+        return _sum_then_slice(group, input)
 
     @staticmethod
     def backward(ctx, grad):
