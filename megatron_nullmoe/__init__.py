@@ -5,6 +5,12 @@ runs between 0 and k real experts; only real (token, expert) rows are permuted, 
 After "Improving MoE Compute Efficiency by Composing Weight and Data Sparsity" (arXiv 2601.15370).
 """
 
+import warnings
+
+# megatron-core warns at import on every machine without TE/apex (all CPU machines); the
+# fallbacks it announces are the intended path there.
+warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
+
 from megatron_nullmoe.config import NullExpertConfig, NullExpertConfigError
 from megatron_nullmoe.layer import NullExpertMoELayer, null_moe_layer
 from megatron_nullmoe.model_utils import (

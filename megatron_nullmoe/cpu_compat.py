@@ -122,12 +122,15 @@ def enable(force: bool = False) -> bool:
 
     if not getattr(moe_utils, "HAVE_TE", False):
         moe_utils.te_general_gemm = None
+    _torch_norms_for_clip_vit()
+    _cpu_grad_clipping()
     torch.cuda.current_device = lambda: 0
     torch.cuda.set_device = lambda *a, **k: None
     torch.cuda.synchronize = lambda *a, **k: None
     torch.cuda.Stream = _NoStream
     torch.cuda.Event = _NoStream
     torch.cuda.current_stream = lambda *a, **k: _NoStream()
+    torch.cuda.default_stream = lambda *a, **k: _NoStream()
     torch.cuda.stream = lambda *a, **k: contextlib.nullcontext()
     torch.cuda.manual_seed = lambda *a, **k: None
     torch.cuda.manual_seed_all = lambda *a, **k: None
@@ -139,6 +142,38 @@ def enable(force: bool = False) -> bool:
     mode.__enter__()
     _STATE.update(enabled=True, mode=mode)
     return True
+
+
+def _torch_norms_for_clip_vit() -> None:
+    """CLIPViTModel defaults ln_pre/ln_post to bare torch.nn.LayerNorm when TE is absent, then
+    builds it with megatron's (config=, hidden_size=) signature and fails; megatron's own
+    WrappedTorchNorm takes that signature. LLaVAModel gives no way to pass the norm in."""
+    from megatron.core.models.vision import clip_vit_model
+    from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+    init = clip_vit_model.CLIPViTModel.__init__
+    if init.__defaults__ is not None:
+        init.__defaults__ = tuple(
+            WrappedTorchNorm if d is torch.nn.LayerNorm else d for d in init.__defaults__
+        )
+
+
+def _cpu_grad_clipping() -> None:
+    """megatron-core's clip_grad_by_total_norm_fp32 asserts `grad.type() ==
+    'torch.cuda.FloatTensor'`; the same scaling (the norm is computed elsewhere) on any device."""
+    from megatron.core.optimizer import clip_grads, optimizer
+
+    def clip_grad_by_total_norm_fp32(parameters, max_norm, total_norm, use_decoupled_grad=False):
+        attr = "decoupled_grad" if use_decoupled_grad else "grad"
+        if isinstance(parameters, torch.Tensor):
+            parameters = [parameters]
+        grads = [getattr(p, attr).detach() for p in parameters if getattr(p, attr, None) is not None]
+        coeff = max_norm / (total_norm + 1.0e-6)
+        if coeff < 1.0 and grads:
+            torch._foreach_mul_(grads, coeff)
+
+    clip_grads.clip_grad_by_total_norm_fp32 = clip_grad_by_total_norm_fp32
+    optimizer.clip_grad_by_total_norm_fp32 = clip_grad_by_total_norm_fp32
 
 
 def is_enabled() -> bool:

@@ -30,13 +30,18 @@ def _dispatchers(model):
     return [d for d in found if isinstance(getattr(d, "stats", None), DispatchStats)]
 
 
-def set_vision_mask(model, vision_mask_BS: Optional[torch.Tensor]) -> None:
-    """Hands every router a [batch, seq] bool mask (True = vision token) for the next forwards.
+def set_vision_mask(
+    model, vision_mask_BS: Optional[torch.Tensor], pad_mask_BS: Optional[torch.Tensor] = None
+) -> None:
+    """Hands every router a [batch, seq] bool mask (True = vision token) for the next forwards,
+    and optionally a [batch, seq] padding mask (True = padding) whose tokens stats leave out.
 
-    Used only for statistics: the router itself never sees modality. Pass None to clear.
+    Used only for statistics: the router itself never sees modality, and padding given here
+    is still routed (models such as LLaVA do not pass a padding mask to MoE layers). None clears.
     """
     for router in null_routers(model):
         router.vision_mask = vision_mask_BS
+        router.stats_pad_mask = pad_mask_BS
 
 
 def _reduce(tensors: list[torch.Tensor], group) -> list[torch.Tensor]:

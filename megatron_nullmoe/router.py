@@ -83,6 +83,7 @@ class NullExpertRouter(TopKRouter):
         self.register_buffer("budget_counts", self._zeros(2, torch.float64), False)
         self._counts: Optional[dict[str, torch.Tensor]] = None
         self.vision_mask: Optional[torch.Tensor] = None
+        self.stats_pad_mask: Optional[torch.Tensor] = None
 
     def _zeros(self, shape, dtype=torch.float32) -> torch.Tensor:
         return torch.zeros(shape, dtype=dtype, device=self.weight.device)
@@ -220,8 +221,11 @@ class NullExpertRouter(TopKRouter):
         if self.training and not torch.is_grad_enabled():
             return
         with torch.no_grad():
+            extra_pad_T = self._token_mask_for(self.stats_pad_mask, index_TK.shape[0])
+            if extra_pad_T is not None:
+                pad_T = extra_pad_T if pad_T is None else pad_T | extra_pad_T
             valid_T = None if pad_T is None else ~pad_T
-            vision_T = self._vision_mask_for(index_TK.shape[0])
+            vision_T = self._token_mask_for(self.vision_mask, index_TK.shape[0])
             counts = count_routing(index_TK, self.num_real, valid_T, vision_T)
             if self._counts is None:
                 self._counts = counts
@@ -244,13 +248,12 @@ class NullExpertRouter(TopKRouter):
                         avg_group=self.tp_dp_cp_group,
                     )
 
-    def _vision_mask_for(self, num_tokens: int) -> Optional[torch.Tensor]:
-        mask = self.vision_mask
+    def _token_mask_for(self, mask: Optional[torch.Tensor], num_tokens: int):
         if mask is None:
             return None
         if mask.numel() != num_tokens:
             raise ValueError(
-                f"vision mask has {mask.numel()} entries but this MoE layer routes {num_tokens} "
+                f"vision/padding mask has {mask.numel()} entries but this MoE layer routes {num_tokens} "
                 "tokens; pass a [batch, seq] bool mask for the sequence this layer sees"
             )
         # Model code hands [batch, seq]; tokens reach the router flattened from [seq, batch].

@@ -1,0 +1,51 @@
+"""`python -m megatron_nullmoe.train --config RECIPE.yaml [key.sub=value ...]` (or `nullmoe-train`).
+
+Runs on one process, or on every rank under torchrun:
+    torchrun --nproc-per-node 2 -m megatron_nullmoe.train --config examples/demo_vlm.yaml
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(prog="nullmoe-train", description=__doc__.split("\n")[0])
+    p.add_argument("--config", help="YAML recipe (defaults are used where it is silent)")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the resolved config and exit without training")
+    p.add_argument("overrides", nargs="*", help="key.sub=value overrides, applied after the recipe")
+    args = p.parse_args(argv)
+    warnings.filterwarnings("ignore", category=UserWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+
+    from megatron_nullmoe.train.config import ConfigError, load_config
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as err:
+        sys.exit(f"config error: {err}")
+    if args.print_config:
+        import yaml
+
+        print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
+        return
+    from megatron_nullmoe.config import NullExpertConfigError
+    from megatron_nullmoe.train.checkpoint import CheckpointError
+    from megatron_nullmoe.train.data.energon import DataError
+    from megatron_nullmoe.train.data.tokenizer import TokenizerError
+    from megatron_nullmoe.train.loop import train
+
+    try:
+        train(cfg)
+    except (ConfigError, NullExpertConfigError) as err:
+        sys.exit(f"config error: {err}")
+    except (CheckpointError, DataError, TokenizerError) as err:
+        sys.exit(f"error: {err}")
+
+
+if __name__ == "__main__":
+    main()

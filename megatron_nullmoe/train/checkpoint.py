@@ -1,0 +1,201 @@
+"""Checkpoints with megatron-core dist_checkpointing, written so that a crash never costs one.
+
+    <dir>/iter_0000100/            dist_checkpointing (model, optimizer, scheduler, step)
+        extra/rank_00000.pt        per rank: data position and RNG states
+        nullmoe.json               manifest: step, model config, sha256 of every file
+    <dir>/latest                   name of the newest complete checkpoint
+
+A checkpoint is written into `iter_N.tmp` and renamed into place only after every rank has
+finished and the manifest is written; `latest` is replaced atomically after that. A run killed
+mid-save leaves a `.tmp` folder (removed on the next start) and the previous checkpoint intact.
+dist_checkpointing has no checksums (flipped bytes load silently), hence the manifest's hashes,
+checked by rank 0 before loading; the verdict is broadcast so that no rank hangs on a bad file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+MANIFEST = "nullmoe.json"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is corrupt, incomplete, or made for a different model."""
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _broadcast_text(text: Optional[str]) -> Optional[str]:
+    """Rank 0's verdict to every rank."""
+    box = [text]
+    if dist.is_initialized():
+        dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _rng_state() -> dict:
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+    state = {"python": random.getstate(), "numpy": np.random.get_state(),
+             "torch": torch.get_rng_state(), "tracker": get_cuda_rng_tracker().get_states()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    get_cuda_rng_tracker().set_states(state["tracker"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+class Checkpointer:
+    def __init__(self, root: Path, keep_last: int, identity: dict):
+        """identity: what must match for a checkpoint to load (model and null-expert config)."""
+        self.root, self.keep_last, self.identity = Path(root), keep_last, identity
+        if _rank() == 0:
+            self.root.mkdir(parents=True, exist_ok=True)
+            for stale in self.root.glob("iter_*.tmp"):
+                shutil.rmtree(stale, ignore_errors=True)  # a save that never finished
+        _barrier()
+
+    # ------------------------------------------------------------------------------ save
+    def save(self, step: int, model, optimizer, scheduler, data) -> Path:
+        from megatron.core import dist_checkpointing
+
+        final = self.root / f"iter_{step:07d}"
+        tmp = self.root / f"iter_{step:07d}.tmp"
+        if _rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+        _barrier()  # dist_checkpointing needs the (empty) folder on every rank before it starts
+        dist_checkpointing.save(_state(model, optimizer, scheduler, step), str(tmp))
+        (tmp / "extra").mkdir(exist_ok=True)
+        torch.save({"data": data.state(), "rng": _rng_state()}, tmp / "extra" / f"rank_{_rank():05d}.pt")
+        _barrier()
+        if _rank() == 0:
+            files = {str(p.relative_to(tmp)): _sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
+            manifest = {"step": step, "identity": self.identity, "files": files}
+            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+            if final.exists():
+                shutil.rmtree(final)
+            tmp.rename(final)
+            latest_tmp = self.root / "latest.tmp"
+            latest_tmp.write_text(final.name + "\n")
+            os.replace(latest_tmp, self.root / "latest")
+            for old in self.complete()[: -self.keep_last]:
+                shutil.rmtree(old, ignore_errors=True)
+        _barrier()
+        return final
+
+    def complete(self) -> list[Path]:
+        """Finished checkpoints, oldest first."""
+        found = [p for p in self.root.glob("iter_*") if p.is_dir() and not p.name.endswith(".tmp")
+                 and (p / MANIFEST).is_file()]
+        return sorted(found, key=lambda p: p.name)
+
+    def latest(self) -> Optional[Path]:
+        pointer = self.root / "latest"
+        if pointer.is_file():
+            path = self.root / pointer.read_text().strip()
+            if path.is_dir():
+                return path
+        done = self.complete()
+        return done[-1] if done else None
+
+    # ------------------------------------------------------------------------------ load
+    def load(self, path: Path, model, optimizer, scheduler, data) -> int:
+        """Restores everything saved at `path`; returns its step. Raises CheckpointError."""
+        from megatron.core import dist_checkpointing
+
+        problem = self._verify(path) if _rank() == 0 else None
+        problem = _broadcast_text(problem)
+        if problem:
+            raise CheckpointError(problem)
+        try:
+            loaded = dist_checkpointing.load(
+                _state(model, optimizer, scheduler, 0, is_loading=True), str(path))
+        except Exception as err:  # dist_checkpointing wraps per-rank tracebacks; keep the gist
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise CheckpointError(f"checkpoint {path} could not be loaded: {first}") from err
+        model.load_state_dict(loaded["model"])
+        optimizer.load_state_dict(loaded["optimizer"])
+        scheduler.load_state_dict(loaded["opt_param_scheduler"])
+        extra_path = path / "extra" / f"rank_{_rank():05d}.pt"
+        if not extra_path.is_file():
+            raise CheckpointError(f"checkpoint {path} has no {extra_path.name}: it was saved with "
+                                  "a different number of ranks")
+        extra = torch.load(extra_path, weights_only=False)
+        data.restore(extra["data"])
+        _set_rng_state(extra["rng"])
+        return int(loaded["iteration"])
+
+    def _verify(self, path: Path) -> Optional[str]:
+        manifest_path = path / MANIFEST
+        if not manifest_path.is_file():
+            return f"checkpoint {path} has no {MANIFEST}: it is incomplete or not ours"
+        try:
+            manifest = json.loads(manifest_path.read_text())
+        except json.JSONDecodeError as err:
+            return f"checkpoint {path}: {MANIFEST} is corrupt ({err})"
+        if manifest.get("identity") != self.identity:
+            saved = manifest.get("identity", {})
+            diffs = [f"{k}: checkpoint {saved.get(k)!r}, this run {v!r}"
+                     for k, v in _flatten(self.identity).items()
+                     if _flatten(saved).get(k) != v]
+            return (f"checkpoint {path} was saved with a different model config; resume needs the "
+                    f"same one, or start a fresh run folder. Differences: {'; '.join(diffs)}")
+        for name, digest in manifest["files"].items():
+            file = path / name
+            if not file.is_file():
+                return f"checkpoint {path} is missing {name}"
+            if _sha256(file) != digest:
+                return f"checkpoint {path} is corrupt: {name} does not match its recorded sha256"
+        return None
+
+
+def _state(model, optimizer, scheduler, step: int, is_loading: bool = False) -> dict:
+    model_sd = model.sharded_state_dict()
+    return {"model": model_sd,
+            "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=is_loading),
+            "opt_param_scheduler": scheduler.state_dict(), "iteration": step}
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out

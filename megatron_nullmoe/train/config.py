@@ -1,0 +1,230 @@
+"""A training run's configuration: typed dataclasses built as defaults <- YAML recipe <- overrides.
+
+Every component owns a small dataclass; `RunConfig` composes them. `load_config` merges the recipe
+and `key.sub=value` overrides into the defaults, checks every key and value on the way (an unknown
+key names the closest valid one), and `save_config` writes the resolved result into the run
+folder so that a run can always be reproduced from its own folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A recipe or override that does not describe a valid run."""
+
+
+def _choices(*names: str, default: str) -> Any:
+    return field(default=default, metadata={"choices": names})
+
+
+@dataclass
+class NullExperts:
+    """The plugin's own knobs (see megatron_nullmoe.NullExpertConfig)."""
+
+    num_null_experts: int = 0
+    null_logits: str = _choices("shared", "per_expert", default="shared")
+    gate_normalization: str = _choices("renormalize", "keep_null_share", default="renormalize")
+    target_real_per_token: Optional[float] = None
+    budget_update_rate: float = 1e-2
+
+
+@dataclass
+class Vision:
+    """CLIP-style ViT encoder of the VLM (megatron-core CLIPViTModel) and its MLP projector."""
+
+    num_layers: int = 2
+    hidden_size: int = 64
+    ffn_hidden_size: int = 128
+    num_attention_heads: int = 4
+    image_size: int = 48
+    patch_size: int = 8
+    drop_class_token: bool = True
+
+
+@dataclass
+class Model:
+    """The decoder (GPT) and, for kind=vlm, the vision side."""
+
+    kind: str = _choices("vlm", "gpt", default="vlm")
+    num_layers: int = 2
+    hidden_size: int = 64
+    ffn_hidden_size: int = 128
+    num_attention_heads: int = 4
+    max_position_embeddings: int = 256
+    # MoE: every `moe_layer_freq`-th decoder layer is MoE (1 = all).
+    moe_layer_freq: int = 1
+    num_experts: int = 8
+    moe_ffn_hidden_size: int = 64
+    router_topk: int = 2
+    router_score_function: str = _choices("softmax", "sigmoid", default="softmax")
+    aux_loss_coeff: float = 1e-2
+    z_loss_coeff: Optional[float] = None
+    token_dispatcher: str = _choices("alltoall", "allgather", default="alltoall")
+    null_experts: NullExperts = field(default_factory=NullExperts)
+    vision: Vision = field(default_factory=Vision)
+
+
+@dataclass
+class Parallel:
+    """Sizes of the parallel dimensions; data parallel is what is left of the world size."""
+
+    tensor: int = 1
+    expert: int = 1
+    pipeline: int = 1
+    backend: str = _choices("auto", "gloo", "nccl", default="auto")
+
+
+@dataclass
+class Data:
+    """Where samples come from. kind=energon: image+caption webdataset shards prepared for energon;
+    kind=jsonl: text-only GPT data, one {"text": ...} object per line."""
+
+    kind: str = _choices("energon", "jsonl", default="energon")
+    path: str = "data/demo"
+    valid_path: Optional[str] = None  # jsonl only; energon datasets carry their own val split
+    tokenizer: Optional[str] = None  # a sentencepiece .model; None: the dataset's own tokenizer
+    seq_length: int = 32  # text tokens per sample (images add their patch tokens on top)
+    micro_batch_size: int = 4
+    global_batch_size: int = 16
+    num_workers: int = 0
+    shuffle_buffer_size: int = 64
+
+
+@dataclass
+class Optim:
+    lr: float = 3e-3
+    min_lr: float = 3e-4
+    warmup_steps: int = 10
+    lr_decay_style: str = _choices("cosine", "linear", "constant", default="cosine")
+    weight_decay: float = 0.01
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    clip_grad: float = 1.0
+
+
+@dataclass
+class Checkpoint:
+    """megatron-core dist_checkpointing; saved into <run.dir>/checkpoints unless `dir` is given."""
+
+    dir: Optional[str] = None
+    save_every: int = 0  # 0: only at the end
+    keep_last: int = 2
+    resume: bool = True  # continue from the newest checkpoint in `dir` if there is one
+
+
+@dataclass
+class Logging:
+    log_every: int = 10
+    eval_every: int = 50
+    eval_steps: int = 4
+    tensorboard: bool = True
+    wandb_project: Optional[str] = None
+    progress_bar: bool = True
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    dir: str = "runs/run"
+    steps: int = 100
+    seed: int = 1234
+    precision: str = _choices("auto", "fp32", "bf16", default="auto")
+    model: Model = field(default_factory=Model)
+    parallel: Parallel = field(default_factory=Parallel)
+    data: Data = field(default_factory=Data)
+    optim: Optim = field(default_factory=Optim)
+    checkpoint: Checkpoint = field(default_factory=Checkpoint)
+    logging: Logging = field(default_factory=Logging)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ----------------------------------------------------------------------------- building
+def load_config(recipe: Optional[str] = None, overrides: tuple[str, ...] | list[str] = ()) -> RunConfig:
+    """defaults <- YAML recipe <- `a.b=value` overrides, checked key by key and value by value."""
+    merged: dict = {}
+    if recipe is not None:
+        path = Path(recipe)
+        if not path.is_file():
+            raise ConfigError(f"recipe {recipe!r} does not exist (give a YAML file, e.g. "
+                              "examples/demo_vlm.yaml)")
+        try:
+            merged = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"recipe {recipe!r} is not valid YAML: {err}") from None
+        if not isinstance(merged, dict):
+            raise ConfigError(f"recipe {recipe!r} must hold a mapping of sections, got "
+                              f"{type(merged).__name__}")
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not of the form key.sub=value")
+        node = merged
+        *parents, leaf = key.strip().split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {part!r} is a value, not a section")
+        node[leaf] = yaml.safe_load(raw) if raw.strip() else None
+    return _build(RunConfig, merged, prefix="")
+
+
+def save_config(cfg: RunConfig, path: Path) -> None:
+    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+def _build(cls: type, values: dict, prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if not isinstance(key, str):  # YAML reads bare null/true/1 keys as non-strings
+            raise ConfigError(f"config key {name!r} is not a name (quote it in YAML?); valid "
+                              f"here: {', '.join(prefix + f for f in fields)}")
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), list(fields), n=1)
+            hint = f"; did you mean '{prefix}{close[0]}'?" if close else ""
+            raise ConfigError(f"unknown config key {name!r}{hint} (valid here: "
+                              f"{', '.join(prefix + f for f in fields)})")
+        kwargs[key] = _convert(hints[key], value, name, fields[key])
+    return cls(**kwargs)
+
+
+def _convert(hint: Any, value: Any, name: str, f: dataclasses.Field) -> Any:
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{name} is a section; give its keys ({name}.<key>=...), not {value!r}")
+        return _build(hint, value, prefix=f"{name}.")
+    optional = typing.get_origin(hint) is typing.Union and type(None) in typing.get_args(hint)
+    if optional:
+        if value is None:
+            return None
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    ok = (
+        (hint is bool and isinstance(value, bool))
+        or (hint is int and isinstance(value, int) and not isinstance(value, bool))
+        or (hint is float and isinstance(value, (int, float)) and not isinstance(value, bool))
+        or (hint is str and isinstance(value, (str, int, float)) and not isinstance(value, bool))
+    )
+    if not ok:
+        want = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+        raise ConfigError(f"{name}={value!r} is not valid: expected {want.get(hint, hint)}"
+                          + (" or null" if optional else ""))
+    value = hint(value)
+    choices = f.metadata.get("choices")
+    if choices and value not in choices:
+        close = difflib.get_close_matches(value, choices, n=1)
+        hint_text = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(f"{name}={value!r} is not valid: one of {', '.join(choices)}{hint_text}")
+    return value

@@ -1,0 +1,182 @@
+"""Builds megatron-core's own GPTModel or LLaVAModel from a recipe, with null-expert MoE layers.
+
+The decoder spec is megatron-core's `get_gpt_decoder_block_spec` (so `moe_layer_freq`, pre-MLP
+layernorm and TE/local choices are megatron-core's), turned into its null-expert form by
+`with_null_experts`. `num_null_experts=0` gives the standard MoE: our router is then exactly
+megatron-core's TopKRouter (tested bit for bit), and the dispatcher moves the same rows.
+
+For the VLM, the projector gets a *dense* MLP spec. Megatron-LM's pretrain_vlm.py hands the
+projector the language layer's MLP submodules, which with MoE are MoE submodules (a router and
+experts in a projector); and its TE llava layer spec has no `pre_mlp_layernorm`, which a MoE layer
+needs. Using the decoder block spec and a dense projector spec avoids both.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from megatron_nullmoe.config import NullExpertConfig
+from megatron_nullmoe.spec import with_null_experts
+from megatron_nullmoe.train.config import ConfigError, RunConfig
+from megatron_nullmoe.train.data.tokenizer import IMAGE_TOKEN
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the data pipeline and the logs need to know about the built model."""
+
+    image_tokens: int  # positions one image occupies in the decoder sequence (0 for GPT)
+    decoder_seq_length: int  # image tokens + text tokens
+    num_moe_layers: int
+
+
+def null_config(cfg: RunConfig) -> NullExpertConfig:
+    n = cfg.model.null_experts
+    return NullExpertConfig(
+        num_null_experts=n.num_null_experts, null_logits=n.null_logits,
+        gate_normalization=n.gate_normalization, target_real_per_token=n.target_real_per_token,
+        budget_update_rate=n.budget_update_rate,
+    )
+
+
+def image_tokens(cfg: RunConfig) -> int:
+    if cfg.model.kind != "vlm":
+        return 0
+    v = cfg.model.vision
+    if v.image_size % v.patch_size:
+        raise ConfigError(f"model.vision.image_size={v.image_size} is not a multiple of "
+                          f"model.vision.patch_size={v.patch_size}")
+    return (v.image_size // v.patch_size) ** 2 + (0 if v.drop_class_token else 1)
+
+
+def _common(cfg: RunConfig, dtype: torch.dtype) -> dict:
+    on_cpu = not torch.cuda.is_available()
+    return dict(
+        tensor_model_parallel_size=cfg.parallel.tensor,
+        pipeline_model_parallel_size=cfg.parallel.pipeline,
+        sequence_parallel=False, hidden_dropout=0.0, attention_dropout=0.0,
+        add_bias_linear=False, bf16=dtype == torch.bfloat16, params_dtype=dtype,
+        pipeline_dtype=dtype, use_cpu_initialization=on_cpu,
+        perform_initialization=True, gradient_accumulation_fusion=False,
+        bias_activation_fusion=False, masked_softmax_fusion=False, persist_layer_norm=False,
+        bias_dropout_fusion=False, apply_rope_fusion=False,
+    )
+
+
+def decoder_config(cfg: RunConfig, dtype: torch.dtype):
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    m = cfg.model
+    if m.num_layers % m.moe_layer_freq and m.moe_layer_freq > m.num_layers:
+        raise ConfigError(f"model.moe_layer_freq={m.moe_layer_freq} leaves no MoE layer in "
+                          f"model.num_layers={m.num_layers}")
+    pattern = [1 if i % m.moe_layer_freq == m.moe_layer_freq - 1 else 0 for i in range(m.num_layers)]
+    try:
+        return TransformerConfig(
+            num_layers=m.num_layers, hidden_size=m.hidden_size, ffn_hidden_size=m.ffn_hidden_size,
+            num_attention_heads=m.num_attention_heads, num_moe_experts=m.num_experts,
+            moe_ffn_hidden_size=m.moe_ffn_hidden_size, moe_router_topk=m.router_topk,
+            moe_layer_freq=pattern, moe_token_dispatcher_type=m.token_dispatcher,
+            moe_router_load_balancing_type="aux_loss", moe_aux_loss_coeff=m.aux_loss_coeff,
+            moe_z_loss_coeff=m.z_loss_coeff, moe_router_score_function=m.router_score_function,
+            moe_router_pre_softmax=m.router_topk == 1,
+            expert_model_parallel_size=cfg.parallel.expert,
+            **_common(cfg, dtype),
+        )
+    except (AssertionError, ValueError) as err:
+        raise ConfigError(f"model: megatron-core rejects this decoder config: {err}") from None
+
+
+def vision_configs(cfg: RunConfig, dtype: torch.dtype):
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    v = cfg.model.vision
+    vision = TransformerConfig(
+        num_layers=v.num_layers, hidden_size=v.hidden_size, ffn_hidden_size=v.ffn_hidden_size,
+        num_attention_heads=v.num_attention_heads, **_common(cfg, dtype),
+    )
+    vision.vision_model_type = "clip"  # read by LLaVAModel; not a TransformerConfig field
+    projection = TransformerConfig(
+        num_layers=1, hidden_size=cfg.model.hidden_size, ffn_hidden_size=cfg.model.ffn_hidden_size,
+        num_attention_heads=1, **_common(cfg, dtype),
+    )
+    return vision, projection
+
+
+def build_model(cfg: RunConfig, vocab_size: int, pg_collection, dtype: torch.dtype,
+                use_te: Optional[bool] = None):
+    """Returns (model, ModelInfo). The model lives on the current device, unwrapped."""
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+
+    if cfg.parallel.pipeline != 1:
+        raise ConfigError(f"parallel.pipeline={cfg.parallel.pipeline}: this trainer runs pipeline "
+                          "size 1 only (use data, expert and tensor parallelism)")
+    if use_te is None:
+        use_te = _have_te() and torch.cuda.is_available()
+    config = decoder_config(cfg, dtype)
+    null = null_config(cfg)
+    null.check(config)
+    spec = with_null_experts(
+        get_gpt_decoder_block_spec(config, use_transformer_engine=use_te), null)
+    n_img = image_tokens(cfg)
+    seq = n_img + cfg.data.seq_length
+    if seq > cfg.model.max_position_embeddings:
+        raise ConfigError(
+            f"model.max_position_embeddings={cfg.model.max_position_embeddings} is below the "
+            f"decoder sequence: {n_img} image tokens + data.seq_length={cfg.data.seq_length} = {seq}")
+    info = ModelInfo(n_img, seq, sum(config.moe_layer_freq))
+    if cfg.model.kind == "gpt":
+        model = GPTModel(config, spec, vocab_size=vocab_size,
+                         max_sequence_length=cfg.model.max_position_embeddings,
+                         pg_collection=pg_collection)
+        return model, info
+    model = _build_llava(cfg, config, spec, vocab_size, pg_collection, dtype, use_te)
+    if not hasattr(model, "model_type"):  # the schedules ask; Megatron-LM sets it in get_model
+        from megatron.core.transformer.enums import ModelType
+
+        model.model_type = ModelType.encoder_or_decoder
+    return model, info
+
+
+def _build_llava(cfg, config, spec, vocab_size, pg_collection, dtype, use_te):
+    from megatron.core.models.gpt.gpt_layer_specs import get_mlp_module_spec
+    from megatron.core.models.multimodal.llava_model import LLaVAModel
+    from megatron.core.models.vision.vit_layer_specs import (
+        get_vit_layer_with_local_spec,
+        get_vit_layer_with_transformer_engine_spec,
+    )
+
+    v = cfg.model.vision
+    vision, projection = vision_configs(cfg, dtype)
+    vit_spec = (get_vit_layer_with_transformer_engine_spec() if use_te
+                else get_vit_layer_with_local_spec())
+    projector_spec = get_mlp_module_spec(use_te=use_te, num_experts=None).submodules
+    return LLaVAModel(
+        language_transformer_config=config, language_transformer_layer_spec=spec,
+        language_vocab_size=vocab_size,
+        language_max_sequence_length=cfg.model.max_position_embeddings,
+        vision_transformer_config=vision, vision_transformer_layer_spec=vit_spec,
+        drop_vision_class_token=v.drop_class_token, vision_projection_config=projection,
+        vision_projection_layer_spec=projector_spec, img_h=v.image_size, img_w=v.image_size,
+        patch_dim=v.patch_size, image_token_index=IMAGE_TOKEN, pg_collection=pg_collection,
+    )
+
+
+def _have_te() -> bool:
+    try:
+        import transformer_engine  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def describe(model) -> dict:
+    """Parameter counts for the logs: total, and the part that lives in (real) experts."""
+    total = sum(p.numel() for p in model.parameters())
+    experts = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
+    return {"parameters": total, "expert_parameters": experts}
+
