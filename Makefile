@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup test bench clean
+.PHONY: setup test bench demo demo-data clean
 
 setup: $(STAMP)
 
@@ -23,6 +23,15 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/moe_layer_bench.py
+
+# The main job: prepare the shapes dataset (energon shards + tokenizer, cached), then pretrain
+# the demo VLM on 2 ranks (expert parallel 2) over gloo. Results land in runs/demo_vlm/.
+demo-data: $(STAMP)
+	$(PY) -m megatron_nullmoe.train.data.demo --out data/demo
+
+demo: demo-data
+	$(VENV)/bin/torchrun --standalone --nproc-per-node 2 \
+		-m megatron_nullmoe.train --config examples/demo_vlm.yaml $(ARGS)
 
 clean:
 	rm -rf $(VENV)

@@ -169,10 +169,9 @@ class Checkpointer:
         except json.JSONDecodeError as err:
             return f"checkpoint {path}: {MANIFEST} is corrupt ({err})"
         if manifest.get("identity") != self.identity:
-            saved = manifest.get("identity", {})
+            saved = _flatten(manifest.get("identity") or {})
             diffs = [f"{k}: checkpoint {saved.get(k)!r}, this run {v!r}"
-                     for k, v in _flatten(self.identity).items()
-                     if _flatten(saved).get(k) != v]
+                     for k, v in _flatten(self.identity).items() if saved.get(k) != v]
             return (f"checkpoint {path} was saved with a different model config; resume needs the "
                     f"same one, or start a fresh run folder. Differences: {'; '.join(diffs)}")
         for name, digest in manifest["files"].items():

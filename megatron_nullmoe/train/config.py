@@ -136,6 +136,9 @@ class RunConfig:
     name: str = "run"
     dir: str = "runs/run"
     steps: int = 100
+    # Stop this process after so many steps, saving a checkpoint (the schedule still runs to
+    # `steps`); a later launch resumes. For job time limits, like Megatron-LM's --exit-interval.
+    exit_after_steps: Optional[int] = None
     seed: int = 1234
     precision: str = _choices("auto", "fp32", "bf16", default="auto")
     model: Model = field(default_factory=Model)

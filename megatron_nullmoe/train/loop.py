@@ -242,7 +242,9 @@ class Trainer:
         routing_stats(self.model, self.group, reset=True)
         dispatch_stats(self.model, self.group, reset=True)
         tick, steps_in_interval = time.perf_counter(), 0
-        while self.step < cfg.steps:
+        stop = cfg.steps if cfg.exit_after_steps is None else min(
+            cfg.steps, self.step + cfg.exit_after_steps)
+        while self.step < stop:
             values = self.train_step()
             self.step += 1
             steps_in_interval += 1
@@ -257,10 +259,15 @@ class Trainer:
                 self.log.log(self.step, self.evaluate())
                 tick = time.perf_counter()  # evaluation time is not training throughput
             every = cfg.checkpoint.save_every
-            if (every and self.step % every == 0) or self.step == cfg.steps:
+            if (every and self.step % every == 0) or self.step == stop:
                 path = self.ckpt.save(self.step, self.model, self.optimizer, self.scheduler, self.data)
                 self.log.message(f"saved checkpoint {path}")
                 tick = time.perf_counter()
+        if self.step < cfg.steps:
+            self.log.message(f"stopping at step {self.step} of {cfg.steps} (exit_after_steps); "
+                             "launch again to resume")
+            self.log.close()
+            return {"steps": self.step, "stopped_early": True}
         summary = self.log.summary({"parameters": describe(self.model), "run_dir": str(self.run_dir),
                                     "world_size": dist.get_world_size()})
         plot = self.log.plot()

@@ -1,0 +1,337 @@
+"""Run configuration: defaults <- YAML recipe <- overrides, error messages, round trip, recipes.
+
+Also the checks that need a world size (loop.check) and the image-token count the VLM derives
+from its vision section. Nothing here builds a model or touches torch.distributed.
+"""
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+
+from megatron_nullmoe.train import loop, model
+from megatron_nullmoe.train.config import ConfigError, RunConfig, load_config, save_config
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = sorted((ROOT / "examples").glob("*.yaml"))
+
+
+def _recipe(tmp_path: Path, text: str, name: str = "recipe.yaml") -> str:
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+# ----------------------------------------------------------------------------- precedence
+def test_no_recipe_no_overrides_gives_the_defaults():
+    assert load_config() == RunConfig()
+
+
+def test_empty_recipe_gives_the_defaults(tmp_path):
+    assert load_config(_recipe(tmp_path, "# nothing set\n")) == RunConfig()
+
+
+def test_override_beats_recipe_beats_default(tmp_path):
+    recipe = _recipe(tmp_path, """
+steps: 7
+seed: 5
+model:
+  num_experts: 4
+  null_experts:
+    num_null_experts: 3
+    null_logits: per_expert
+  vision:
+    image_size: 32
+""")
+    cfg = load_config(recipe, ["steps=9", "model.vision.image_size=64",
+                               "model.null_experts.num_null_experts=6", "optim.lr=0.5"])
+    default = RunConfig()
+    assert cfg.steps == 9  # override over recipe
+    assert cfg.model.vision.image_size == 64  # nested override over recipe
+    assert cfg.model.null_experts.num_null_experts == 6
+    assert cfg.seed == 5  # recipe over default
+    assert cfg.model.num_experts == 4
+    assert cfg.model.null_experts.null_logits == "per_expert"  # recipe sibling of an override kept
+    assert cfg.optim.lr == 0.5  # override into a section the recipe does not mention
+    # Untouched keys keep their defaults, also next to the keys that were set.
+    assert cfg.model.vision.patch_size == default.model.vision.patch_size
+    assert cfg.model.hidden_size == default.model.hidden_size
+    assert cfg.optim.min_lr == default.optim.min_lr
+    nulls, default_nulls = cfg.model.null_experts, default.model.null_experts
+    assert nulls.gate_normalization == default_nulls.gate_normalization
+
+
+def test_later_override_wins():
+    assert load_config(overrides=["steps=3", "steps=4"]).steps == 4
+
+
+# ----------------------------------------------------------------------------- unknown keys
+@pytest.mark.parametrize("override,key,suggestion", [
+    ("model.num_expert=4", "model.num_expert", "model.num_experts"),
+    ("model.null_experts.num_null_expert=2", "model.null_experts.num_null_expert",
+     "model.null_experts.num_null_experts"),
+    ("model.vision.image_sise=32", "model.vision.image_sise", "model.vision.image_size"),
+    ("stpes=3", "stpes", "steps"),
+])
+def test_unknown_override_key_names_it_and_the_closest_valid_key(override, key, suggestion):
+    with pytest.raises(ConfigError) as err:
+        load_config(overrides=[override])
+    message = str(err.value)
+    assert f"'{key}'" in message
+    assert f"did you mean '{suggestion}'" in message
+
+
+def test_unknown_top_level_key_in_recipe(tmp_path):
+    with pytest.raises(ConfigError) as err:
+        load_config(_recipe(tmp_path, "modle:\n  num_layers: 2\n"))
+    assert "'modle'" in str(err.value)
+    assert "did you mean 'model'" in str(err.value)
+
+
+def test_unknown_nested_key_in_recipe(tmp_path):
+    with pytest.raises(ConfigError) as err:
+        load_config(_recipe(tmp_path, "model:\n  vison:\n    image_size: 32\n"))
+    assert "'model.vison'" in str(err.value)
+    assert "did you mean 'model.vision'" in str(err.value)
+
+
+# ----------------------------------------------------------------------------- bad values
+@pytest.mark.parametrize("override,needles", [
+    ("steps=abc", ["steps='abc'", "an integer"]),
+    ("steps=true", ["steps=True", "an integer"]),
+    ("model.num_experts=2.5", ["model.num_experts=2.5", "an integer"]),
+    ("steps=null", ["steps=None", "an integer"]),
+    ("steps=", ["steps=None", "an integer"]),
+    ("logging.tensorboard=1", ["logging.tensorboard=1", "true or false"]),
+    ("optim.lr=fast", ["optim.lr='fast'", "a number"]),
+    ("optim.lr=false", ["optim.lr=False", "a number"]),
+    ("model.z_loss_coeff=abc", ["model.z_loss_coeff='abc'", "a number or null"]),
+    ("model.router_score_function=softmx",
+     ["model.router_score_function='softmx'", "softmax, sigmoid", "did you mean 'softmax'"]),
+    ("precision=fp16", ["precision='fp16'", "auto, fp32, bf16"]),
+    ("model.null_experts.gate_normalization=keep",
+     ["model.null_experts.gate_normalization", "renormalize, keep_null_share"]),
+    ("model.vision=3", ["model.vision is a section", "model.vision.<key>"]),
+    ("model=abc", ["model is a section"]),
+])
+def test_bad_value_names_the_field_and_what_is_valid(override, needles):
+    with pytest.raises(ConfigError) as err:
+        load_config(overrides=[override])
+    for needle in needles:
+        assert needle in str(err.value)
+
+
+@pytest.mark.parametrize("override", ["steps", "=3", "model.num_experts 4"])
+def test_override_without_key_or_equals_sign(override):
+    with pytest.raises(ConfigError, match="key.sub=value"):
+        load_config(overrides=[override])
+
+
+def test_override_below_a_recipe_value(tmp_path):
+    with pytest.raises(ConfigError, match="'steps' is a value, not a section"):
+        load_config(_recipe(tmp_path, "steps: 5\n"), ["steps.x=1"])
+
+
+def test_missing_recipe_names_the_path(tmp_path):
+    missing = tmp_path / "nope.yaml"
+    with pytest.raises(ConfigError, match="does not exist") as err:
+        load_config(str(missing))
+    assert str(missing) in str(err.value)
+
+
+def test_invalid_yaml_names_the_path(tmp_path):
+    recipe = _recipe(tmp_path, "model:\n  num_layers: [2,\n")
+    with pytest.raises(ConfigError, match="not valid YAML") as err:
+        load_config(recipe)
+    assert recipe in str(err.value)
+
+
+def test_recipe_that_is_a_list(tmp_path):
+    with pytest.raises(ConfigError, match="must hold a mapping of sections, got list"):
+        load_config(_recipe(tmp_path, "- steps: 3\n- seed: 1\n"))
+
+
+@pytest.mark.parametrize("text,key", [("null: 3\n", "'None'"),
+                                      ("model:\n  null: 3\n", "'model.None'")])
+def test_yaml_null_key_is_a_clear_error(tmp_path, text, key):
+    with pytest.raises(ConfigError, match="is not a name") as err:
+        load_config(_recipe(tmp_path, text))
+    assert key in str(err.value)
+    assert "quote it" in str(err.value)
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: an override value that is not valid YAML escapes "
+                   "load_config as yaml.YAMLError instead of ConfigError")
+def test_override_value_that_is_not_yaml():
+    with pytest.raises(ConfigError, match="name"):
+        load_config(overrides=["name=[unclosed"])
+
+
+# ----------------------------------------------------------------------------- types
+def test_optional_fields_accept_null(tmp_path):
+    recipe = _recipe(tmp_path, "model:\n  z_loss_coeff: 0.1\ncheckpoint:\n  dir: ckpts\n")
+    assert load_config(recipe).model.z_loss_coeff == 0.1
+    cfg = load_config(recipe, ["model.z_loss_coeff=null", "checkpoint.dir=~",
+                               "model.null_experts.target_real_per_token=null"])
+    assert cfg.model.z_loss_coeff is None
+    assert cfg.checkpoint.dir is None
+    assert cfg.model.null_experts.target_real_per_token is None
+    cfg = load_config(overrides=["model.null_experts.target_real_per_token=1.5",
+                                 "exit_after_steps=20"])
+    assert cfg.model.null_experts.target_real_per_token == 1.5
+    assert cfg.exit_after_steps == 20
+
+
+def test_int_is_accepted_for_float_fields(tmp_path):
+    cfg = load_config(_recipe(tmp_path, "optim:\n  clip_grad: 2\n"), ["optim.lr=1"])
+    assert cfg.optim.lr == 1.0 and type(cfg.optim.lr) is float
+    assert cfg.optim.clip_grad == 2.0 and type(cfg.optim.clip_grad) is float
+
+
+def test_numbers_are_accepted_as_strings():
+    cfg = load_config(overrides=["name=2024"])
+    assert cfg.name == "2024"
+
+
+# ----------------------------------------------------------------------------- round trip
+def test_save_then_load_gives_the_same_config(tmp_path):
+    cfg = load_config(overrides=[
+        "name=123", "dir=runs/x", "steps=11", "exit_after_steps=3", "precision=fp32",
+        "model.kind=gpt", "model.z_loss_coeff=0.001", "model.null_experts.num_null_experts=5",
+        "model.null_experts.target_real_per_token=1.25", "model.vision.drop_class_token=false",
+        "data.kind=jsonl", "data.tokenizer=tok.model", "optim.lr=1", "checkpoint.dir=null",
+        "logging.wandb_project='yes'",  # quoted: bare yes is YAML for true
+    ])
+    assert cfg != RunConfig()
+    path = tmp_path / "config.yaml"
+    save_config(cfg, path)
+    again = load_config(str(path))
+    assert again == cfg
+    assert again.name == "123" and again.logging.wandb_project == "yes"  # strings stay strings
+    assert again.model.vision.drop_class_token is False
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=[p.name for p in RECIPES])
+def test_recipe_round_trips(tmp_path, recipe):
+    cfg = load_config(str(recipe))
+    save_config(cfg, tmp_path / "config.yaml")
+    assert load_config(str(tmp_path / "config.yaml")) == cfg
+
+
+# ----------------------------------------------------------------------------- recipes
+def test_there_are_recipes():
+    assert any(p.name == "demo_vlm.yaml" for p in RECIPES)
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=[p.name for p in RECIPES])
+def test_recipe_builds_a_valid_run(recipe):
+    cfg = load_config(str(recipe))
+    config = model.decoder_config(cfg, torch.float32)
+    assert config.num_moe_experts == cfg.model.num_experts
+    assert config.moe_router_topk == cfg.model.router_topk
+    assert sum(config.moe_layer_freq) >= 1  # at least one MoE layer
+    model.null_config(cfg).check(config)
+    decoder_positions = model.image_tokens(cfg) + cfg.data.seq_length
+    assert decoder_positions <= cfg.model.max_position_embeddings
+    mp = cfg.parallel.tensor * cfg.parallel.pipeline
+    worlds = []
+    for world in range(mp, 1025, mp):
+        try:
+            loop.check(cfg, world)
+        except ConfigError:
+            continue
+        worlds.append(world)
+    assert worlds, f"{recipe.name}: no world size <= 1024 passes loop.check"
+    dp, micro = loop.check(cfg, worlds[0])
+    assert dp * micro * cfg.data.micro_batch_size == cfg.data.global_batch_size
+
+
+def test_demo_recipe_runs_on_two_ranks():
+    cfg = load_config(str(ROOT / "examples" / "demo_vlm.yaml"))
+    assert loop.check(cfg, 2) == (2, 2)  # global 32 = 2 ranks x 2 micro-batches x 8
+
+
+# ----------------------------------------------------------------------------- loop.check
+def _parallel_cfg(*extra):
+    return load_config(overrides=["parallel.tensor=2", "parallel.expert=2", "model.num_experts=8",
+                                  "data.micro_batch_size=2", "data.global_batch_size=16", *extra])
+
+
+def test_check_returns_dp_and_micro_batches():
+    assert loop.check(_parallel_cfg(), 8) == (4, 2)
+    assert loop.check(_parallel_cfg(), 16) == (8, 1)
+
+
+@pytest.mark.parametrize("extra,world,needle", [
+    ((), 7, "parallel.tensor"),
+    (("parallel.expert=3", "model.num_experts=6"), 8, "parallel.expert=3"),
+    (("parallel.tensor=1", "parallel.expert=4", "model.num_experts=6"), 8, "model.num_experts=6"),
+    (("data.global_batch_size=12",), 8, "data.global_batch_size=12"),
+    (("checkpoint.keep_last=0",), 8, "checkpoint.keep_last=0"),
+    (("steps=0",), 8, "steps=0"),
+])
+def test_check_names_the_field(extra, world, needle):
+    cfg = _parallel_cfg(*extra)
+    with pytest.raises(ConfigError) as err:
+        loop.check(cfg, world)
+    assert needle in str(err.value)
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: loop.check accepts exit_after_steps=0, a run that "
+                   "trains no step and saves nothing, so every relaunch stops at once")
+def test_check_refuses_exit_after_zero_steps():
+    with pytest.raises(ConfigError, match="exit_after_steps"):
+        loop.check(_parallel_cfg("exit_after_steps=0"), 8)
+
+
+# ----------------------------------------------------------------------------- model sizes
+@pytest.mark.parametrize("size,patch,drop,expected", [
+    (48, 8, True, 36), (48, 8, False, 37), (32, 16, True, 4), (64, 8, False, 65),
+])
+def test_image_tokens(size, patch, drop, expected):
+    cfg = load_config(overrides=[f"model.vision.image_size={size}",
+                                 f"model.vision.patch_size={patch}",
+                                 f"model.vision.drop_class_token={str(drop).lower()}"])
+    assert model.image_tokens(cfg) == expected
+
+
+def test_gpt_has_no_image_tokens():
+    assert model.image_tokens(load_config(overrides=["model.kind=gpt"])) == 0
+
+
+def test_image_size_not_a_multiple_of_patch_size():
+    cfg = load_config(overrides=["model.vision.image_size=50", "model.vision.patch_size=8"])
+    with pytest.raises(ConfigError) as err:
+        model.image_tokens(cfg)
+    assert "model.vision.image_size=50" in str(err.value)
+    assert "model.vision.patch_size=8" in str(err.value)
+
+
+def test_moe_layer_freq_above_num_layers_is_refused():
+    cfg = load_config(overrides=["model.num_layers=2", "model.moe_layer_freq=3"])
+    with pytest.raises(ConfigError, match="model.moe_layer_freq=3"):
+        model.decoder_config(cfg, torch.float32)
+
+
+def test_moe_layer_freq_pattern():
+    cfg = load_config(overrides=["model.num_layers=4", "model.moe_layer_freq=2"])
+    assert model.decoder_config(cfg, torch.float32).moe_layer_freq == [0, 1, 0, 1]
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: model.moe_layer_freq=0 raises ZeroDivisionError in "
+                   "decoder_config, and -1 silently builds a decoder with no MoE layer")
+@pytest.mark.parametrize("freq", [0, -1])
+def test_moe_layer_freq_below_one_is_refused(freq):
+    cfg = load_config(overrides=[f"model.moe_layer_freq={freq}"])
+    with pytest.raises(ConfigError, match="model.moe_layer_freq"):
+        model.decoder_config(cfg, torch.float32)
+
+
+def test_config_is_plain_dataclasses():
+    # save_config relies on dataclasses.asdict giving YAML-safe builtins only.
+    def leaves(d):
+        for v in d.values():
+            yield from leaves(v) if isinstance(v, dict) else [v]
+    assert all(v is None or type(v) in (int, float, str, bool)
+               for v in leaves(dataclasses.asdict(RunConfig())))

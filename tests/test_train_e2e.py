@@ -1,0 +1,183 @@
+"""End-to-end training runs: real processes, real megatron-core, real energon data and checkpoints.
+
+Each run is `python -m megatron_nullmoe.train` (1 rank) or `torchrun -m megatron_nullmoe.train`
+(2 ranks, expert parallel 2, gloo) on a tiny generated dataset. Sizes are the smallest that still
+learn; a whole file stays around a minute on 2 cores.
+
+Why the learning thresholds are safe: the tokenizer has 128 pieces, so guessing costs
+ln 128 = 4.85 nats, and a fresh model starts near that. Captions are short and mostly predictable
+(fixed grammar), so 30 steps bring the loss to ~2.4 on 1 rank and ~1.9 on 2 ranks (measured);
+we ask for a drop of at least 1.5 nats, well inside both.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = [
+    "model.num_layers=2", "model.hidden_size=64", "model.ffn_hidden_size=128",
+    "model.moe_ffn_hidden_size=64", "model.vision.num_layers=1", "model.vision.hidden_size=32",
+    "model.vision.ffn_hidden_size=64", "model.vision.image_size=32", "model.vision.patch_size=8",
+    "data.micro_batch_size=8", "data.global_batch_size=16", "data.seq_length=12",
+    "optim.warmup_steps=3", "logging.progress_bar=false", "logging.tensorboard=false",
+    "logging.log_every=1", "logging.eval_every=0", "parallel.expert=1",
+]
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory) -> Path:
+    from megatron_nullmoe.train.data.demo import prepare_demo_data
+
+    return prepare_demo_data(tmp_path_factory.mktemp("data") / "demo", seed=0,
+                             train_samples=512, val_samples=32, image_size=32,
+                             samples_per_shard=128)
+
+
+def run(args: list[str], ranks: int = 1, check: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    if ranks == 1:
+        cmd = [sys.executable, "-m", "megatron_nullmoe.train", *args]
+        env["MASTER_PORT"] = str(_free_port())
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc-per-node={ranks}", "-m", "megatron_nullmoe.train", *args]
+    out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    if check and out.returncode != 0:
+        raise AssertionError(f"training failed ({out.returncode}):\n{out.stdout[-3000:]}\n"
+                             f"{out.stderr[-5000:]}")
+    return out
+
+
+def _free_port() -> int:
+    from megatron_nullmoe.parallel import free_port
+
+    return free_port()
+
+
+def vlm_args(demo: Path, run_dir: Path, *extra: str) -> list[str]:
+    return ["--config", str(ROOT / "examples/demo_vlm.yaml"), *TINY, f"data.path={demo}",
+            f"dir={run_dir}", *extra]
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    records = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["train/loss"] for r in records if "train/loss" in r}
+
+
+def test_vlm_two_ranks_expert_parallel_learns_and_reports(demo, tmp_path):
+    out = tmp_path / "run"
+    run(vlm_args(demo, out, "steps=30", "parallel.expert=2", "logging.eval_every=30",
+                 "logging.log_every=10", "logging.tensorboard=true"), ranks=2)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 30 and summary["world_size"] == 2
+    assert summary["final_train_loss"] < summary["initial_train_loss"] - 1.5
+    assert summary["final_val_loss"] < 4.85 - 1.5
+    # Null experts at work: k=4 over 8 real + 8 null slots; rows are real assignments only.
+    assert 0 < summary["real_experts_per_token"] < 4
+    assert 0 < summary["rows_dispatched"] < summary["rows_standard_topk"]
+    for key in ("null_rate_vision", "null_rate_text", "tokens_per_s"):
+        assert summary[key] is not None and summary[key] > 0, key
+    assert (out / "training.png").stat().st_size > 10_000
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+    assert (out / "config.yaml").is_file()
+    assert (out / "checkpoints" / "iter_0000030" / "nullmoe.json").is_file()
+
+
+def test_resume_reproduces_the_uninterrupted_run_exactly(demo, tmp_path):
+    """2 ranks: stop after 4 steps, resume to 8; every loss equals the uninterrupted run's."""
+    common = ["steps=8", "parallel.expert=2", "checkpoint.save_every=100"]
+    run(vlm_args(demo, tmp_path / "full", *common), ranks=2)
+    run(vlm_args(demo, tmp_path / "split", *common, "exit_after_steps=4"), ranks=2)
+    assert (tmp_path / "split/checkpoints/latest").read_text().strip() == "iter_0000004"
+    assert not (tmp_path / "split" / "summary.json").exists()
+    resumed = run(vlm_args(demo, tmp_path / "split", *common), ranks=2)
+    assert "resumed from" in resumed.stdout
+    full, split = losses(tmp_path / "full"), losses(tmp_path / "split")
+    assert sorted(split) == list(range(1, 9))
+    assert split == full  # bit-equal floats: data position, RNG, optimizer and schedule restored
+
+
+def test_one_rank_gpt_on_jsonl_learns(demo, tmp_path):
+    out = tmp_path / "gpt"
+    run(["--config", str(ROOT / "examples/gpt_null_moe.yaml"), "model.num_layers=2",
+         "model.hidden_size=64", "model.ffn_hidden_size=128", "model.moe_ffn_hidden_size=64",
+         "parallel.expert=1", f"data.path={demo}/text/train.jsonl",
+         f"data.valid_path={demo}/text/val.jsonl", f"data.tokenizer={demo}/tokenizer.model",
+         "data.seq_length=24", "data.micro_batch_size=8", "data.global_batch_size=8",
+         "optim.warmup_steps=3", "logging.progress_bar=false", "logging.tensorboard=false",
+         "logging.eval_every=30", "steps=30", f"dir={out}"])
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["final_train_loss"] < summary["initial_train_loss"] - 1.5
+    assert summary["null_rate_vision"] is None  # text only: no vision tokens were counted
+    assert summary["null_rate_text"] > 0
+
+
+# ----------------------------------------------------------------------------- bad inputs
+@pytest.fixture(scope="module")
+def saved(demo, tmp_path_factory) -> Path:
+    """A finished 1-rank run with a checkpoint at step 2, to damage in copies."""
+    out = tmp_path_factory.mktemp("saved") / "run"
+    run(vlm_args(demo, out, "steps=2"))
+    return out
+
+
+def _copy(saved: Path, tmp_path: Path) -> Path:
+    dst = tmp_path / "run"
+    shutil.copytree(saved, dst)
+    return dst
+
+
+def test_corrupt_checkpoint_names_the_file_and_keeps_it(demo, saved, tmp_path):
+    run_dir = _copy(saved, tmp_path)
+    shard = sorted((run_dir / "checkpoints/iter_0000002").glob("*.distcp"))[0]
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size, one flipped byte: dist_checkpointing alone loads it
+    shard.write_bytes(bytes(data))
+    out = run(vlm_args(demo, run_dir, "steps=4"), check=False)
+    assert out.returncode != 0
+    assert "is corrupt" in out.stderr and shard.name in out.stderr
+    assert shard.read_bytes() == bytes(data)  # nothing was overwritten
+
+
+def test_checkpoint_of_another_model_is_refused_with_the_difference(demo, saved, tmp_path):
+    run_dir = _copy(saved, tmp_path)
+    out = run(vlm_args(demo, run_dir, "steps=4", "model.null_experts.num_null_experts=4"),
+              check=False)
+    assert out.returncode != 0
+    assert "different model config" in out.stderr
+    assert "null.num_null_experts: checkpoint 8, this run 4" in out.stderr
+
+
+def test_interrupted_save_leaves_the_last_good_checkpoint(demo, saved, tmp_path):
+    run_dir = _copy(saved, tmp_path)
+    ckpt = run_dir / "checkpoints"
+    half = ckpt / "iter_0000003.tmp"  # what a run killed mid-save leaves
+    half.mkdir()
+    (half / "__0_0.distcp").write_bytes(b"partial")
+    out = run(vlm_args(demo, run_dir, "steps=3"))
+    assert "resumed from" in out.stdout and "iter_0000002" in out.stdout
+    assert not half.exists()
+    assert (ckpt / "latest").read_text().strip() == "iter_0000003"
+
+
+def test_bad_inputs_fail_fast_with_the_reason(demo, tmp_path):
+    cases = {
+        "model.num_expert=4": "did you mean 'model.num_experts'",
+        "data.path=/nonexistent/ds": "/nonexistent/ds",
+        "data.tokenizer=/nonexistent/tok.model": "/nonexistent/tok.model",
+        "model.router_topk=40": "moe_router_topk",
+        "data.global_batch_size=12": "data.global_batch_size=12",
+        "precision=bf16": "needs a GPU",
+    }
+    for override, expected in cases.items():
+        out = run(vlm_args(demo, tmp_path / "bad", "steps=1", override), check=False)
+        assert out.returncode != 0, override
+        assert expected in out.stderr, (override, out.stderr[-2000:])
