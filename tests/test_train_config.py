@@ -161,8 +161,6 @@ def test_yaml_null_key_is_a_clear_error(tmp_path, text, key):
     assert "quote it" in str(err.value)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: an override value that is not valid YAML escapes "
-                   "load_config as yaml.YAMLError instead of ConfigError")
 def test_override_value_that_is_not_yaml():
     with pytest.raises(ConfigError, match="name"):
         load_config(overrides=["name=[unclosed"])
@@ -278,8 +276,6 @@ def test_check_names_the_field(extra, world, needle):
     assert needle in str(err.value)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: loop.check accepts exit_after_steps=0, a run that "
-                   "trains no step and saves nothing, so every relaunch stops at once")
 def test_check_refuses_exit_after_zero_steps():
     with pytest.raises(ConfigError, match="exit_after_steps"):
         loop.check(_parallel_cfg("exit_after_steps=0"), 8)
@@ -319,8 +315,6 @@ def test_moe_layer_freq_pattern():
     assert model.decoder_config(cfg, torch.float32).moe_layer_freq == [0, 1, 0, 1]
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: model.moe_layer_freq=0 raises ZeroDivisionError in "
-                   "decoder_config, and -1 silently builds a decoder with no MoE layer")
 @pytest.mark.parametrize("freq", [0, -1])
 def test_moe_layer_freq_below_one_is_refused(freq):
     cfg = load_config(overrides=[f"model.moe_layer_freq={freq}"])

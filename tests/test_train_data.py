@@ -273,10 +273,6 @@ def test_energon_val_batches_are_finite_and_limited(demo, tok):
     assert len(list(_energon(demo, tok).val_batches(2))) == 2
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: val_batches(limit) with limit below the val set "
-                   "size continues where the previous call stopped (energon's val loader keeps "
-                   "its position), so every evaluation sees other batches and, at the end of the "
-                   "val set, none at all (val/loss NaN)")
 def test_energon_val_batches_are_the_same_on_every_call(demo, tok):
     data = _energon(demo, tok)
     calls = [list(data.val_batches(2)) for _ in range(3)]
@@ -414,9 +410,6 @@ def test_jsonl_line_without_text(tmp_path, tok):
     assert f"{path}:2" in str(err.value)
 
 
-@pytest.mark.xfail(strict=True, reason='BUG: a line whose "text" is not a string ({"text": 5}, '
-                   '{"text": null}) escapes read_windows as a TypeError from sentencepiece, '
-                   "without file:line")
 @pytest.mark.parametrize("line", ['{"text": 5}', '{"text": null}'])
 def test_jsonl_text_that_is_not_a_string(tmp_path, tok, line):
     path = tmp_path / "bad.jsonl"

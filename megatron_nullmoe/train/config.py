@@ -178,7 +178,11 @@ def load_config(recipe: Optional[str] = None, overrides: tuple[str, ...] | list[
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override {item!r}: {part!r} is a value, not a section")
-        node[leaf] = yaml.safe_load(raw) if raw.strip() else None
+        try:
+            node[leaf] = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            raise ConfigError(f"override {item!r}: the value is not valid YAML (quote strings "
+                              "that contain [ ] { } : or #)") from None
     return _build(RunConfig, merged, prefix="")
 
 
@@ -206,6 +210,8 @@ def _build(cls: type, values: dict, prefix: str) -> Any:
 
 def _convert(hint: Any, value: Any, name: str, f: dataclasses.Field) -> Any:
     if dataclasses.is_dataclass(hint):
+        if value is None:  # a YAML section whose keys are all commented out: its defaults
+            return hint()
         if not isinstance(value, dict):
             raise ConfigError(f"{name} is a section; give its keys ({name}.<key>=...), not {value!r}")
         return _build(hint, value, prefix=f"{name}.")

@@ -45,6 +45,9 @@ def check(cfg: RunConfig, world_size: int) -> tuple[int, int]:
         raise ConfigError(f"checkpoint.keep_last={cfg.checkpoint.keep_last}: keep at least 1")
     if cfg.steps < 1:
         raise ConfigError(f"steps={cfg.steps}: train at least 1 step")
+    if cfg.exit_after_steps is not None and cfg.exit_after_steps < 1:
+        raise ConfigError(f"exit_after_steps={cfg.exit_after_steps}: give a number of steps >= 1, "
+                          "or null to run to `steps`")
     return dp, d.global_batch_size // (d.micro_batch_size * dp)
 
 

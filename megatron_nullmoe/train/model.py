@@ -70,9 +70,9 @@ def decoder_config(cfg: RunConfig, dtype: torch.dtype):
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     m = cfg.model
-    if m.num_layers % m.moe_layer_freq and m.moe_layer_freq > m.num_layers:
-        raise ConfigError(f"model.moe_layer_freq={m.moe_layer_freq} leaves no MoE layer in "
-                          f"model.num_layers={m.num_layers}")
+    if not 1 <= m.moe_layer_freq <= m.num_layers:
+        raise ConfigError(f"model.moe_layer_freq={m.moe_layer_freq} is not valid: every n-th "
+                          f"layer is MoE, so n must be in [1, model.num_layers={m.num_layers}]")
     pattern = [1 if i % m.moe_layer_freq == m.moe_layer_freq - 1 else 0 for i in range(m.num_layers)]
     try:
         return TransformerConfig(
