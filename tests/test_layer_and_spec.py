@@ -188,3 +188,36 @@ def test_transformer_engine_spec_converts_even_without_te():
     moe = [s for s in out.layer_specs if s.module is NullExpertTransformerLayer]
     assert len(moe) == 2
     assert all(s.submodules.mlp.submodules.router.func is NullExpertRouter for s in moe)
+
+
+def test_modality_and_padding_masks_split_stats_without_changing_the_model():
+    """The masks only label tokens for statistics: outputs are identical with and without them,
+    padding is left out of every count, and vision/text counts follow the mask exactly."""
+    torch.manual_seed(0)
+    config = _gpt_config()
+    spec = with_null_experts(get_gpt_decoder_block_spec(config, use_transformer_engine=False),
+                             NullExpertConfig(num_null_experts=4))
+    model = GPTModel(config, spec, vocab_size=32, max_sequence_length=8).eval()
+    ids = torch.randint(0, 32, (2, 8))
+    pos = torch.arange(8).expand(2, 8)
+    with torch.no_grad():
+        plain = model(ids, pos, None)
+    routing_stats(model, reset=True)
+    vision = torch.zeros(2, 8, dtype=torch.bool)
+    vision[:, :3] = True
+    pad = torch.zeros(2, 8, dtype=torch.bool)
+    pad[0, 6:] = True  # sample 0 ends in two padding tokens
+    set_vision_mask(model, vision, pad)
+    with torch.no_grad():
+        labelled = model(ids, pos, None)
+    assert torch.equal(plain, labelled)
+    for key, stats in routing_stats(model).items():
+        counts = stats.counts
+        layers = 1 if key != "all" else 2
+        assert float(counts["tokens"]) == layers * (16 - 2)
+        assert counts["modality_tokens"].tolist() == [layers * (16 - 6 - 2), layers * 6]
+    set_vision_mask(model, None)
+    with pytest.raises(ValueError, match="vision/padding mask has 8 entries"):
+        set_vision_mask(model, vision[:1])
+        with torch.no_grad():
+            model(ids, pos, None)
