@@ -47,16 +47,17 @@ def init_model_parallel(tp: int = 1, ep: int = 1, pp: int = 1, seed: int = 1234)
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
     world = dist.get_world_size()
-    if world % (tp * pp) != 0 or (world // (tp * pp)) % ep != 0:
+    if world % (tp * pp) != 0 or (world // pp) % ep != 0:
         raise ValueError(
             f"world size {world} does not split into tensor={tp} x pipeline={pp} with expert={ep} "
-            f"inside data parallel (need world % (tp*pp) == 0 and (world/(tp*pp)) % ep == 0)"
+            f"(need world % (tp*pp) == 0 and (world/pp) % ep == 0; experts are not tensor-split)"
         )
     ps.destroy_model_parallel()
     ps.initialize_model_parallel(
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
         expert_model_parallel_size=ep,
+        expert_tensor_parallel_size=1,  # null experts refuse expert-TP (config.check)
     )
     torch.manual_seed(seed)
     model_parallel_cuda_manual_seed(seed)

@@ -329,3 +329,15 @@ def test_config_is_plain_dataclasses():
             yield from leaves(v) if isinstance(v, dict) else [v]
     assert all(v is None or type(v) in (int, float, str, bool)
                for v in leaves(dataclasses.asdict(RunConfig())))
+
+
+def test_tensor_parallel_is_refused_without_te_on_gpu():
+    """megatron-core trains MoE + TP only with sequence parallelism, which needs TE norms."""
+    from megatron_nullmoe.train.loop import check_device
+    from megatron_nullmoe.train.model import have_te
+
+    if torch.cuda.is_available() and have_te():
+        pytest.skip("TE on GPU: tensor parallelism is allowed")
+    check_device(load_config(overrides=["parallel.tensor=1"]))
+    with pytest.raises(ConfigError, match="parallel.tensor=2 needs a GPU with Transformer Engine"):
+        check_device(load_config(overrides=["parallel.tensor=2"]))

@@ -21,7 +21,7 @@ from megatron_nullmoe.train.checkpoint import Checkpointer
 from megatron_nullmoe.train.config import ConfigError, RunConfig, save_config
 from megatron_nullmoe.train.data.tokenizer import Tokenizer
 from megatron_nullmoe.train.metrics import RunLog
-from megatron_nullmoe.train.model import build_model, describe, image_tokens
+from megatron_nullmoe.train.model import have_te, build_model, describe, image_tokens
 
 
 def check(cfg: RunConfig, world_size: int) -> tuple[int, int]:
@@ -32,9 +32,10 @@ def check(cfg: RunConfig, world_size: int) -> tuple[int, int]:
         raise ConfigError(f"world size {world_size} is not divisible by parallel.tensor x "
                           f"parallel.pipeline = {mp}")
     dp = world_size // mp
-    if dp % p.expert:
-        raise ConfigError(f"parallel.expert={p.expert} must divide the data-parallel size {dp} "
-                          f"(world {world_size} / tensor {p.tensor} / pipeline {p.pipeline})")
+    if (world_size // p.pipeline) % p.expert:
+        raise ConfigError(f"parallel.expert={p.expert} must divide world size / pipeline = "
+                          f"{world_size // p.pipeline} (experts spread over the data- and "
+                          "tensor-parallel ranks; expert tensor parallelism is 1)")
     if cfg.model.num_experts % p.expert:
         raise ConfigError(f"model.num_experts={cfg.model.num_experts} is not divisible by "
                           f"parallel.expert={p.expert}")
@@ -51,7 +52,17 @@ def check(cfg: RunConfig, world_size: int) -> tuple[int, int]:
     return dp, d.global_batch_size // (d.micro_batch_size * dp)
 
 
+def check_device(cfg: RunConfig) -> None:
+    """What this machine can run: tensor parallelism needs TE on GPU."""
+    if cfg.parallel.tensor > 1 and not (torch.cuda.is_available() and have_te()):
+        raise ConfigError(
+            f"parallel.tensor={cfg.parallel.tensor} needs a GPU with Transformer Engine: "
+            "megatron-core trains MoE layers with tensor parallelism only together with sequence "
+            "parallelism, and its non-TE norms refuse sequence parallelism; use parallel.tensor=1")
+
+
 def _dtype(cfg: RunConfig) -> torch.dtype:
+    check_device(cfg)
     gpu = torch.cuda.is_available()
     if cfg.precision == "bf16" and not gpu:
         raise ConfigError("precision=bf16 needs a GPU; on CPU use precision=fp32 (or auto)")
@@ -107,6 +118,10 @@ class Trainer:
         parallel.init_model_parallel(cfg.parallel.tensor, cfg.parallel.expert, cfg.parallel.pipeline,
                                      cfg.seed)
         self.group = ps.get_data_parallel_group(with_context_parallel=True)
+        # Ranks whose MoE layers see different tokens: with sequence parallelism (tensor > 1)
+        # every tensor-parallel rank routes its own slice of the sequence.
+        self.token_group = (ps.get_tensor_and_data_parallel_group(with_context_parallel=True)
+                            if cfg.parallel.tensor > 1 else self.group)
         self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
             else torch.device("cpu")
         self.run_dir = Path(cfg.dir)
@@ -203,17 +218,17 @@ class Trainer:
         loss = self._run((self.data.next_train() for _ in range(self.num_micro)), False)
         ok, grad_norm, _ = self.optimizer.step()
         self.scheduler.step(increment=1)
-        update_null_budget(self.model, group=self.group)
+        update_null_budget(self.model, group=self.token_group)
         return {"train/loss": loss, "train/grad_norm": float(grad_norm or 0.0),
                 "train/lr": self.optimizer.param_groups[0]["lr"], "train/update_ok": bool(ok)}
 
     @torch.no_grad()
     def evaluate(self) -> dict:
-        routing_stats(self.model, self.group, reset=True)  # keep train stats out of val stats
+        routing_stats(self.model, self.token_group, reset=True)  # keep train stats out of val stats
         self.ddp.eval()
         loss = self._run(self.data.val_batches(self.cfg.logging.eval_steps), True)
         self.ddp.train()
-        stats = routing_stats(self.model, self.group, reset=True).get("all")
+        stats = routing_stats(self.model, self.token_group, reset=True).get("all")
         out = {"val/loss": loss}
         if stats is not None:
             by = stats.null_fraction_by_modality()
@@ -221,8 +236,8 @@ class Trainer:
         return out
 
     def interval_stats(self) -> dict:
-        stats = routing_stats(self.model, self.group, reset=True)
-        rows = dispatch_stats(self.model, self.group, reset=True)
+        stats = routing_stats(self.model, self.token_group, reset=True)
+        rows = dispatch_stats(self.model, self.token_group, reset=True)
         self.rows["dispatched"] += rows.rows_dispatched
         self.rows["topk"] += rows.rows_topk
         out = {"moe/rows_dispatched_total": self.rows["dispatched"],
@@ -242,8 +257,8 @@ class Trainer:
         cfg, lg = self.cfg, self.cfg.logging
         tokens_per_step = cfg.data.global_batch_size * self.info.decoder_seq_length
         # Count the first interval from here: a resumed run has no rows logged before it.
-        routing_stats(self.model, self.group, reset=True)
-        dispatch_stats(self.model, self.group, reset=True)
+        routing_stats(self.model, self.token_group, reset=True)
+        dispatch_stats(self.model, self.token_group, reset=True)
         tick, steps_in_interval = time.perf_counter(), 0
         stop = cfg.steps if cfg.exit_after_steps is None else min(
             cfg.steps, self.step + cfg.exit_after_steps)

@@ -57,7 +57,8 @@ def _common(cfg: RunConfig, dtype: torch.dtype) -> dict:
     return dict(
         tensor_model_parallel_size=cfg.parallel.tensor,
         pipeline_model_parallel_size=cfg.parallel.pipeline,
-        sequence_parallel=False, hidden_dropout=0.0, attention_dropout=0.0,
+        # megatron-core trains MoE with tensor parallelism only together with sequence parallelism
+        sequence_parallel=cfg.parallel.tensor > 1, hidden_dropout=0.0, attention_dropout=0.0,
         add_bias_linear=False, bf16=dtype == torch.bfloat16, params_dtype=dtype,
         pipeline_dtype=dtype, use_cpu_initialization=on_cpu,
         perform_initialization=True, gradient_accumulation_fusion=False,
@@ -83,7 +84,7 @@ def decoder_config(cfg: RunConfig, dtype: torch.dtype):
             moe_router_load_balancing_type="aux_loss", moe_aux_loss_coeff=m.aux_loss_coeff,
             moe_z_loss_coeff=m.z_loss_coeff, moe_router_score_function=m.router_score_function,
             moe_router_pre_softmax=m.router_topk == 1,
-            expert_model_parallel_size=cfg.parallel.expert,
+            expert_model_parallel_size=cfg.parallel.expert, expert_tensor_parallel_size=1,
             **_common(cfg, dtype),
         )
     except (AssertionError, ValueError) as err:
@@ -94,14 +95,17 @@ def vision_configs(cfg: RunConfig, dtype: torch.dtype):
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     v = cfg.model.vision
-    vision = TransformerConfig(
-        num_layers=v.num_layers, hidden_size=v.hidden_size, ffn_hidden_size=v.ffn_hidden_size,
-        num_attention_heads=v.num_attention_heads, **_common(cfg, dtype),
-    )
+    try:
+        vision = TransformerConfig(
+            num_layers=v.num_layers, hidden_size=v.hidden_size, ffn_hidden_size=v.ffn_hidden_size,
+            num_attention_heads=v.num_attention_heads, **_common(cfg, dtype),
+        )
+    except (AssertionError, ValueError) as err:
+        raise ConfigError(f"model.vision: megatron-core rejects this ViT config: {err}") from None
     vision.vision_model_type = "clip"  # read by LLaVAModel; not a TransformerConfig field
-    projection = TransformerConfig(
+    projection = TransformerConfig(  # an MLP; heads only need to divide by the TP size
         num_layers=1, hidden_size=cfg.model.hidden_size, ffn_hidden_size=cfg.model.ffn_hidden_size,
-        num_attention_heads=1, **_common(cfg, dtype),
+        num_attention_heads=cfg.model.num_attention_heads, **_common(cfg, dtype),
     )
     return vision, projection
 
@@ -116,7 +120,7 @@ def build_model(cfg: RunConfig, vocab_size: int, pg_collection, dtype: torch.dty
         raise ConfigError(f"parallel.pipeline={cfg.parallel.pipeline}: this trainer runs pipeline "
                           "size 1 only (use data, expert and tensor parallelism)")
     if use_te is None:
-        use_te = _have_te() and torch.cuda.is_available()
+        use_te = have_te() and torch.cuda.is_available()
     config = decoder_config(cfg, dtype)
     null = null_config(cfg)
     null.check(config)
@@ -166,7 +170,7 @@ def _build_llava(cfg, config, spec, vocab_size, pg_collection, dtype, use_te):
     )
 
 
-def _have_te() -> bool:
+def have_te() -> bool:
     try:
         import transformer_engine  # noqa: F401
     except ImportError:
