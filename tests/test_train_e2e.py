@@ -85,6 +85,16 @@ def test_vlm_two_ranks_expert_parallel_learns_and_reports(demo, tmp_path):
     assert 0 < summary["rows_dispatched"] < summary["rows_standard_topk"]
     for key in ("null_rate_vision", "null_rate_text", "tokens_per_s"):
         assert summary[key] is not None and summary[key] > 0, key
+    # FLOPs come from the realised real experts per token: below what top-4 would claim.
+    from megatron_nullmoe.flops import shapes_from_config, train_flops_per_sample
+    from megatron_nullmoe.train.config import load_config
+
+    cfg = load_config(str(out / "config.yaml"))
+    shapes = shapes_from_config(cfg, vocab_size=128)
+    per_sample_topk = train_flops_per_sample(*shapes, real_per_token=4.0)
+    per_sample_none = train_flops_per_sample(*shapes, real_per_token=0.0)
+    samples = 30 * cfg.data.global_batch_size
+    assert samples * per_sample_none < summary["model_flops_total"] < samples * per_sample_topk
     assert (out / "training.png").stat().st_size > 10_000
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
     assert (out / "config.yaml").is_file()

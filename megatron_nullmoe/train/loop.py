@@ -177,6 +177,11 @@ class Trainer:
                          f"{self.info.decoder_seq_length} decoder positions per sample "
                          f"({self.info.image_tokens} image) | {dtype} on {self.device.type}")
         self.rows = {"dispatched": 0, "topk": 0}
+        from megatron_nullmoe.flops import shapes_from_config
+
+        self.shapes = shapes_from_config(cfg, self.tokenizer.vocab_size)
+        done = [r for r in self.log.records if "throughput/model_flops_total" in r]
+        self.model_flops = done[-1]["throughput/model_flops_total"] if done else 0.0
 
     # ---------------------------------------------------------------------------- steps
     def _forward_step(self, data_iterator, model):
@@ -252,6 +257,19 @@ class Trainer:
             out.update({f"null/layer_{n}": s.null_fraction for n, s in stats.items()})
         return out
 
+    def _flops(self, real_per_token, steps: int, elapsed: float) -> dict:
+        """Model FLOPs from the realised real experts per token, not from top-k (Megatron-LM's
+        counter uses top-k and would overstate a null-MoE's work by k / realised)."""
+        from megatron_nullmoe.flops import train_flops_per_sample
+
+        if real_per_token is None:
+            return {}
+        per_step = self.cfg.data.global_batch_size * train_flops_per_sample(*self.shapes,
+                                                                              real_per_token)
+        self.model_flops += per_step * steps
+        return {"throughput/tflops_per_s": per_step * steps / elapsed / 1e12,
+                "throughput/model_flops_total": self.model_flops}
+
     # ----------------------------------------------------------------------------- run
     def fit(self) -> dict:
         cfg, lg = self.cfg, self.cfg.logging
@@ -271,6 +289,8 @@ class Trainer:
                 elapsed = time.perf_counter() - tick
                 values["throughput/tokens_per_s"] = tokens_per_step * steps_in_interval / elapsed
                 values.update(self.interval_stats())
+                values.update(self._flops(values.get("moe/real_per_token"), steps_in_interval,
+                                          elapsed))
                 self.log.log(self.step, values)
                 tick, steps_in_interval = time.perf_counter(), 0
             if lg.eval_every and (self.step % lg.eval_every == 0 or self.step == cfg.steps):
@@ -287,6 +307,7 @@ class Trainer:
             self.log.close()
             return {"steps": self.step, "stopped_early": True}
         summary = self.log.summary({"parameters": describe(self.model), "run_dir": str(self.run_dir),
+                                    "model_flops_total": self.model_flops,
                                     "world_size": dist.get_world_size()})
         plot = self.log.plot()
         self.log.message(f"summary: {self.run_dir / 'summary.json'}; plot: {plot}")

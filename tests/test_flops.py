@@ -1,0 +1,63 @@
+"""FLOPs and iso-FLOP partners: hand-checked identities, and the CLI."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from fractions import Fraction
+from pathlib import Path
+
+import pytest
+
+from megatron_nullmoe.flops import (
+    DecoderShape,
+    active_params_per_token,
+    decoder_forward_flops,
+    expected_real,
+    iso_flop_partners,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_expected_real_and_partners_satisfy_the_iso_flop_identity():
+    assert expected_real(64, 8, 64) == 4.0
+    assert expected_real(8, 4, 8) == 2.0
+    partners = iso_flop_partners(64, 4, max_topk=12)
+    assert (8, 64) in partners and (4, 0) in partners
+    for k, z in partners:
+        assert Fraction(k * 64, 64 + z) == 4
+    # E=6, k_b=4: Z = 6 (k-4) / 4 is an integer only for even k
+    assert [k for k, _ in iso_flop_partners(6, 4, max_topk=10)] == [4, 6, 8, 10]
+
+
+def test_decoder_flops_by_hand_and_linear_in_real_experts():
+    d = DecoderShape(num_layers=2, hidden_size=4, ffn_hidden_size=8, seq_length=3, vocab_size=10,
+                     num_moe_layers=1, num_experts=2, moe_ffn_hidden_size=5, topk=2,
+                     num_null_experts=2, null_logit_rows=1)
+    attention = 2 * 4 * 16 + 2 * 2 * 3 * 4  # projections + scores/values
+    dense_mlp = 2 * 2 * 4 * 8
+    router = 2 * 4 * (2 + 1)
+    expert = 2 * 2 * 4 * 5
+    logits = 2 * 4 * 10
+    for r in (0.0, 1.0, 2.0):
+        assert decoder_forward_flops(d, r) == 2 * attention + dense_mlp + router + r * expert + logits
+    assert decoder_forward_flops(d) == decoder_forward_flops(d, 1.0)  # balanced: 2 * 2 / 4
+    assert active_params_per_token(d, 2.0) - active_params_per_token(d, 1.0) == 2 * 4 * 5
+
+
+def test_cli_partners_expected_and_recipe():
+    def cli(*args):
+        out = subprocess.run([sys.executable, "-m", "megatron_nullmoe.flops", *args], cwd=ROOT,
+                             capture_output=True, text=True)
+        return out
+    out = cli("--partners", "--experts", "64", "--baseline-topk", "4", "--max-topk", "8")
+    assert out.returncode == 0 and "| 8 | 64 | 0.500 |" in out.stdout
+    out = cli("--expected", "--experts", "64", "--topk", "8", "--nulls", "64")
+    assert "= 4 (iso-FLOP with top-4)" in out.stdout
+    out = cli("--config", "examples/vlm_null_moe_gpu.yaml")
+    assert out.returncode == 0 and "expected real experts per token: 4.000" in out.stdout
+    out = cli("--config", "examples/vlm_null_moe_gpu.yaml", "model.num_expert=3")
+    assert out.returncode != 0 and "model.num_experts" in out.stderr
+    out = cli("--partners", "--experts", "64")
+    assert out.returncode != 0 and "--baseline-topk" in out.stderr
