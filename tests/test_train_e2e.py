@@ -13,63 +13,18 @@ we ask for a drop of at least 1.5 nats, well inside both.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-TINY = [
-    "model.num_layers=2", "model.hidden_size=64", "model.ffn_hidden_size=128",
-    "model.moe_ffn_hidden_size=64", "model.vision.num_layers=1", "model.vision.hidden_size=32",
-    "model.vision.ffn_hidden_size=64", "model.vision.image_size=32", "model.vision.patch_size=8",
-    "data.micro_batch_size=8", "data.global_batch_size=16", "data.seq_length=12",
-    "optim.warmup_steps=3", "logging.progress_bar=false", "logging.tensorboard=false",
-    "logging.log_every=1", "logging.eval_every=0", "parallel.expert=1",
-]
+from tests._train import ROOT, losses, run, tiny_demo, vlm_args
+
 
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory) -> Path:
-    from megatron_nullmoe.train.data.demo import prepare_demo_data
-
-    return prepare_demo_data(tmp_path_factory.mktemp("data") / "demo", seed=0,
-                             train_samples=512, val_samples=32, image_size=32,
-                             samples_per_shard=128)
-
-
-def run(args: list[str], ranks: int = 1, check: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    if ranks == 1:
-        cmd = [sys.executable, "-m", "megatron_nullmoe.train", *args]
-        env["MASTER_PORT"] = str(_free_port())
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               f"--nproc-per-node={ranks}", "-m", "megatron_nullmoe.train", *args]
-    out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    if check and out.returncode != 0:
-        raise AssertionError(f"training failed ({out.returncode}):\n{out.stdout[-3000:]}\n"
-                             f"{out.stderr[-5000:]}")
-    return out
-
-
-def _free_port() -> int:
-    from megatron_nullmoe.parallel import free_port
-
-    return free_port()
-
-
-def vlm_args(demo: Path, run_dir: Path, *extra: str) -> list[str]:
-    return ["--config", str(ROOT / "examples/demo_vlm.yaml"), *TINY, f"data.path={demo}",
-            f"dir={run_dir}", *extra]
-
-
-def losses(run_dir: Path) -> dict[int, float]:
-    records = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["train/loss"] for r in records if "train/loss" in r}
+    return tiny_demo(tmp_path_factory.mktemp("data") / "demo")
 
 
 def test_vlm_two_ranks_expert_parallel_learns_and_reports(demo, tmp_path):
