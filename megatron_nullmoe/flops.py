@@ -111,7 +111,7 @@ def shapes_from_config(cfg, vocab_size: int) -> tuple[DecoderShape, Optional[Vis
 
     m = cfg.model
     seq = image_tokens(cfg) + cfg.data.seq_length
-    moe_layers = sum(1 for i in range(m.num_layers) if i % m.moe_layer_freq == m.moe_layer_freq - 1)
+    moe_layers = sum(1 for i in range(m.num_layers) if i % m.moe_layer_freq == 0)
     null = null_config(cfg)
     decoder = DecoderShape(
         m.num_layers, m.hidden_size, m.ffn_hidden_size, seq, vocab_size, moe_layers, m.num_experts,

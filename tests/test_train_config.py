@@ -304,15 +304,12 @@ def test_image_size_not_a_multiple_of_patch_size():
     assert "model.vision.patch_size=8" in str(err.value)
 
 
-def test_moe_layer_freq_above_num_layers_is_refused():
-    cfg = load_config(overrides=["model.num_layers=2", "model.moe_layer_freq=3"])
-    with pytest.raises(ConfigError, match="model.moe_layer_freq=3"):
-        model.decoder_config(cfg, torch.float32)
-
-
-def test_moe_layer_freq_pattern():
+def test_moe_layer_freq_pattern_follows_megatron_core():
+    """An int n makes layers 0, n, 2n, ... MoE, as megatron-core's own spec builder does."""
     cfg = load_config(overrides=["model.num_layers=4", "model.moe_layer_freq=2"])
-    assert model.decoder_config(cfg, torch.float32).moe_layer_freq == [0, 1, 0, 1]
+    assert model.decoder_config(cfg, torch.float32).moe_layer_freq == [1, 0, 1, 0]
+    cfg = load_config(overrides=["model.num_layers=2", "model.moe_layer_freq=3"])
+    assert model.decoder_config(cfg, torch.float32).moe_layer_freq == [1, 0]
 
 
 @pytest.mark.parametrize("freq", [0, -1])

@@ -60,7 +60,7 @@ class Model:
     ffn_hidden_size: int = 128
     num_attention_heads: int = 4
     max_position_embeddings: int = 256
-    # MoE: every `moe_layer_freq`-th decoder layer is MoE (1 = all).
+    # MoE: decoder layers 0, n, 2n, ... are MoE for moe_layer_freq=n (megatron-core's convention).
     moe_layer_freq: int = 1
     num_experts: int = 8
     moe_ffn_hidden_size: int = 64

@@ -71,10 +71,11 @@ def decoder_config(cfg: RunConfig, dtype: torch.dtype):
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     m = cfg.model
-    if not 1 <= m.moe_layer_freq <= m.num_layers:
-        raise ConfigError(f"model.moe_layer_freq={m.moe_layer_freq} is not valid: every n-th "
-                          f"layer is MoE, so n must be in [1, model.num_layers={m.num_layers}]")
-    pattern = [1 if i % m.moe_layer_freq == m.moe_layer_freq - 1 else 0 for i in range(m.num_layers)]
+    if m.moe_layer_freq < 1:
+        raise ConfigError(f"model.moe_layer_freq={m.moe_layer_freq} is not valid: layers 0, n, "
+                          "2n, ... are MoE, so n must be an integer >= 1")
+    # megatron-core's convention for an int frequency: layers 0, n, 2n, ... are MoE
+    pattern = [1 if i % m.moe_layer_freq == 0 else 0 for i in range(m.num_layers)]
     try:
         return TransformerConfig(
             num_layers=m.num_layers, hidden_size=m.hidden_size, ffn_hidden_size=m.ffn_hidden_size,

@@ -1,0 +1,54 @@
+"""Megatron-LM's pretrain_gpt.py with null experts: the same flags plus --num-null-experts & co.
+
+    export PYTHONPATH=/path/to/Megatron-LM:$PYTHONPATH        # tag core_v0.16.1
+    torchrun ... launch/megatron_lm/pretrain_gpt_nullmoe.py <pretrain_gpt.py flags> \
+        --num-experts 8 --moe-router-topk 4 --num-null-experts 8 --moe-token-dispatcher-type alltoall
+
+Reuses Megatron-LM's forward step, datasets, tokenizer and training loop; only the model builder
+(megatron_nullmoe.megatron_lm.gpt_builder) and a budget-control step around the forward step are
+ours. Note: Megatron-LM's printed TFLOP/s count top-k experts per token; a null-MoE runs fewer
+(see megatron_nullmoe.megatron_lm.null_moe_flops and the routing statistics).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from functools import partial
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import require_megatron_lm  # noqa: E402
+
+
+def main() -> None:
+    pretrain_gpt = require_megatron_lm("pretrain_gpt")
+    from megatron.core import parallel_state
+    from megatron.core.enums import ModelType
+    from megatron.core.num_microbatches_calculator import get_num_microbatches
+    from megatron.training import pretrain
+    from model_provider import model_provider
+
+    from megatron_nullmoe.megatron_lm import (
+        add_null_moe_args,
+        chain_args_providers,
+        gpt_builder,
+        with_budget_control,
+    )
+
+    modelopt = getattr(pretrain_gpt, "add_modelopt_args", None)
+    extra = chain_args_providers(
+        add_null_moe_args, modelopt if getattr(pretrain_gpt, "has_nvidia_modelopt", False) else None)
+    forward_step = with_budget_control(
+        pretrain_gpt.forward_step, get_num_microbatches,
+        lambda: parallel_state.get_data_parallel_group(with_context_parallel=True))
+    pretrain_gpt.train_valid_test_datasets_provider.is_distributed = True
+    pretrain(
+        pretrain_gpt.train_valid_test_datasets_provider, partial(model_provider, gpt_builder),
+        ModelType.encoder_or_decoder, forward_step,
+        args_defaults={"tokenizer_type": "GPT2BPETokenizer"}, extra_args_provider=extra,
+        get_embedding_ranks=pretrain_gpt.get_embedding_ranks,
+    )
+
+
+if __name__ == "__main__":
+    main()

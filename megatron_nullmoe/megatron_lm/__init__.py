@@ -1,0 +1,24 @@
+"""Null experts for existing Megatron-LM recipes: flags, args -> config, builders, step hooks.
+
+Megatron-LM's training scripts are not on the package registry (only megatron-core is), so this
+package never imports `megatron.training` at import time; the entry scripts in
+launch/megatron_lm/ do, with a Megatron-LM checkout on PYTHONPATH.
+"""
+
+from megatron_nullmoe.megatron_lm.args import (
+    add_null_moe_args,
+    chain_args_providers,
+    null_config_from_args,
+)
+from megatron_nullmoe.megatron_lm.builders import (
+    gpt_builder,
+    llava_builder,
+    llava_specs,
+    null_decoder_spec,
+)
+from megatron_nullmoe.megatron_lm.hooks import null_moe_flops, with_budget_control
+
+__all__ = [
+    "add_null_moe_args", "chain_args_providers", "gpt_builder", "llava_builder", "llava_specs",
+    "null_config_from_args", "null_decoder_spec", "null_moe_flops", "with_budget_control",
+]

@@ -1,0 +1,229 @@
+"""Megatron-LM integration without Megatron-LM: the flag contract, args -> config -> spec -> model.
+
+Megatron-LM is not on the package registry, so these tests use what its `parse_args` produces:
+an argparse parser with allow_abbrev=False into which our `add_null_moe_args` is chained, and a
+namespace carrying the attribute names Megatron-LM's arguments.py and gpt_builders.py use
+(core_v0.16.1). `config_from_args` mimics `core_transformer_config_from_args`: every args attribute
+named like a TransformerConfig field is copied, and num_moe_experts comes from --num-experts.
+Checked by hand against a real core_v0.16.1 checkout as well (see BENCHMARKS.md / closing note).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from megatron.core.models.gpt import GPTModel
+from megatron.core.transformer.identity_op import IdentityOp
+from megatron.core.transformer.mlp import MLPSubmodules
+from megatron.core.transformer.moe.moe_layer import MoELayer
+from megatron.core.transformer.moe.router import TopKRouter
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from megatron_nullmoe import NullExpertConfig, NullExpertConfigError, NullExpertRouter, null_routers
+from megatron_nullmoe.megatron_lm import (
+    add_null_moe_args,
+    chain_args_providers,
+    gpt_builder,
+    llava_builder,
+    llava_specs,
+    null_config_from_args,
+    null_decoder_spec,
+    null_moe_flops,
+    with_budget_control,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def megatron_parser() -> argparse.ArgumentParser:
+    """The slice of Megatron-LM's parser these tests need, built the way parse_args builds it."""
+    p = argparse.ArgumentParser(allow_abbrev=False)
+    p.add_argument("--num-layers", type=int, default=4)
+    p.add_argument("--hidden-size", type=int, default=32)
+    p.add_argument("--num-attention-heads", type=int, default=4)
+    p.add_argument("--num-experts", type=int, default=None)
+    p.add_argument("--moe-router-topk", type=int, default=2)
+    p.add_argument("--moe-token-dispatcher-type", default="allgather")
+    p.add_argument("--moe-layer-freq", type=eval, default=1)
+    p.add_argument("--transformer-impl", default="transformer_engine")
+    return p
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    args = add_null_moe_args(megatron_parser()).parse_args(argv)
+    defaults = dict(  # what validate_args and the rest of arguments.py leave on args
+        ffn_hidden_size=64, moe_ffn_hidden_size=32, normalization="LayerNorm", qk_l2_norm=False,
+        spec=None, padded_vocab_size=64, max_position_embeddings=16, fp16_lm_cross_entropy=False,
+        untie_embeddings_and_output_weights=False, position_embedding_type="learned_absolute",
+        rotary_percent=1.0, rotary_base=10000, use_rope_scaling=False, mtp_num_layers=None,
+        use_legacy_models=False, experimental_attention_variant=None,
+        heterogeneous_layers_config_path=None, moe_grouped_gemm=False, add_bias_linear=False,
+        hidden_dropout=0.0, attention_dropout=0.0, use_cpu_initialization=True,
+        moe_router_load_balancing_type="aux_loss", moe_aux_loss_coeff=0.01,
+        expert_tensor_parallel_size=1)
+    for k, v in defaults.items():
+        setattr(args, k, v)
+    return args
+
+
+def config_from_args(args) -> TransformerConfig:
+    names = {f.name for f in dataclasses.fields(TransformerConfig)}
+    kw = {k: v for k, v in vars(args).items() if k in names}
+    return TransformerConfig(**kw, num_moe_experts=args.num_experts)
+
+
+MIXTRAL_STYLE = ["--num-experts", "8", "--moe-router-topk", "4", "--moe-token-dispatcher-type",
+                 "alltoall", "--transformer-impl", "local", "--moe-layer-freq", "[1,0,1,0]"]
+
+
+# ------------------------------------------------------------------------- the flag contract
+def test_flags_defaults_and_values():
+    args = parse([])
+    assert null_config_from_args(args) == NullExpertConfig()
+    args = parse(MIXTRAL_STYLE + ["--num-null-experts", "8", "--null-expert-logits", "per_expert",
+                                  "--null-expert-gate-normalization", "keep_null_share",
+                                  "--null-expert-target-real-per-token", "2",
+                                  "--null-expert-budget-update-rate", "0.05"])
+    assert null_config_from_args(args) == NullExpertConfig(
+        num_null_experts=8, null_logits="per_expert", gate_normalization="keep_null_share",
+        target_real_per_token=2.0, budget_update_rate=0.05)
+
+
+def test_flags_are_strict_like_megatron_lm():
+    for bad in (["--num-null-experts", "x"], ["--null-expert-logits", "shard"], ["--num-null", "4"]):
+        with pytest.raises(SystemExit):
+            add_null_moe_args(megatron_parser()).parse_args(bad)
+
+
+def test_dests_never_collide_with_transformer_config_fields():
+    """core_transformer_config_from_args copies same-named attributes onto the config."""
+    ours = set(vars(add_null_moe_args(argparse.ArgumentParser()).parse_args([])))
+    assert ours and not ours & {f.name for f in dataclasses.fields(TransformerConfig)}
+
+
+def test_chained_providers_return_the_parser():
+    def theirs(parser):
+        parser.add_argument("--freeze-ViT", action="store_true")
+        return parser
+    parser = chain_args_providers(add_null_moe_args, None, theirs)(megatron_parser())
+    args = parser.parse_args(["--num-null-experts", "2", "--freeze-ViT"])
+    assert args.num_null_experts == 2 and args.freeze_ViT
+
+
+def test_args_without_our_flags_or_experts_are_refused():
+    with pytest.raises(NullExpertConfigError, match="extra_args_provider"):
+        null_config_from_args(megatron_parser().parse_args([]))
+    with pytest.raises(NullExpertConfigError, match="--num-experts"):
+        null_config_from_args(parse(["--num-null-experts", "4"]))
+
+
+# --------------------------------------------------------------- args -> config -> spec/model
+def test_spec_follows_moe_layer_freq_and_builds_a_null_gpt(single_rank):
+    args = parse(MIXTRAL_STYLE + ["--num-null-experts", "8"])
+    config = config_from_args(args)
+    spec = null_decoder_spec(args, config)
+    routers = [s.submodules.mlp.submodules.router if s.submodules.mlp.module is MoELayer
+               else None for s in spec.layer_specs]
+    assert [r is not None for r in routers] == [True, False, True, False]
+    assert all(r.func is NullExpertRouter for r in routers if r is not None)
+    model = gpt_builder(args, True, True, config=config)
+    assert [r.layer_number for r in null_routers(model)] == [1, 3]
+    assert null_routers(model)[0].num_slots == 16
+    ids = torch.randint(0, 64, (2, 16))
+    model(ids, torch.arange(16).expand(2, 16), None, labels=ids).mean().backward()
+    assert null_routers(model)[0].null_weight.grad is not None
+
+
+def test_without_nulls_the_spec_is_megatron_cores_own(single_rank):
+    args = parse(MIXTRAL_STYLE)
+    model = gpt_builder(args, True, True, config=config_from_args(args))
+    routers = [m for m in model.modules() if isinstance(m, TopKRouter)]
+    assert routers and not any(isinstance(r, NullExpertRouter) for r in routers)
+
+
+def test_a_stage_without_moe_layers_is_left_alone(single_rank):
+    args = parse(MIXTRAL_STYLE[:-2] + ["--moe-layer-freq", "[0,0,0,0]", "--num-null-experts", "4"])
+    config = config_from_args(args)
+    spec = null_decoder_spec(args, config)
+    assert all(s.submodules.mlp.module is not MoELayer for s in spec.layer_specs)
+
+
+def test_unsupported_megatron_features_are_refused(single_rank):
+    args = parse(MIXTRAL_STYLE + ["--num-null-experts", "4"])
+    args.mtp_num_layers = 1
+    with pytest.raises(NullExpertConfigError, match="--mtp-num-layers"):
+        null_decoder_spec(args, config_from_args(args))
+    args = parse(MIXTRAL_STYLE + ["--num-null-experts", "4"])
+    args.moe_token_dispatcher_type = "flex"
+    with pytest.raises(NullExpertConfigError, match="moe_token_dispatcher_type"):
+        null_decoder_spec(args, config_from_args(args))
+
+
+def test_llava_specs_fix_pretrain_vlm_and_the_model_runs(single_rank):
+    """Dense projector (pretrain_vlm.py hands it MoE submodules) and a real pre-MLP norm on MoE
+    layers (its TE llava spec has none)."""
+    args = parse(MIXTRAL_STYLE[:-2] + ["--num-layers", "2", "--num-null-experts", "4"])
+    config = config_from_args(args)
+    language, projector = llava_specs(args, config)
+    assert isinstance(projector, MLPSubmodules) and projector.linear_fc1 is not None
+    assert language.submodules.pre_mlp_layernorm is not IdentityOp
+    assert language.submodules.mlp.submodules.router.func is NullExpertRouter
+    for name, value in dict(encoder_num_layers=1, decoder_seq_length=32, img_h=32, img_w=32,
+                            patch_dim=8, disable_vision_class_token=True).items():
+        setattr(args, name, value)
+    model = llava_builder(args, config)
+    assert len(null_routers(model)) == 2
+    ids = torch.randint(0, 64, (2, 17))
+    ids[:, 0] = -200
+    loss, mask = model(torch.rand(2, 3, 32, 32), ids, torch.arange(17).expand(2, 17), None,
+                       labels=ids, loss_mask=torch.ones(2, 17))
+    assert loss.shape == (2, 32)  # 16 image tokens + 17 text - the placeholder
+    (loss * mask).sum().backward()
+
+
+def test_budget_control_steps_once_per_optimizer_step(single_rank):
+    args = parse(MIXTRAL_STYLE + ["--num-null-experts", "8",
+                                  "--null-expert-target-real-per-token", "1.0"])
+    model = gpt_builder(args, True, True, config=config_from_args(args))
+    seen = []
+
+    def forward_step(data_iterator, model):
+        seen.append(float(null_routers(model)[0].null_budget_bias))
+        ids = next(data_iterator)
+        return model(ids, torch.arange(16).expand(2, 16), None, labels=ids)
+
+    step = with_budget_control(forward_step, lambda: 3, lambda: None)
+    data = iter([torch.randint(0, 64, (2, 16)) for _ in range(7)])
+    for _ in range(7):
+        step(data, model)
+    # 3 micro-batches per step: the bias moves before calls 4 and 7 only (real/token > 1.0 target)
+    assert seen[0] == seen[1] == seen[2] < seen[3] == seen[4] == seen[5] < seen[6]
+    model.eval()
+    with torch.no_grad():
+        step(iter([torch.randint(0, 64, (2, 16))]), model)  # evaluation does not count
+    assert float(null_routers(model)[0].null_budget_bias) == seen[6]
+
+
+def test_flops_count_realised_experts_like_megatron_lm_counts_topk():
+    args = argparse.Namespace(hidden_size=8, seq_length=4, num_layers=2, num_attention_heads=2,
+                              group_query_attention=False, swiglu=False, moe_layer_freq=1,
+                              num_experts=4, ffn_hidden_size=16, moe_ffn_hidden_size=16,
+                              padded_vocab_size=10, moe_router_topk=2)
+    # Megatron-LM's counter at top-k: 3*2*B*s*(L*(2h^2(1+1) + 2sh) + L*(2*h*f*k + h*E) + h*V)
+    topk = 3 * 2 * 1 * 4 * (2 * (2 * 64 * 2 + 2 * 4 * 8) + 2 * (2 * 8 * 16 * 2 + 8 * 4) + 8 * 10)
+    assert null_moe_flops(args, 1, 2.0) == topk
+    assert null_moe_flops(args, 1, 2.0) - null_moe_flops(args, 1, 1.0) == 3 * 2 * 4 * 2 * 2 * 8 * 16
+
+
+@pytest.mark.parametrize("script", ["pretrain_gpt_nullmoe.py", "pretrain_vlm_nullmoe.py"])
+def test_entry_scripts_without_megatron_lm_say_what_to_do(script):
+    out = subprocess.run([sys.executable, str(ROOT / "launch" / "megatron_lm" / script)],
+                         capture_output=True, text=True, env={"PATH": "/usr/bin:/bin"})
+    assert out.returncode == 1
+    assert "Megatron-LM" in out.stderr and "PYTHONPATH" in out.stderr and "core_v0.16.1" in out.stderr
