@@ -227,3 +227,17 @@ def test_entry_scripts_without_megatron_lm_say_what_to_do(script):
                          capture_output=True, text=True, env={"PATH": "/usr/bin:/bin"})
     assert out.returncode == 1
     assert "Megatron-LM" in out.stderr and "PYTHONPATH" in out.stderr and "core_v0.16.1" in out.stderr
+
+
+def test_mixtral_recipe_adds_null_experts_at_matched_flops(tmp_path):
+    recipe = ROOT / "examples" / "megatron_lm" / "train_mixtral_8x7b_null_moe.sh"
+    out = subprocess.run(["bash", str(recipe), "/ckpt", "/tok.model", "/data"], capture_output=True,
+                         text=True, env={"PATH": "/usr/bin:/bin", "DRY_RUN": "1"})
+    assert out.returncode == 0, out.stderr
+    argv = out.stdout.split()
+    assert argv[0] == "torchrun" and argv[argv.index("--master-port") + 2].endswith(
+        "launch/megatron_lm/pretrain_gpt_nullmoe.py")
+    args, _ = add_null_moe_args(megatron_parser()).parse_known_args(argv)
+    null = null_config_from_args(args)
+    assert (args.num_experts, args.moe_router_topk, null.num_null_experts) == (8, 4, 8)
+    assert args.moe_router_topk * args.num_experts / (args.num_experts + null.num_null_experts) == 2
