@@ -150,7 +150,10 @@ class Trainer:
             self.optimizer, init_lr=0.0, max_lr=o.lr, min_lr=o.min_lr,
             lr_warmup_steps=min(o.warmup_steps, cfg.steps - 1), lr_decay_steps=cfg.steps,
             lr_decay_style=o.lr_decay_style, start_wd=o.weight_decay, end_wd=o.weight_decay,
-            wd_incr_steps=cfg.steps, wd_incr_style="constant")
+            wd_incr_steps=cfg.steps, wd_incr_style="constant",
+            # On resume the recipe's schedule wins over the checkpoint's, so `steps=` can extend
+            # a finished run; with an unchanged recipe the two are the same.
+            use_checkpoint_opt_param_scheduler=False, override_opt_param_scheduler=True)
         config = model.config
         config.no_sync_func = self.ddp.no_sync
         config.finalize_model_grads_func = finalize_model_grads
@@ -306,7 +309,8 @@ class Trainer:
                              "launch again to resume")
             self.log.close()
             return {"steps": self.step, "stopped_early": True}
-        summary = self.log.summary({"parameters": describe(self.model), "run_dir": str(self.run_dir),
+        summary = self.log.summary({"parameters_rank0": describe(self.model),
+                                    "run_dir": str(self.run_dir),
                                     "model_flops_total": self.model_flops,
                                     "world_size": dist.get_world_size()})
         plot = self.log.plot()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -22,6 +23,7 @@ class RunLog:
         self.path = run_dir / "metrics.jsonl"
         self.records: list[dict] = []
         self.writer = self.wandb = self.bar = None
+        self.start_step, self.start_time = start_step, time.perf_counter()
         if not enabled:
             return
         if self.path.exists():  # keep history up to the step we resume from
@@ -75,8 +77,10 @@ class RunLog:
     def _show(self, step: int, line: str) -> None:
         if self.bar is not None and not self.bar.disable:
             self.bar.set_postfix_str(line, refresh=True)
-        else:
-            print(f"step {step:5d}/{self.cfg.steps} | {line}", flush=True)
+        else:  # no terminal (CI, log files): plain lines, with the ETA a bar would show
+            done = step - self.start_step
+            eta = (time.perf_counter() - self.start_time) / max(done, 1) * (self.cfg.steps - step)
+            print(f"step {step:5d}/{self.cfg.steps} | {line} | ETA {eta / 60:.1f} min", flush=True)
 
     def message(self, text: str) -> None:
         if not self.enabled:

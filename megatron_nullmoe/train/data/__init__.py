@@ -1,0 +1,1 @@
+"""Training data: the generated demo set, energon and jsonl loaders, the tokenizer."""
