@@ -338,3 +338,13 @@ def test_tensor_parallel_is_refused_without_te_on_gpu():
     check_device(load_config(overrides=["parallel.tensor=1"]))
     with pytest.raises(ConfigError, match="parallel.tensor=2 needs a GPU with Transformer Engine"):
         check_device(load_config(overrides=["parallel.tensor=2"]))
+
+
+@pytest.mark.parametrize("overrides,expected", [
+    (("parallel.pipeline=2", "model.kind=vlm"), "pipelines the GPT decoder only"),
+    (("parallel.pipeline=3", "model.kind=gpt", "model.num_layers=4"), "does not split evenly"),
+    (("parallel.pipeline=0", "model.kind=gpt"), "parallel.pipeline=0"),
+])
+def test_pipeline_layouts_the_trainer_cannot_run_are_refused(overrides, expected):
+    with pytest.raises(ConfigError, match=expected):
+        loop.check(load_config(overrides=list(overrides)), 12)

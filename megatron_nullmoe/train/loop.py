@@ -16,6 +16,8 @@ import torch
 import torch.distributed as dist
 
 from megatron_nullmoe import dispatch_stats, routing_stats, set_vision_mask, update_null_budget
+from megatron_nullmoe.dispatch.stats import DispatchStats
+from megatron_nullmoe.routing.stats import RoutingStats
 from megatron_nullmoe import parallel
 from megatron_nullmoe.train.checkpoint import Checkpointer
 from megatron_nullmoe.train.config import ConfigError, RunConfig, save_config
@@ -44,6 +46,9 @@ def check(cfg: RunConfig, world_size: int) -> tuple[int, int]:
                           f"data.micro_batch_size x data-parallel size = {d.micro_batch_size} x {dp}")
     if cfg.checkpoint.keep_last < 1:
         raise ConfigError(f"checkpoint.keep_last={cfg.checkpoint.keep_last}: keep at least 1")
+    from megatron_nullmoe.train.model import check_pipeline
+
+    check_pipeline(cfg)
     if cfg.steps < 1:
         raise ConfigError(f"steps={cfg.steps}: train at least 1 step")
     if cfg.exit_after_steps is not None and cfg.exit_after_steps < 1:
@@ -122,6 +127,8 @@ class Trainer:
         # every tensor-parallel rank routes its own slice of the sequence.
         self.token_group = (ps.get_tensor_and_data_parallel_group(with_context_parallel=True)
                             if cfg.parallel.tensor > 1 else self.group)
+        self.pp_group = (ps.get_pipeline_model_parallel_group() if cfg.parallel.pipeline > 1
+                         else None)
         self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
             else torch.device("cpu")
         self.run_dir = Path(cfg.dir)
@@ -215,8 +222,12 @@ class Trainer:
             forward_step_func=self._forward_step, data_iterator=iter(batches), model=[self.ddp],
             num_microbatches=len(batches), seq_length=self.info.decoder_seq_length,
             micro_batch_size=self.cfg.data.micro_batch_size, forward_only=forward_only)
-        total = torch.stack([r["lm loss"] for r in reports]).sum(0).double().cpu()
+        total = torch.zeros(2, dtype=torch.float64)
+        for r in reports:  # empty except on the last pipeline stage
+            total += r["lm loss"].double().cpu()
         dist.all_reduce(total, group=self.group)
+        if self.pp_group is not None:  # hand the last stage's loss to every stage
+            dist.all_reduce(total, group=self.pp_group)
         return float(total[0] / total[1].clamp(min=1))
 
     def train_step(self) -> dict:
@@ -232,20 +243,42 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict:
-        routing_stats(self.model, self.token_group, reset=True)  # keep train stats out of val stats
+        self._routing_stats()  # keep train stats out of val stats
         self.ddp.eval()
         loss = self._run(self.data.val_batches(self.cfg.logging.eval_steps), True)
         self.ddp.train()
-        stats = routing_stats(self.model, self.token_group, reset=True).get("all")
+        stats = self._routing_stats().get("all")
         out = {"val/loss": loss}
         if stats is not None:
             by = stats.null_fraction_by_modality()
             out.update({"val/null_vision": by["vision"], "val/null_text": by["text"]})
         return out
 
-    def interval_stats(self) -> dict:
+    def _routing_stats(self) -> dict:
+        """Routing statistics of all MoE layers, whichever pipeline stage holds them."""
         stats = routing_stats(self.model, self.token_group, reset=True)
+        if self.pp_group is None:
+            return stats
+        mine = {k: (s.topk, {n: t.cpu() for n, t in s.counts.items()})
+                for k, s in stats.items() if k != "all"}
+        stages = [None] * dist.get_world_size(self.pp_group)
+        dist.all_gather_object(stages, mine, group=self.pp_group)
+        merged = {k: RoutingStats(topk, counts) for stage in stages for k, (topk, counts) in stage.items()}
+        if merged:
+            merged["all"] = sum(list(merged.values())[1:], list(merged.values())[0])
+        return merged
+
+    def _dispatch_stats(self) -> DispatchStats:
         rows = dispatch_stats(self.model, self.token_group, reset=True)
+        if self.pp_group is not None:
+            stages = [None] * dist.get_world_size(self.pp_group)
+            dist.all_gather_object(stages, rows.as_dict(), group=self.pp_group)
+            rows = DispatchStats(**{k: sum(s[k] for s in stages) for k in stages[0]})
+        return rows
+
+    def interval_stats(self) -> dict:
+        stats = self._routing_stats()
+        rows = self._dispatch_stats()
         self.rows["dispatched"] += rows.rows_dispatched
         self.rows["topk"] += rows.rows_topk
         out = {"moe/rows_dispatched_total": self.rows["dispatched"],

@@ -117,16 +117,20 @@ def build_model(cfg: RunConfig, vocab_size: int, pg_collection, dtype: torch.dty
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 
-    if cfg.parallel.pipeline != 1:
-        raise ConfigError(f"parallel.pipeline={cfg.parallel.pipeline}: this trainer runs pipeline "
-                          "size 1 only (use data, expert and tensor parallelism)")
+    from megatron.core import parallel_state as ps
+
+    check_pipeline(cfg)
     if use_te is None:
         use_te = have_te() and torch.cuda.is_available()
     config = decoder_config(cfg, dtype)
     null = null_config(cfg)
     null.check(config)
-    spec = with_null_experts(
-        get_gpt_decoder_block_spec(config, use_transformer_engine=use_te), null)
+    # With pipeline parallelism the block spec holds this stage's layers only.
+    spec = get_gpt_decoder_block_spec(config, use_transformer_engine=use_te)
+    try:
+        spec = with_null_experts(spec, null)
+    except ValueError:  # a pipeline stage with dense layers only
+        pass
     n_img = image_tokens(cfg)
     seq = n_img + cfg.data.seq_length
     if seq > cfg.model.max_position_embeddings:
@@ -137,7 +141,8 @@ def build_model(cfg: RunConfig, vocab_size: int, pg_collection, dtype: torch.dty
     if cfg.model.kind == "gpt":
         model = GPTModel(config, spec, vocab_size=vocab_size,
                          max_sequence_length=cfg.model.max_position_embeddings,
-                         pg_collection=pg_collection)
+                         pre_process=ps.is_pipeline_first_stage(),
+                         post_process=ps.is_pipeline_last_stage(), pg_collection=pg_collection)
         return model, info
     model = _build_llava(cfg, config, spec, vocab_size, pg_collection, dtype, use_te)
     if not hasattr(model, "model_type"):  # the schedules ask; Megatron-LM sets it in get_model
@@ -145,6 +150,18 @@ def build_model(cfg: RunConfig, vocab_size: int, pg_collection, dtype: torch.dty
 
         model.model_type = ModelType.encoder_or_decoder
     return model, info
+
+
+def check_pipeline(cfg: RunConfig) -> None:
+    p, m = cfg.parallel.pipeline, cfg.model
+    if p < 1:
+        raise ConfigError(f"parallel.pipeline={p}: give a size >= 1")
+    if p > 1 and m.kind != "gpt":
+        raise ConfigError(f"parallel.pipeline={p} with model.kind={m.kind}: this trainer "
+                          "pipelines the GPT decoder only (LLaVA's encoder stage is not set up)")
+    if m.num_layers % p:
+        raise ConfigError(f"model.num_layers={m.num_layers} does not split evenly into "
+                          f"parallel.pipeline={p} stages")
 
 
 def _build_llava(cfg, config, spec, vocab_size, pg_collection, dtype, use_te):
