@@ -28,7 +28,13 @@ from megatron_nullmoe.train.model import have_te, build_model, describe, image_t
 
 def check(cfg: RunConfig, world_size: int) -> tuple[int, int]:
     """Checks what only a running job knows (world size); returns (dp size, micro-batches)."""
+    from megatron_nullmoe.train.model import check_pipeline
+
     p, d = cfg.parallel, cfg.data
+    for name in ("tensor", "expert"):
+        if getattr(p, name) < 1:
+            raise ConfigError(f"parallel.{name}={getattr(p, name)}: give a size >= 1")
+    check_pipeline(cfg)
     mp = p.tensor * p.pipeline
     if world_size % mp:
         raise ConfigError(f"world size {world_size} is not divisible by parallel.tensor x "
@@ -46,9 +52,6 @@ def check(cfg: RunConfig, world_size: int) -> tuple[int, int]:
                           f"data.micro_batch_size x data-parallel size = {d.micro_batch_size} x {dp}")
     if cfg.checkpoint.keep_last < 1:
         raise ConfigError(f"checkpoint.keep_last={cfg.checkpoint.keep_last}: keep at least 1")
-    from megatron_nullmoe.train.model import check_pipeline
-
-    check_pipeline(cfg)
     if cfg.steps < 1:
         raise ConfigError(f"steps={cfg.steps}: train at least 1 step")
     if cfg.exit_after_steps is not None and cfg.exit_after_steps < 1:
