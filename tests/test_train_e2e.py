@@ -70,12 +70,13 @@ def test_resume_reproduces_the_uninterrupted_run_exactly(demo, tmp_path):
     assert split == full  # bit-equal floats: data position, RNG, optimizer and schedule restored
 
 
-def test_one_rank_gpt_on_jsonl_learns(demo, tmp_path):
+@pytest.mark.parametrize("kind,suffix", [("jsonl", ".jsonl"), ("indexed", "_text_document")])
+def test_one_rank_gpt_on_text_learns(demo, tmp_path, kind, suffix):
     out = tmp_path / "gpt"
     run(["--config", str(ROOT / "examples/gpt_null_moe.yaml"), "model.num_layers=2",
          "model.hidden_size=64", "model.ffn_hidden_size=128", "model.moe_ffn_hidden_size=64",
-         "parallel.expert=1", f"data.path={demo}/text/train.jsonl",
-         f"data.valid_path={demo}/text/val.jsonl", f"data.tokenizer={demo}/tokenizer.model",
+         "parallel.expert=1", f"data.kind={kind}", f"data.path={demo}/text/train{suffix}",
+         f"data.valid_path={demo}/text/val{suffix}", f"data.tokenizer={demo}/tokenizer.model",
          "data.seq_length=24", "data.micro_batch_size=8", "data.global_batch_size=8",
          "optim.warmup_steps=3", "logging.progress_bar=false", "logging.tensorboard=false",
          "logging.eval_every=30", "steps=30", f"dir={out}"])

@@ -86,11 +86,12 @@ class Parallel:
 @dataclass
 class Data:
     """Where samples come from. kind=energon: image+caption webdataset shards prepared for energon;
-    kind=jsonl: text-only GPT data, one {"text": ...} object per line."""
+    kind=jsonl: text-only GPT data, one {"text": ...} object per line; kind=indexed: Megatron's
+    PREFIX.bin/.idx (path and valid_path are prefixes), sampled by megatron-core's GPTDataset."""
 
-    kind: str = _choices("energon", "jsonl", default="energon")
+    kind: str = _choices("energon", "jsonl", "indexed", default="energon")
     path: str = "data/demo"
-    valid_path: Optional[str] = None  # jsonl only; energon datasets carry their own val split
+    valid_path: Optional[str] = None  # jsonl/indexed; energon datasets carry their own val split
     tokenizer: Optional[str] = None  # a sentencepiece .model; None: the dataset's own tokenizer
     seq_length: int = 32  # text tokens per sample (images add their patch tokens on top)
     micro_batch_size: int = 4

@@ -91,7 +91,15 @@ def _build_data(cfg: RunConfig, tokenizer: Tokenizer, dp_rank: int, dp_size: int
                            image_tokens(cfg), d.micro_batch_size, dp_rank, dp_size, cfg.seed,
                            d.num_workers, d.shuffle_buffer_size)
     if cfg.model.kind != "gpt":
-        raise ConfigError("data.kind=jsonl is text only: use model.kind=gpt")
+        raise ConfigError(f"data.kind={d.kind} is text only: use model.kind=gpt")
+    if d.kind == "indexed":
+        from megatron_nullmoe.train.data.indexed import IndexedData
+
+        return IndexedData(
+            d.path, d.valid_path, tokenizer, d.seq_length, d.micro_batch_size, dp_rank, dp_size,
+            cfg.seed, train_samples=cfg.steps * d.global_batch_size,
+            valid_samples=cfg.logging.eval_steps * d.micro_batch_size * dp_size,
+            cache_dir=Path(cfg.dir) / "data_cache")
     from megatron_nullmoe.train.data.text import JsonlData
 
     return JsonlData(d.path, d.valid_path, tokenizer, d.seq_length, d.micro_batch_size, dp_rank,
@@ -100,8 +108,9 @@ def _build_data(cfg: RunConfig, tokenizer: Tokenizer, dp_rank: int, dp_size: int
 
 def _tokenizer(cfg: RunConfig) -> Tokenizer:
     path = cfg.data.tokenizer or str(Path(cfg.data.path) / "tokenizer.model")
-    if cfg.data.tokenizer is None and cfg.data.kind == "jsonl":
-        raise ConfigError("data.tokenizer is required for jsonl data (a sentencepiece .model)")
+    if cfg.data.tokenizer is None and cfg.data.kind != "energon":
+        raise ConfigError(f"data.tokenizer is required for {cfg.data.kind} data (a sentencepiece "
+                          ".model)")
     return Tokenizer(path)
 
 

@@ -8,6 +8,7 @@ Layout (what `energon prepare` would produce for webdataset shards of image + ca
     data/demo/.nv-meta/{dataset.yaml,split.yaml,.info.json,index.sqlite,index.uuid}
     data/demo/tokenizer.model               sentencepiece, trained on the train captions
     data/demo/text/{train,val}.jsonl        the captions alone, for the text-only GPT recipe
+    data/demo/text/{train,val}_text_document.{bin,idx}   the same in Megatron's indexed format
     data/demo/demo.json                     the parameters it was made with
 
 Deterministic from the seed (tar members have fixed metadata). The dataset is built in a sibling
@@ -27,7 +28,8 @@ from pathlib import Path
 import yaml
 
 from megatron_nullmoe.train.data import shapes
-from megatron_nullmoe.train.data.tokenizer import train_tokenizer
+from megatron_nullmoe.train.data.indexed import jsonl_to_indexed
+from megatron_nullmoe.train.data.tokenizer import Tokenizer, train_tokenizer
 
 SPLITS = ("train", "val")
 
@@ -49,7 +51,7 @@ def prepare_demo_data(out: str | Path, seed: int = 0, train_samples: int = 4096,
 
     out = Path(out)
     params = dict(seed=seed, train_samples=train_samples, val_samples=val_samples,
-                  image_size=image_size, samples_per_shard=samples_per_shard, version=2)
+                  image_size=image_size, samples_per_shard=samples_per_shard, version=3)
     stamp = out / "demo.json"
     if stamp.is_file() and json.loads(stamp.read_text()) == params:
         return out
@@ -83,9 +85,11 @@ def prepare_demo_data(out: str | Path, seed: int = 0, train_samples: int = 4096,
         raise RuntimeError(f"energon indexed {indexed}, but {counts} samples were written")
     train_tokenizer(captions["train"] + shapes.vocabulary_text(), tmp / "tokenizer.model")
     (tmp / "text").mkdir()
+    tokenizer = Tokenizer(tmp / "tokenizer.model")
     for split in SPLITS:
-        (tmp / "text" / f"{split}.jsonl").write_text(
-            "".join(json.dumps({"text": c}) + "\n" for c in captions[split]))
+        jsonl = tmp / "text" / f"{split}.jsonl"
+        jsonl.write_text("".join(json.dumps({"text": c}) + "\n" for c in captions[split]))
+        jsonl_to_indexed(jsonl, tmp / "text" / f"{split}_text_document", tokenizer)
     (tmp / "demo.json").write_text(json.dumps(params, indent=2) + "\n")
     if out.exists():
         out.rmdir()  # empty (checked above)
