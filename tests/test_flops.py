@@ -46,18 +46,24 @@ def test_decoder_flops_by_hand_and_linear_in_real_experts():
     assert active_params_per_token(d, 2.0) - active_params_per_token(d, 1.0) == 2 * 4 * 5
 
 
-def test_cli_partners_expected_and_recipe():
-    def cli(*args):
-        out = subprocess.run([sys.executable, "-m", "megatron_nullmoe.flops", *args], cwd=ROOT,
-                             capture_output=True, text=True)
-        return out
-    out = cli("--partners", "--experts", "64", "--baseline-topk", "4", "--max-topk", "8")
-    assert out.returncode == 0 and "| 8 | 64 | 0.500 |" in out.stdout
-    out = cli("--expected", "--experts", "64", "--topk", "8", "--nulls", "64")
-    assert "= 4 (iso-FLOP with top-4)" in out.stdout
-    out = cli("--config", "examples/vlm_null_moe_gpu.yaml")
-    assert out.returncode == 0 and "expected real experts per token: 4.000" in out.stdout
-    out = cli("--config", "examples/vlm_null_moe_gpu.yaml", "model.num_expert=3")
-    assert out.returncode != 0 and "model.num_experts" in out.stderr
-    out = cli("--partners", "--experts", "64")
-    assert out.returncode != 0 and "--baseline-topk" in out.stderr
+def test_cli_partners_expected_and_recipe(capsys):
+    from megatron_nullmoe.flops import main
+
+    main(["--partners", "--experts", "64", "--baseline-topk", "4", "--max-topk", "8"])
+    assert "| 8 | 64 | 0.500 |" in capsys.readouterr().out
+    main(["--expected", "--experts", "64", "--topk", "8", "--nulls", "64"])
+    assert "= 4 (iso-FLOP with top-4)" in capsys.readouterr().out
+    main(["--config", str(ROOT / "examples/vlm_null_moe_gpu.yaml")])
+    assert "expected real experts per token: 4.000" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="model.num_experts"):
+        main(["--config", str(ROOT / "examples/vlm_null_moe_gpu.yaml"), "model.num_expert=3"])
+    with pytest.raises(SystemExit):
+        main(["--partners", "--experts", "64"])
+    assert "--baseline-topk" in capsys.readouterr().err
+
+
+def test_runs_as_a_module():
+    out = subprocess.run([sys.executable, "-m", "megatron_nullmoe.flops", "--partners",
+                          "--experts", "8", "--baseline-topk", "2"], cwd=ROOT, capture_output=True,
+                         text=True)
+    assert out.returncode == 0 and "| 4 | 8 | 0.500 |" in out.stdout
