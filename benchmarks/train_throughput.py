@@ -1,6 +1,7 @@
 """End-to-end training tokens/s of the demo VLM, null-MoE vs plain MoE at matched expected FLOPs.
 
     .venv/bin/python benchmarks/train_throughput.py [--steps 40] [--repeats 2] [--ranks 2]
+        [--seeds 1234,1,2] [--configs a,b,c]
 
 Runs the real trainer (torchrun, expert parallel = ranks, gloo on CPU) on the demo recipe for:
   (a) plain  top-k_b=2, Z=0   megatron-core's standard routing (our router at Z=0 equals TopKRouter)
@@ -30,14 +31,15 @@ CONFIGS = {
 }
 
 
-def one_run(name: str, overrides: list[str], steps: int, ranks: int, data: str, tmp: Path) -> dict:
+def one_run(name: str, overrides: list[str], steps: int, ranks: int, data: str, tmp: Path,
+            seed: int) -> dict:
     run_dir = tmp / f"{name[:3].strip('()')}_{len(list(tmp.iterdir()))}"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
            f"--nproc-per-node={ranks}", "-m", "megatron_nullmoe.train",
            "--config", str(ROOT / "examples/demo_vlm.yaml"), *overrides, f"steps={steps}",
            f"parallel.expert={ranks}", f"data.path={data}", f"dir={run_dir}",
            "logging.progress_bar=false", "logging.tensorboard=false", "logging.eval_every=0",
-           "logging.log_every=10", "checkpoint.save_every=0"]
+           "logging.log_every=10", "checkpoint.save_every=0", f"seed={seed}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     if out.returncode != 0:
@@ -51,24 +53,33 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--ranks", type=int, default=2)
     p.add_argument("--data", default=str(ROOT / "data/demo"))
+    p.add_argument("--seeds", default="1234", help="comma-separated model/data seeds")
+    p.add_argument("--configs", default="a,b,c", help="which of (a), (b), (c) to run")
     a = p.parse_args()
-    results: dict[str, list[dict]] = {name: [] for name in CONFIGS}
+    seeds = [int(s) for s in a.seeds.split(",")]
+    configs = {n: o for n, o in CONFIGS.items() if n[1] in a.configs.split(",")}
+    results: dict[str, list[dict]] = {name: [] for name in configs}
     with tempfile.TemporaryDirectory() as tmp:
         for _ in range(a.repeats):
-            for name, overrides in CONFIGS.items():
-                results[name].append(one_run(name, overrides, a.steps, a.ranks, a.data, Path(tmp)))
-    base = statistics.median(r["tokens_per_s"] for r in results["(a) plain top-2, Z=0"])
-    print(f"demo VLM, {a.ranks} ranks (EP={a.ranks}), {a.steps} steps x {a.repeats} interleaved "
-          "repeats")
-    print("| config | tokens/s (median) | vs (a) | real experts/token | rows / top-k rows | "
-          "final loss |")
+            for seed in seeds:
+                for name, overrides in configs.items():
+                    results[name].append(
+                        one_run(name, overrides, a.steps, a.ranks, a.data, Path(tmp), seed))
+    base_name = next(iter(results))
+    base = statistics.median(r["tokens_per_s"] for r in results[base_name])
+    print(f"demo VLM, {a.ranks} ranks (EP={a.ranks}), {a.steps} steps, seeds {seeds}, "
+          f"{a.repeats} interleaved repeats")
+    print(f"| config | tokens/s (median) | vs {base_name[:3]} | real experts/token | "
+          "rows / top-k rows | final loss (mean ± sd over runs) |")
     print("|---|---|---|---|---|---|")
     for name, runs in results.items():
         tps = statistics.median(r["tokens_per_s"] for r in runs)
-        last = runs[-1]
-        rows = last["rows_dispatched"] / last["rows_standard_topk"]
-        print(f"| {name} | {tps:.0f} | {tps / base:.2f} | {last['real_experts_per_token']:.2f} | "
-              f"{rows:.2f} | {last['final_train_loss']:.3f} |")
+        real = statistics.mean(r["real_experts_per_token"] for r in runs)
+        rows = statistics.mean(r["rows_dispatched"] / r["rows_standard_topk"] for r in runs)
+        losses = [r["final_train_loss"] for r in runs]
+        sd = statistics.stdev(losses) if len(losses) > 1 else 0.0
+        print(f"| {name} | {tps:.0f} | {tps / base:.2f} | {real:.2f} | {rows:.2f} | "
+              f"{statistics.mean(losses):.3f} ± {sd:.3f} |")
 
 
 if __name__ == "__main__":
