@@ -1,7 +1,5 @@
 """NullExpertRouter on one rank: TopKRouter equivalence, gradients, budget control, balancing."""
 
-import dataclasses
-
 import pytest
 import torch
 from megatron.core.transformer.moe.moe_utils import (

@@ -35,7 +35,7 @@ def main(argv=None) -> None:
         return
     from megatron_nullmoe.config import NullExpertConfigError
     from megatron_nullmoe.train.checkpoint import CheckpointError
-    from megatron_nullmoe.train.data.energon import DataError
+    from megatron_nullmoe.train.data import DataError
     from megatron_nullmoe.train.data.tokenizer import TokenizerError
     from megatron_nullmoe.train.loop import train
 

@@ -32,11 +32,8 @@ from megatron.energon import (
 )
 from megatron.energon.edataclass import edataclass
 
+from megatron_nullmoe.train.data import DataError
 from megatron_nullmoe.train.data.tokenizer import BOS, EOS, IMAGE_TOKEN, PAD, Tokenizer
-
-
-class DataError(ValueError):
-    """A dataset (or one of its shards) that is missing, unreadable or inconsistent."""
 
 
 @edataclass

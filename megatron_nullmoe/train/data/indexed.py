@@ -10,14 +10,14 @@ rank and every resumed run sees the same sample order; a rank's data position is
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 import torch
 
-from megatron_nullmoe.train.data.energon import DataError
+from megatron_nullmoe.train.data import DataError
+from megatron_nullmoe.train.data.text import iter_texts
 from megatron_nullmoe.train.data.tokenizer import EOS, PAD, Tokenizer
 
 
@@ -39,17 +39,9 @@ def jsonl_to_indexed(jsonl: str | Path, prefix: str | Path, tokenizer: Tokenizer
 
     prefix = Path(prefix)
     builder = IndexedDatasetBuilder(str(prefix) + ".bin", dtype=np.int32)
-    with Path(jsonl).open() as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                text = json.loads(line)["text"]
-            except (json.JSONDecodeError, KeyError, TypeError) as err:
-                raise DataError(f"{jsonl}:{n}: expected a JSON object with a \"text\" field "
-                                f"({err})") from None
-            builder.add_item(torch.tensor(tokenizer.encode(text) + [EOS]))
-            builder.end_document()
+    for text in iter_texts(jsonl):
+        builder.add_item(torch.tensor(tokenizer.encode(text) + [EOS]))
+        builder.end_document()
     builder.finalize(str(prefix) + ".idx")
     return prefix
 

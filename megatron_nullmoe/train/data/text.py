@@ -13,15 +13,15 @@ from typing import Iterator
 
 import torch
 
-from megatron_nullmoe.train.data.energon import DataError
+from megatron_nullmoe.train.data import DataError
 from megatron_nullmoe.train.data.tokenizer import BOS, EOS, Tokenizer
 
 
-def read_windows(path: str | Path, tokenizer: Tokenizer, seq_length: int) -> torch.Tensor:
+def iter_texts(path: str | Path) -> Iterator[str]:
+    """The `text` of every non-blank line; a bad line is an error naming file:line."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"jsonl file {str(path)!r} does not exist")
-    stream: list[int] = []
     with path.open() as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
@@ -33,7 +33,13 @@ def read_windows(path: str | Path, tokenizer: Tokenizer, seq_length: int) -> tor
             except (json.JSONDecodeError, KeyError, TypeError) as err:
                 raise DataError(f"{path}:{n}: expected a JSON object with a string \"text\" "
                                 f"field ({type(err).__name__}: {err})") from None
-            stream += [BOS] + tokenizer.encode(text) + [EOS]
+            yield text
+
+
+def read_windows(path: str | Path, tokenizer: Tokenizer, seq_length: int) -> torch.Tensor:
+    stream: list[int] = []
+    for text in iter_texts(path):
+        stream += [BOS] + tokenizer.encode(text) + [EOS]
     windows = len(stream) // (seq_length + 1)
     if windows == 0:
         raise DataError(f"{path} holds {len(stream)} tokens, fewer than one sequence of "
