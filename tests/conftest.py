@@ -26,3 +26,13 @@ def single_rank():
         parallel.init_distributed(rank=0, world_size=1, backend="gloo")
     parallel.init_model_parallel(seed=1234)
     yield
+
+
+@pytest.fixture(autouse=True)
+def _fresh_moe_metric_tracker():
+    """megatron-core keeps MoE metrics in a module-level dict sized by the first model that logs
+    a name; a later test with more layers would index past it. Each test starts empty."""
+    from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
+
+    get_moe_layer_wise_logging_tracker().clear()
+    yield
