@@ -5,6 +5,7 @@ from its vision section. Nothing here builds a model or touches torch.distribute
 """
 
 import dataclasses
+import re
 from pathlib import Path
 
 import pytest
@@ -270,9 +271,8 @@ def test_check_returns_dp_and_micro_batches():
     (("steps=0",), 8, "steps=0"),
 ])
 def test_check_names_the_field(extra, world, needle):
-    cfg = _parallel_cfg(*extra)
-    with pytest.raises(ConfigError) as err:
-        loop.check(cfg, world)
+    with pytest.raises(ConfigError) as err:  # at load (ranges) or at check (layout)
+        loop.check(_parallel_cfg(*extra), world)
     assert needle in str(err.value)
 
 
@@ -348,3 +348,22 @@ def test_tensor_parallel_is_refused_without_te_on_gpu():
 def test_pipeline_layouts_the_trainer_cannot_run_are_refused(overrides, expected):
     with pytest.raises(ConfigError, match=expected):
         loop.check(load_config(overrides=list(overrides)), 12)
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("data.micro_batch_size=0", ">= 1"), ("logging.log_every=0", ">= 1"),
+    ("optim.lr=-1", "> 0"), ("model.null_experts.num_null_experts=-2", ">= 0"),
+    ("model.null_experts.target_real_per_token=0", "> 0"), ("data.seq_length=0", ">= 1"),
+])
+def test_out_of_range_values_are_refused_at_load(override, needle):
+    with pytest.raises(ConfigError, match=re.escape(override.split("=")[0]) + ".*" + re.escape(needle)):
+        load_config(overrides=[override])
+
+
+def test_scientific_notation_without_a_dot_is_a_number(tmp_path):
+    assert load_config(overrides=["optim.lr=1e-3"]).optim.lr == 1e-3
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("optim:\n  lr: 3e-4\n")
+    assert load_config(str(recipe)).optim.lr == 3e-4
+    with pytest.raises(ConfigError, match="expected a number"):
+        load_config(overrides=["optim.lr=fast"])

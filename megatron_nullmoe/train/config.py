@@ -26,27 +26,35 @@ def _choices(*names: str, default: str) -> Any:
     return field(default=default, metadata={"choices": names})
 
 
+def _at_least(default: Any, low: float) -> Any:
+    return field(default=default, metadata={"min": low})
+
+
+def _above(default: Any, low: float) -> Any:
+    return field(default=default, metadata={"above": low})
+
+
 @dataclass
 class NullExperts:
     """The plugin's own knobs (see megatron_nullmoe.NullExpertConfig)."""
 
-    num_null_experts: int = 0
+    num_null_experts: int = _at_least(0, 0)
     null_logits: str = _choices("shared", "per_expert", default="shared")
     gate_normalization: str = _choices("renormalize", "keep_null_share", default="renormalize")
-    target_real_per_token: Optional[float] = None
-    budget_update_rate: float = 1e-2
+    target_real_per_token: Optional[float] = _above(None, 0)
+    budget_update_rate: float = _above(1e-2, 0)
 
 
 @dataclass
 class Vision:
     """CLIP-style ViT encoder of the VLM (megatron-core CLIPViTModel) and its MLP projector."""
 
-    num_layers: int = 2
-    hidden_size: int = 64
-    ffn_hidden_size: int = 128
-    num_attention_heads: int = 4
-    image_size: int = 48
-    patch_size: int = 8
+    num_layers: int = _at_least(2, 1)
+    hidden_size: int = _at_least(64, 1)
+    ffn_hidden_size: int = _at_least(128, 1)
+    num_attention_heads: int = _at_least(4, 1)
+    image_size: int = _at_least(48, 1)
+    patch_size: int = _at_least(8, 1)
     drop_class_token: bool = True
 
 
@@ -55,18 +63,18 @@ class Model:
     """The decoder (GPT) and, for kind=vlm, the vision side."""
 
     kind: str = _choices("vlm", "gpt", default="vlm")
-    num_layers: int = 2
-    hidden_size: int = 64
-    ffn_hidden_size: int = 128
-    num_attention_heads: int = 4
-    max_position_embeddings: int = 256
+    num_layers: int = _at_least(2, 1)
+    hidden_size: int = _at_least(64, 1)
+    ffn_hidden_size: int = _at_least(128, 1)
+    num_attention_heads: int = _at_least(4, 1)
+    max_position_embeddings: int = _at_least(256, 1)
     # MoE: decoder layers 0, n, 2n, ... are MoE for moe_layer_freq=n (megatron-core's convention).
     moe_layer_freq: int = 1
-    num_experts: int = 8
-    moe_ffn_hidden_size: int = 64
-    router_topk: int = 2
+    num_experts: int = _at_least(8, 1)
+    moe_ffn_hidden_size: int = _at_least(64, 1)
+    router_topk: int = _at_least(2, 1)
     router_score_function: str = _choices("softmax", "sigmoid", default="softmax")
-    aux_loss_coeff: float = 1e-2
+    aux_loss_coeff: float = _at_least(1e-2, 0)
     z_loss_coeff: Optional[float] = None
     token_dispatcher: str = _choices("alltoall", "allgather", default="alltoall")
     null_experts: NullExperts = field(default_factory=NullExperts)
@@ -77,9 +85,9 @@ class Model:
 class Parallel:
     """Sizes of the parallel dimensions; data parallel is what is left of the world size."""
 
-    tensor: int = 1
-    expert: int = 1
-    pipeline: int = 1
+    tensor: int = _at_least(1, 1)
+    expert: int = _at_least(1, 1)
+    pipeline: int = _at_least(1, 1)
     backend: str = _choices("auto", "gloo", "nccl", default="auto")
 
 
@@ -93,23 +101,23 @@ class Data:
     path: str = "data/demo"
     valid_path: Optional[str] = None  # jsonl/indexed; energon datasets carry their own val split
     tokenizer: Optional[str] = None  # a sentencepiece .model; None: the dataset's own tokenizer
-    seq_length: int = 32  # text tokens per sample (images add their patch tokens on top)
-    micro_batch_size: int = 4
-    global_batch_size: int = 16
-    num_workers: int = 0
-    shuffle_buffer_size: int = 64
+    seq_length: int = _at_least(32, 1)  # text tokens per sample (images add their patch tokens on top)
+    micro_batch_size: int = _at_least(4, 1)
+    global_batch_size: int = _at_least(16, 1)
+    num_workers: int = _at_least(0, 0)
+    shuffle_buffer_size: int = _at_least(64, 1)
 
 
 @dataclass
 class Optim:
-    lr: float = 3e-3
-    min_lr: float = 3e-4
-    warmup_steps: int = 10
+    lr: float = _above(3e-3, 0)
+    min_lr: float = _at_least(3e-4, 0)
+    warmup_steps: int = _at_least(10, 0)
     lr_decay_style: str = _choices("cosine", "linear", "constant", default="cosine")
-    weight_decay: float = 0.01
+    weight_decay: float = _at_least(0.01, 0)
     adam_beta1: float = 0.9
     adam_beta2: float = 0.95
-    clip_grad: float = 1.0
+    clip_grad: float = _at_least(1.0, 0)
 
 
 @dataclass
@@ -117,16 +125,16 @@ class Checkpoint:
     """megatron-core dist_checkpointing; saved into <run.dir>/checkpoints unless `dir` is given."""
 
     dir: Optional[str] = None
-    save_every: int = 0  # 0: only at the end
-    keep_last: int = 2
+    save_every: int = _at_least(0, 0)  # 0: only at the end
+    keep_last: int = _at_least(2, 1)
     resume: bool = True  # continue from the newest checkpoint in `dir` if there is one
 
 
 @dataclass
 class Logging:
-    log_every: int = 10
-    eval_every: int = 50
-    eval_steps: int = 4
+    log_every: int = _at_least(10, 1)
+    eval_every: int = _at_least(50, 0)  # 0: no evaluation
+    eval_steps: int = _at_least(4, 1)
     tensorboard: bool = True
     wandb_project: Optional[str] = None
     progress_bar: bool = True
@@ -136,10 +144,10 @@ class Logging:
 class RunConfig:
     name: str = "run"
     dir: str = "runs/run"
-    steps: int = 100
+    steps: int = _at_least(100, 1)
     # Stop this process after so many steps, saving a checkpoint (the schedule still runs to
     # `steps`); a later launch resumes. For job time limits, like Megatron-LM's --exit-interval.
-    exit_after_steps: Optional[int] = None
+    exit_after_steps: Optional[int] = _at_least(None, 1)
     seed: int = 1234
     precision: str = _choices("auto", "fp32", "bf16", default="auto")
     model: Model = field(default_factory=Model)
@@ -221,6 +229,11 @@ def _convert(hint: Any, value: Any, name: str, f: dataclasses.Field) -> Any:
         if value is None:
             return None
         hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    if hint is float and isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+        try:
+            value = float(value)
+        except ValueError:
+            pass
     ok = (
         (hint is bool and isinstance(value, bool))
         or (hint is int and isinstance(value, int) and not isinstance(value, bool))
@@ -232,6 +245,11 @@ def _convert(hint: Any, value: Any, name: str, f: dataclasses.Field) -> Any:
         raise ConfigError(f"{name}={value!r} is not valid: expected {want.get(hint, hint)}"
                           + (" or null" if optional else ""))
     value = hint(value)
+    low, above = f.metadata.get("min"), f.metadata.get("above")
+    if low is not None and value < low:
+        raise ConfigError(f"{name}={value!r} is not valid: expected >= {low}")
+    if above is not None and not value > above:
+        raise ConfigError(f"{name}={value!r} is not valid: expected > {above}")
     choices = f.metadata.get("choices")
     if choices and value not in choices:
         close = difflib.get_close_matches(value, choices, n=1)
