@@ -155,9 +155,15 @@ def main(argv=None) -> None:
     p.add_argument("--max-topk", type=int, default=16)
     p.add_argument("overrides", nargs="*", help="key=value overrides for --config")
     a = p.parse_args(argv)
+    for flag, value, low in (("--experts", a.experts, 1), ("--baseline-topk", a.baseline_topk, 1),
+                             ("--topk", a.topk, 1), ("--nulls", a.nulls, 0), ("--max-topk", a.max_topk, 1)):
+        if value is not None and value < low:
+            p.error(f"{flag}={value}: expected >= {low}")
     if a.partners:
-        if not a.experts or not a.baseline_topk:
+        if a.experts is None or a.baseline_topk is None:
             p.error("--partners needs --experts E and --baseline-topk K_B")
+        if a.baseline_topk > a.experts:
+            p.error(f"--baseline-topk={a.baseline_topk} exceeds --experts={a.experts}")
         print(f"iso-FLOP partners of top-{a.baseline_topk} over E={a.experts}: k * E / (E + Z) = "
               f"{a.baseline_topk}")
         print("| k | Z (num_null_experts) | null share Z/(E+Z) |\n|---|---|---|")
@@ -165,8 +171,10 @@ def main(argv=None) -> None:
             print(f"| {k} | {z} | {z / (a.experts + z):.3f} |")
         return
     if a.expected:
-        if not a.experts or not a.topk or a.nulls is None:
+        if a.experts is None or a.topk is None or a.nulls is None:
             p.error("--expected needs --experts E, --topk K and --nulls Z")
+        if a.topk > a.experts + a.nulls:
+            p.error(f"--topk={a.topk} exceeds the {a.experts + a.nulls} slots (E + Z)")
         r = expected_real(a.experts, a.topk, a.nulls)
         print(f"expected real experts per token: {a.topk} * {a.experts} / ({a.experts} + {a.nulls}) "
               f"= {r:g} (iso-FLOP with top-{r:g})" if float(r).is_integer() else
@@ -174,12 +182,22 @@ def main(argv=None) -> None:
         return
     if not a.config:
         p.error("give --config RECIPE, --partners or --expected")
+    import warnings
+
+    import torch
+
     from megatron_nullmoe.train.config import ConfigError, load_config
+
+    warnings.filterwarnings("ignore", category=UserWarning)  # megatron-core's config chatter
+
+    from megatron_nullmoe.config import NullExpertConfigError
+    from megatron_nullmoe.train.model import decoder_config, null_config
 
     try:
         cfg = load_config(a.config, a.overrides)
+        null_config(cfg).check(decoder_config(cfg, torch.float32))
         decoder, vision = shapes_from_config(cfg, a.vocab_size)
-    except ConfigError as err:
+    except (ConfigError, NullExpertConfigError) as err:
         raise SystemExit(f"config error: {err}") from None
     r = decoder.expected_real_per_token
     print(f"{cfg.name}: E={decoder.num_experts}, k={decoder.topk}, Z={decoder.num_null_experts}, "

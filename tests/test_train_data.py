@@ -149,10 +149,14 @@ def test_demo_dataset_refuses_a_folder_with_other_content(demo, tmp_path):
     with pytest.raises(FileExistsError, match="busy"):
         prepare_demo_data(busy, seed=SEED, **DEMO)
     assert (busy / "notes.txt").read_text() == "mine"  # nothing of ours was touched
-    stamp = (demo / "demo.json").read_text()
-    with pytest.raises(FileExistsError):  # a demo made with other parameters
-        prepare_demo_data(demo, seed=SEED + 1, **DEMO)
-    assert (demo / "demo.json").read_text() == stamp
+    old = tmp_path / "old"  # our own demo set, made with other parameters: it is remade
+    shutil.copytree(demo, old)
+    prepare_demo_data(old, seed=SEED + 1, **DEMO)
+    assert json.loads((old / "demo.json").read_text())["seed"] == SEED + 1
+    assert not list(tmp_path.glob("*.partial"))
+    for bad in (dict(DEMO, train_samples=0), dict(DEMO, samples_per_shard=0)):
+        with pytest.raises(ValueError, match="expected >= 1"):
+            prepare_demo_data(tmp_path / "bad", seed=SEED, **bad)
     assert not list(tmp_path.glob("*.partial")) and not list(demo.parent.glob("*.partial"))
 
 

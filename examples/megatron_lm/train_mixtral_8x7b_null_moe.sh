@@ -6,6 +6,8 @@
 #
 #   export PYTHONPATH=/path/to/Megatron-LM:$PYTHONPATH   # tag core_v0.16.1
 #   bash examples/megatron_lm/train_mixtral_8x7b_null_moe.sh CHECKPOINT_DIR TOKENIZER_MODEL DATA_PREFIX
+# The layout below (PP 4 x EP 8, TP 1) needs 32 GPUs or more: 4 nodes of 8, NNODES=4 and
+# NODE_RANK/MASTER_ADDR set on each (or launch it from launch/slurm.sbatch-style tooling).
 # Set DRY_RUN=1 to print the torchrun command.
 set -euo pipefail
 
@@ -17,7 +19,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 export CUDA_DEVICE_MAX_CONNECTIONS=1
 DISTRIBUTED_ARGS=(
     --nproc-per-node "${GPUS_PER_NODE:-8}"
-    --nnodes "${NNODES:-1}"
+    --nnodes "${NNODES:-4}"
     --node-rank "${NODE_RANK:-0}"
     --master-addr "${MASTER_ADDR:-localhost}"
     --master-port "${MASTER_PORT:-6000}"
@@ -86,10 +88,8 @@ LOGGING_ARGS=(
     --eval-interval 1000
     --eval-iters 10
     --save "$CHECKPOINT_PATH"
-    --load "$CHECKPOINT_PATH"
+    --load "$CHECKPOINT_PATH"                  # a restarted job resumes with optimizer and RNG
     --tensorboard-dir "$CHECKPOINT_PATH/tensorboard"
-    --no-load-optim
-    --no-load-rng
 )
 
 CMD=(torchrun "${DISTRIBUTED_ARGS[@]}" "$ROOT/launch/megatron_lm/pretrain_gpt_nullmoe.py"

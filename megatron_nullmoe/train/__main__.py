@@ -7,6 +7,7 @@ Runs on one process, or on every rank under torchrun:
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import warnings
 
@@ -39,12 +40,14 @@ def main(argv=None) -> None:
     from megatron_nullmoe.train.data.tokenizer import TokenizerError
     from megatron_nullmoe.train.loop import train
 
+    # Every rank meets the same error; rank 0 alone says it (torchrun interleaves their output).
+    quiet = int(os.environ.get("RANK", "0")) != 0
     try:
         train(cfg)
     except (ConfigError, NullExpertConfigError) as err:
-        sys.exit(f"config error: {err}")
+        sys.exit(1 if quiet else f"config error: {err}")
     except (CheckpointError, DataError, TokenizerError) as err:
-        sys.exit(f"error: {err}")
+        sys.exit(1 if quiet else f"error: {err}")
 
 
 if __name__ == "__main__":

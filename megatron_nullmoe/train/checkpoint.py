@@ -145,7 +145,10 @@ class Checkpointer:
         try:
             loaded = dist_checkpointing.load(
                 _state(model, optimizer, scheduler, 0, is_loading=True), str(path))
-        except Exception as err:  # dist_checkpointing wraps per-rank tracebacks; keep the gist
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as err:  # torch's CheckpointException is a BaseException
+            # dist_checkpointing wraps per-rank tracebacks; keep the gist
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise CheckpointError(f"checkpoint {path} could not be loaded: {first}") from err
         model.load_state_dict(loaded["model"])

@@ -144,9 +144,8 @@ class Trainer:
         self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
             else torch.device("cpu")
         self.run_dir = Path(cfg.dir)
-        if self.rank == 0:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, self.run_dir / "config.yaml")
+        if self.run_dir.exists() and not self.run_dir.is_dir():
+            raise ConfigError(f"dir={cfg.dir!r} is a file; give a folder for the run")
 
         self.tokenizer = _tokenizer(cfg)
         model, self.info = build_model(cfg, self.tokenizer.vocab_size,
@@ -183,16 +182,30 @@ class Trainer:
         from megatron_nullmoe.train.model import null_config
 
         identity = {"model": _asdict(cfg.model), "null": _asdict(null_config(cfg)),
-                    "vocab_size": self.tokenizer.vocab_size}
+                    "vocab_size": self.tokenizer.vocab_size, "world_size": world,
+                    "parallel": {k: v for k, v in _asdict(cfg.parallel).items() if k != "backend"}}
         ckpt_dir = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else self.run_dir / "checkpoints"
         self.ckpt = Checkpointer(ckpt_dir, cfg.checkpoint.keep_last, identity)
         self.step = 0
-        latest = self.ckpt.latest() if cfg.checkpoint.resume else None
+        latest = self.ckpt.latest()
+        if latest is not None and not cfg.checkpoint.resume:
+            raise ConfigError(
+                f"checkpoint.resume=false, but {ckpt_dir} already holds checkpoints (newest "
+                f"{latest.name}); use a new run folder (dir=...), or resume")
         if latest is not None:
             self.step = self.ckpt.load(latest, self.model, self.optimizer, self.scheduler, self.data)
+        if self.rank == 0:  # only now: a refused run leaves the folder as it was
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.run_dir / "config.yaml")
         self.log = RunLog(cfg, self.run_dir, self.step, enabled=self.rank == 0)
         if latest is not None:
-            self.log.message(f"resumed from {latest} at step {self.step}")
+            self.log.message(f"resumed from {latest} at step {self.step}"
+                             + (f"; the run is complete (steps={cfg.steps}), nothing to train "
+                                "(give steps=N to extend it)" if self.step >= cfg.steps else ""))
+        null = cfg.model.null_experts
+        if null.target_real_per_token is not None and null.num_null_experts == 0:
+            self.log.message("note: model.null_experts.target_real_per_token is ignored with "
+                             "num_null_experts=0 (there is no null slot to steer)")
         self.log.message(f"{cfg.model.kind} model: {describe(self.model)} | world {world}, data "
                          f"parallel {self.dp_size}, expert parallel {cfg.parallel.expert}, "
                          f"{self.num_micro} micro-batches of {cfg.data.micro_batch_size} | "

@@ -18,7 +18,7 @@ from typing import Optional
 
 import torch
 
-from megatron_nullmoe.config import NullExpertConfig
+from megatron_nullmoe.config import NullExpertConfig, NullExpertConfigError
 from megatron_nullmoe.spec import with_null_experts
 from megatron_nullmoe.train.config import ConfigError, RunConfig
 from megatron_nullmoe.train.data.tokenizer import IMAGE_TOKEN
@@ -40,6 +40,21 @@ def null_config(cfg: RunConfig) -> NullExpertConfig:
         gate_normalization=n.gate_normalization, target_real_per_token=n.target_real_per_token,
         budget_update_rate=n.budget_update_rate,
     )
+
+
+# megatron-core / NullExpertConfig names -> this trainer's recipe keys, for error messages
+RECIPE_KEYS = {
+    "moe_router_topk": "model.router_topk", "num_moe_experts": "model.num_experts",
+    "moe_token_dispatcher_type": "model.token_dispatcher",
+    "target_real_per_token": "model.null_experts.target_real_per_token",
+    "num_null_experts": "model.null_experts.num_null_experts",
+    "expert_tensor_parallel_size": "parallel.tensor",
+}
+
+
+def _recipe_keys(message: str) -> str:
+    found = [key for name, key in RECIPE_KEYS.items() if name in message]
+    return ", ".join(found) or "model.*"
 
 
 def image_tokens(cfg: RunConfig) -> int:
@@ -124,7 +139,10 @@ def build_model(cfg: RunConfig, vocab_size: int, pg_collection, dtype: torch.dty
         use_te = have_te() and torch.cuda.is_available()
     config = decoder_config(cfg, dtype)
     null = null_config(cfg)
-    null.check(config)
+    try:
+        null.check(config)
+    except NullExpertConfigError as err:
+        raise ConfigError(f"{err} [recipe keys: {_recipe_keys(str(err))}]") from None
     # With pipeline parallelism the block spec holds this stage's layers only.
     spec = get_gpt_decoder_block_spec(config, use_transformer_engine=use_te)
     try:

@@ -50,14 +50,25 @@ def prepare_demo_data(out: str | Path, seed: int = 0, train_samples: int = 4096,
     from megatron.energon import BaseWebdatasetFactory
 
     out = Path(out)
+    for name, value, low in (("train_samples", train_samples, 1), ("val_samples", val_samples, 1),
+                             ("samples_per_shard", samples_per_shard, 1),
+                             ("image_size", image_size, 8)):
+        if value < low:
+            raise ValueError(f"{name}={value} is not valid: expected >= {low}")
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} is a file; --out must be a folder")
     params = dict(seed=seed, train_samples=train_samples, val_samples=val_samples,
                   image_size=image_size, samples_per_shard=samples_per_shard, version=3)
     stamp = out / "demo.json"
     if stamp.is_file() and json.loads(stamp.read_text()) == params:
         return out
-    if out.exists() and any(out.iterdir()):
-        raise FileExistsError(f"{out} exists and is not a demo dataset made with {params}; "
-                              "remove it or choose another --out")
+    if stamp.is_file():  # our own demo set, from other parameters or an older version: remake it
+        print(f"{out} holds a demo dataset made with other parameters or an older version; "
+              "rebuilding it", flush=True)
+        shutil.rmtree(out)
+    elif out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"{out} exists and is not a demo dataset (no demo.json); remove it "
+                              "or choose another --out")
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     shards, counts, captions = [], {}, {"train": [], "val": []}
@@ -106,8 +117,11 @@ def main(argv=None) -> None:
     p.add_argument("--image-size", type=int, default=48)
     p.add_argument("--samples-per-shard", type=int, default=512)
     a = p.parse_args(argv)
-    path = prepare_demo_data(a.out, a.seed, a.train_samples, a.val_samples, a.image_size,
-                             a.samples_per_shard)
+    try:
+        path = prepare_demo_data(a.out, a.seed, a.train_samples, a.val_samples, a.image_size,
+                                 a.samples_per_shard)
+    except (ValueError, FileExistsError) as err:
+        p.error(str(err))
     print(f"demo dataset ready at {path}")
 
 

@@ -92,6 +92,9 @@ def check_dataset(path: str | Path) -> None:
     """Fails early, naming the file, on a missing dataset, index or shard."""
     root = Path(path)
     info = root / ".nv-meta" / ".info.json"
+    if root.is_file():
+        raise DataError(f"dataset {str(root)!r} is a file; data.path must be the dataset's folder "
+                        "(the one holding .nv-meta/)")
     if not root.is_dir():
         raise DataError(f"dataset {str(root)!r} does not exist (run `make demo-data` or "
                         "`python -m megatron_nullmoe.train.data.demo --out DIR`)")
@@ -124,13 +127,17 @@ class EnergonData:
             return WorkerConfig(rank=dp_rank, world_size=dp_size, num_workers=num_workers,
                                 seed_offset=seed, global_error_handler=reraise_exception)
 
-        self.train = get_savable_loader(get_train_dataset(
-            path, split_part="train", worker_config=worker_config(), batch_size=micro_batch_size,
-            shuffle_buffer_size=shuffle_buffer_size, max_samples_per_sequence=micro_batch_size * 4,
-            task_encoder=encoder))
-        self.val = get_loader(get_val_dataset(
-            path, split_part="val", worker_config=worker_config(), batch_size=micro_batch_size,
-            task_encoder=encoder))
+        try:
+            self.train = get_savable_loader(get_train_dataset(
+                path, split_part="train", worker_config=worker_config(),
+                batch_size=micro_batch_size, shuffle_buffer_size=shuffle_buffer_size,
+                max_samples_per_sequence=micro_batch_size * 4, task_encoder=encoder))
+            self.val = get_loader(get_val_dataset(
+                path, split_part="val", worker_config=worker_config(),
+                batch_size=micro_batch_size, task_encoder=encoder))
+        except Exception as err:  # e.g. energon's EmptyDatasetError for a split with no shards
+            raise DataError(f"dataset {path!r} cannot be loaded for training: "
+                            f"{type(err).__name__}: {err}") from err
         self._train_iter = None
         self._val_cache: list[dict[str, torch.Tensor]] = []
         self._val_done = False

@@ -46,6 +46,14 @@ def jsonl_to_indexed(jsonl: str | Path, prefix: str | Path, tokenizer: Tokenizer
     return prefix
 
 
+def _strip(prefix: str) -> str:
+    """PREFIX.bin or PREFIX.idx given where PREFIX was meant: use PREFIX."""
+    for suffix in (".bin", ".idx"):
+        if prefix.endswith(suffix):
+            return prefix[: -len(suffix)]
+    return prefix
+
+
 def _check_prefix(prefix: str) -> None:
     for suffix in (".bin", ".idx"):
         if not Path(prefix + suffix).is_file():
@@ -64,6 +72,7 @@ class IndexedData:
         )
         from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 
+        prefix, valid_prefix = _strip(prefix), _strip(valid_prefix) if valid_prefix else None
         _check_prefix(prefix)
         if valid_prefix:
             _check_prefix(valid_prefix)

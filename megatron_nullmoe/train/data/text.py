@@ -20,6 +20,8 @@ from megatron_nullmoe.train.data.tokenizer import BOS, EOS, Tokenizer
 def iter_texts(path: str | Path) -> Iterator[str]:
     """The `text` of every non-blank line; a bad line is an error naming file:line."""
     path = Path(path)
+    if path.is_dir():
+        raise DataError(f"jsonl path {str(path)!r} is a folder; give a .jsonl file")
     if not path.is_file():
         raise DataError(f"jsonl file {str(path)!r} does not exist")
     with path.open() as f:
