@@ -115,11 +115,16 @@ def test_corrupt_checkpoint_names_the_file_and_keeps_it(demo, saved, tmp_path):
 
 def test_checkpoint_of_another_model_is_refused_with_the_difference(demo, saved, tmp_path):
     run_dir = _copy(saved, tmp_path)
+    config_before = (run_dir / "config.yaml").read_text()
     out = run(vlm_args(demo, run_dir, "steps=4", "model.null_experts.num_null_experts=4"),
               check=False)
     assert out.returncode != 0
     assert "different model config" in out.stderr
     assert "null.num_null_experts: checkpoint 8, this run 4" in out.stderr
+    assert (run_dir / "config.yaml").read_text() == config_before  # a refused run writes nothing
+    out = run(vlm_args(demo, run_dir, "steps=4", "checkpoint.resume=false"), check=False)
+    assert out.returncode != 0 and "already holds checkpoints (newest iter_0000002)" in out.stderr
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["iter_0000002", "latest"]
 
 
 def test_interrupted_save_leaves_the_last_good_checkpoint(demo, saved, tmp_path):
