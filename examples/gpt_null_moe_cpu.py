@@ -27,6 +27,8 @@ def main() -> None:
     p.add_argument("--topk", type=int, default=4)
     p.add_argument("--nulls", type=int, default=8)
     args = p.parse_args()
+    if args.steps < 1 or args.nulls < 0 or args.topk < 1 or args.experts < 1:
+        p.error("--steps, --experts and --topk must be >= 1, --nulls >= 0")
 
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
