@@ -8,6 +8,7 @@ null-slot rate for vision and text tokens separately; the router itself never se
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from pathlib import Path
@@ -23,7 +24,7 @@ from megatron_nullmoe.train.checkpoint import Checkpointer
 from megatron_nullmoe.train.config import ConfigError, RunConfig, save_config
 from megatron_nullmoe.train.data.tokenizer import Tokenizer
 from megatron_nullmoe.train.metrics import RunLog
-from megatron_nullmoe.train.model import have_te, build_model, describe, image_tokens
+from megatron_nullmoe.train.model import build_model, describe, have_te, image_tokens, null_config
 
 
 def check(cfg: RunConfig, world_size: int) -> tuple[int, int]:
@@ -179,11 +180,9 @@ class Trainer:
 
         dp_rank = ps.get_data_parallel_rank(with_context_parallel=True)
         self.data = _build_data(cfg, self.tokenizer, dp_rank, self.dp_size)
-        from megatron_nullmoe.train.model import null_config
-
-        identity = {"model": _asdict(cfg.model), "null": _asdict(null_config(cfg)),
+        identity = {"model": dataclasses.asdict(cfg.model), "null": dataclasses.asdict(null_config(cfg)),
                     "vocab_size": self.tokenizer.vocab_size, "world_size": world,
-                    "parallel": {k: v for k, v in _asdict(cfg.parallel).items() if k != "backend"}}
+                    "parallel": {k: v for k, v in dataclasses.asdict(cfg.parallel).items() if k != "backend"}}
         ckpt_dir = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else self.run_dir / "checkpoints"
         self.ckpt = Checkpointer(ckpt_dir, cfg.checkpoint.keep_last, identity)
         self.step = 0
@@ -375,12 +374,6 @@ class Trainer:
         self.log.message(f"summary: {self.run_dir / 'summary.json'}; plot: {plot}")
         self.log.close()
         return summary
-
-
-def _asdict(obj) -> dict:
-    import dataclasses
-
-    return dataclasses.asdict(obj)
 
 
 def train(cfg: RunConfig) -> dict:
