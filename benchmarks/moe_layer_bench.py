@@ -25,11 +25,10 @@ warnings.filterwarnings("ignore")
 
 
 def build(variant, args, ep):
-    from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec
     from megatron.core.transformer.moe.moe_layer import MoELayer
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    from megatron_nullmoe import NullExpertConfig, null_moe_layer
+    from megatron_nullmoe import NullExpertConfig, _mcore, null_moe_layer
     from megatron_nullmoe.layer import install_null_dispatcher
 
     k = args.topk_base if variant == "a" else args.topk
@@ -40,8 +39,8 @@ def build(variant, args, ep):
         moe_router_load_balancing_type="none", moe_aux_loss_coeff=0.0,
     )
     if variant == "a":
-        spec = get_moe_module_spec(use_te=False, num_experts=args.experts)
-        layer = MoELayer(config, spec.submodules, layer_number=1)
+        spec = _mcore.moe_module_spec(use_te=False, num_experts=args.experts, grouped_gemm=False)
+        layer = MoELayer(config, _mcore.moe_parts(spec)[1], layer_number=1)
         if ep > 1:  # megatron's alltoall keeps split sizes as tensors on CPU: cannot run
             from megatron_nullmoe.dispatch import NullAlltoAllDispatcher
             from megatron.core.transformer.moe.moe_utils import get_default_pg_collection

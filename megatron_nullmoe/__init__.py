@@ -11,6 +11,8 @@ import warnings
 # fallbacks it announces are the intended path there.
 warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
 
+# First: refuses a megatron-core release outside the supported range with one clear message.
+from megatron_nullmoe._mcore import MCORE_VERSION, MegatronCoreVersionError
 from megatron_nullmoe.config import NullExpertConfig, NullExpertConfigError
 from megatron_nullmoe.layer import NullExpertMoELayer, null_moe_layer
 from megatron_nullmoe.model_utils import (
@@ -24,6 +26,8 @@ from megatron_nullmoe.router import NullExpertRouter
 from megatron_nullmoe.spec import null_router, with_null_experts
 
 __all__ = [
+    "MCORE_VERSION",
+    "MegatronCoreVersionError",
     "NullExpertConfig",
     "NullExpertConfigError",
     "NullExpertMoELayer",

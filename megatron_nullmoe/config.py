@@ -107,6 +107,7 @@ class NullExpertConfig:
             "moe_shared_expert_overlap": (False, "False; not implemented in null dispatchers"),
             "moe_enable_routing_replay": (False, "False; replay records top-k over real experts"),
             "moe_router_force_load_balancing": (False, "False; random logits skip null slots"),
+            "moe_router_force_biased": (None, "None; biased random logits skip null slots"),
             "expert_tensor_parallel_size": (1, "1; expert tensor parallelism is not supported"),
         }
         for field, (allowed, why) in refused.items():

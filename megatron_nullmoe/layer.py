@@ -1,10 +1,10 @@
 """Where null experts plug into megatron-core modules.
 
-megatron-core 0.16.1 picks the MoE dispatcher by name inside `MoELayer.__init__` (no registry), and
-`TransformerLayer` hands `pg_collection` to its MLP only when the MLP spec's module *is*
+megatron-core picks the MoE dispatcher by name inside `MoELayer.__init__` (no registry), and in
+0.16.1 `TransformerLayer` hands `pg_collection` to its MLP only when the MLP spec's module *is*
 `MoELayer`. So null-expert layer specs keep `MoELayer` as the MLP module (process groups arrive the
-normal way), bind `NullExpertRouter` as its router builder, and use these TransformerLayer
-subclasses, which swap in the null-aware dispatcher once the layer is built.
+normal way in every release), bind `NullExpertRouter` as its router builder, and use these
+TransformerLayer subclasses, which swap in the null-aware dispatcher once the layer is built.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from megatron.core.transformer.moe.moe_layer import MoELayer
 from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
 from megatron.core.transformer.transformer_layer import MoETransformerLayer, TransformerLayer
 
+from megatron_nullmoe import _mcore
 from megatron_nullmoe.dispatch import build_dispatcher
 from megatron_nullmoe.router import NullExpertRouter
 
@@ -20,7 +21,7 @@ from megatron_nullmoe.router import NullExpertRouter
 def install_null_dispatcher(moe_layer: MoELayer, pg_collection) -> None:
     """Replaces a MoELayer's dispatcher with the null-aware one, if its router has null slots."""
     if isinstance(moe_layer, MoELayer) and isinstance(moe_layer.router, NullExpertRouter):
-        moe_layer.token_dispatcher = build_dispatcher(moe_layer, pg_collection)
+        _mcore.set_token_dispatcher(moe_layer, build_dispatcher(moe_layer, pg_collection))
 
 
 class NullExpertMoELayer(MoELayer):
@@ -29,10 +30,13 @@ class NullExpertMoELayer(MoELayer):
     `submodules.router` must build a NullExpertRouter (see `null_moe_submodules`).
     """
 
-    def __init__(self, config, submodules=None, layer_number=None, pg_collection=None):
+    def __init__(self, config, submodules=None, layer_number=None, pg_collection=None,
+                 is_mtp_layer: bool = False, name=None):
         if pg_collection is None:
             pg_collection = get_default_pg_collection()
-        super().__init__(config, submodules, layer_number, pg_collection)
+        super().__init__(config, submodules, layer_number, pg_collection,
+                         **_mcore.accepted_kwargs(MoELayer.__init__, is_mtp_layer=is_mtp_layer,
+                                                  name=name))
         if not isinstance(self.router, NullExpertRouter):
             raise TypeError(
                 f"NullExpertMoELayer needs a NullExpertRouter, got {type(self.router).__name__}"
@@ -67,14 +71,8 @@ LAYER_CLASSES = {
 
 def null_moe_layer(config, null_config, pg_collection=None, layer_number=1, use_te=False):
     """A standalone NullExpertMoELayer with megatron-core's own expert modules (local or TE)."""
-    import dataclasses
-
-    from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec
-
     from megatron_nullmoe.spec import null_router
 
-    spec = get_moe_module_spec(
-        use_te=use_te, num_experts=config.num_moe_experts, moe_grouped_gemm=config.moe_grouped_gemm
-    )
-    subs = dataclasses.replace(spec.submodules, router=null_router(null_config))
+    spec = _mcore.moe_module_spec(use_te, config.num_moe_experts, config.moe_grouped_gemm)
+    _, subs = _mcore.moe_parts(_mcore.with_moe_router(spec, null_router(null_config)))
     return NullExpertMoELayer(config, subs, layer_number=layer_number, pg_collection=pg_collection)

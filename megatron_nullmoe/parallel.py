@@ -29,7 +29,7 @@ def init_distributed(rank=None, world_size=None, backend=None, timeout_s: int = 
     if backend is None:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "gloo":
-        from megatron_nullmoe import cpu_compat
+        from megatron_nullmoe._mcore import cpu as cpu_compat
 
         cpu_compat.enable()
     else:

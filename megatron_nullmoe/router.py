@@ -20,7 +20,6 @@ from megatron.core.transformer.moe.moe_utils import (
     compute_routing_scores_for_aux_loss,
     get_default_pg_collection,
     get_tokens_per_expert_and_token_count,
-    save_to_aux_losses_tracker,
     switch_load_balancing_loss_func,
 )
 from megatron.core.transformer.moe.router import TopKRouter
@@ -41,15 +40,20 @@ _BALANCING_LOSSES = (
 class NullExpertRouter(TopKRouter):
     """Top-k router over real experts and null slots; returns real columns only.
 
-    Built by megatron-core's MoELayer as `router(config=..., pg_collection=...)`; the null settings
-    are bound with `functools.partial(NullExpertRouter, null_config=...)` (see `with_null_experts`).
+    Built by megatron-core's MoELayer as `router(config=..., pg_collection=...)` (0.17+ adds
+    `is_mtp_layer=`, handed on to TopKRouter, which scales an MTP layer's balancing loss by it);
+    the null settings are bound with `functools.partial(NullExpertRouter, null_config=...)` (see
+    `with_null_experts`).
     """
 
-    def __init__(self, config, pg_collection=None, *, null_config: NullExpertConfig, **kwargs):
+    def __init__(self, config, pg_collection=None, *, null_config: NullExpertConfig,
+                 is_mtp_layer: bool = False):
         null_config.check(config)
         if pg_collection is None:
             pg_collection = get_default_pg_collection()
-        super().__init__(config=config, pg_collection=pg_collection)
+        super().__init__(config=config, pg_collection=pg_collection,
+                         **_mcore.accepted_kwargs(TopKRouter.__init__, is_mtp_layer=is_mtp_layer))
+        self.is_mtp_layer = is_mtp_layer
         self.null_config = null_config
         self.num_real = config.num_moe_experts
         self.num_null = null_config.num_null_experts
@@ -199,7 +203,7 @@ class NullExpertRouter(TopKRouter):
                 loss = loss / bsz
             probs_TE = self.attach_and_log_load_balancing_loss(
                 probs_TE, coeff, loss, name, group,
-                reduce_group_has_dp=group_has_dp, valid_token_count=local_tokens,
+                valid_token_count=local_tokens, **_mcore.dp_avg_kwargs(group_has_dp),
             )
         return probs_TE
 
@@ -238,15 +242,14 @@ class NullExpertRouter(TopKRouter):
                 )
             if self.training and self.layer_number is not None:
                 tokens = counts["tokens"].clamp(min=1.0)
-                num_layers = _mcore.num_layers_for_tracker(self.config)
+                # megatron-core files MTP layers after the decoder layers in its tracker
+                layer = self.layer_number + (self.config.num_layers if self.is_mtp_layer else 0)
                 for name, value in (
                     ("null_slot_fraction", counts["null_picks"] / (tokens * self.topk)),
                     ("real_experts_per_token", self.topk - counts["null_picks"] / tokens),
                 ):
-                    save_to_aux_losses_tracker(
-                        name, value.float(), self.layer_number, num_layers,
-                        avg_group=self.tp_dp_cp_group,
-                    )
+                    _mcore.record_metric(name, value.float(), layer, self.config,
+                                         self.tp_dp_cp_group)
 
     def _token_mask_for(self, mask: Optional[torch.Tensor], num_tokens: int):
         if mask is None:

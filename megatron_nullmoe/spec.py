@@ -6,10 +6,10 @@ import dataclasses
 import functools
 from typing import Union
 
-from megatron.core.transformer.moe.moe_layer import MoELayer
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 
+from megatron_nullmoe import _mcore
 from megatron_nullmoe.config import NullExpertConfig
 from megatron_nullmoe.layer import LAYER_CLASSES
 from megatron_nullmoe.router import NullExpertRouter
@@ -18,30 +18,21 @@ Spec = Union[ModuleSpec, TransformerBlockSubmodules, list]
 
 
 def null_router(null_config: NullExpertConfig):
-    """Router builder for `MoESubmodules.router`: called as builder(config=, pg_collection=)."""
+    """Router builder for `MoESubmodules.router`: called as builder(config=, pg_collection=)
+    (and, from megatron-core 0.17, is_mtp_layer=)."""
     return functools.partial(NullExpertRouter, null_config=null_config)
-
-
-def _is_moe_spec(spec) -> bool:
-    return (
-        isinstance(spec, ModuleSpec)
-        and isinstance(spec.module, type)
-        and issubclass(spec.module, MoELayer)
-    )
 
 
 def _convert_layer(spec: ModuleSpec, null_config: NullExpertConfig) -> tuple[ModuleSpec, bool]:
     mlp = getattr(spec.submodules, "mlp", None)
-    if not _is_moe_spec(mlp):
+    if _mcore.moe_parts(mlp) is None:
         return spec, False  # dense layer: left exactly as it was
     if spec.module not in LAYER_CLASSES:
         raise TypeError(
             f"with_null_experts: layer class {getattr(spec.module, '__name__', spec.module)} is "
             f"not supported; supported: {sorted(c.__name__ for c in LAYER_CLASSES)}"
         )
-    moe = dataclasses.replace(
-        mlp, submodules=dataclasses.replace(mlp.submodules, router=null_router(null_config))
-    )
+    moe = _mcore.with_moe_router(mlp, null_router(null_config))
     layer_subs = dataclasses.replace(spec.submodules, mlp=moe)
     return dataclasses.replace(spec, module=LAYER_CLASSES[spec.module], submodules=layer_subs), True
 

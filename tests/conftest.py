@@ -11,7 +11,8 @@ import pytest
 warnings.filterwarnings("ignore", category=UserWarning)
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-from megatron_nullmoe import cpu_compat, parallel  # noqa: E402
+from megatron_nullmoe import parallel  # noqa: E402
+from megatron_nullmoe._mcore import cpu as cpu_compat  # noqa: E402
 
 cpu_compat.enable()
 
@@ -30,9 +31,9 @@ def single_rank():
 
 @pytest.fixture(autouse=True)
 def _fresh_moe_metric_tracker():
-    """megatron-core keeps MoE metrics in a module-level dict sized by the first model that logs
+    """megatron-core keeps MoE metrics in a module-level tracker sized by the first model that logs
     a name; a later test with more layers would index past it. Each test starts empty."""
-    from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
+    from megatron_nullmoe import _mcore
 
-    get_moe_layer_wise_logging_tracker().clear()
+    _mcore.clear_moe_metrics()
     yield

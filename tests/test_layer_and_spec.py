@@ -10,11 +10,8 @@ from megatron.core.models.gpt.gpt_layer_specs import (
     get_gpt_layer_local_spec,
 )
 from megatron.core.transformer.moe.moe_layer import MoELayer
-from megatron.core.transformer.moe.moe_utils import (
-    clear_aux_losses_tracker,
-    get_moe_layer_wise_logging_tracker,
-)
 
+from megatron_nullmoe import _mcore
 from megatron_nullmoe import (
     NullExpertConfig,
     NullExpertConfigError,
@@ -71,9 +68,10 @@ def test_with_null_experts_on_block_spec_leaves_dense_layers_and_input_alone():
     assert [s.module for s in block.layer_specs] == [s.module for s in before.layer_specs]
     assert out.layer_specs[1] is block.layer_specs[1]  # dense layer untouched
     assert out.layer_specs[0].module is NullExpertTransformerLayer
-    assert out.layer_specs[0].submodules.mlp.module is MoELayer  # identity kept: pg arrives
-    assert block.layer_specs[0].submodules.mlp.submodules.router is not \
-        out.layer_specs[0].submodules.mlp.submodules.router
+    moe_cls, moe_subs = _mcore.moe_parts(out.layer_specs[0].submodules.mlp)
+    assert moe_cls is MoELayer  # identity kept: pg arrives (0.16.1 checks it)
+    assert moe_subs.router.func is NullExpertRouter
+    assert _mcore.moe_parts(block.layer_specs[0].submodules.mlp)[1].router is not moe_subs.router
 
 
 def test_gpt_model_with_null_experts_trains_a_step_and_reports_stats():
@@ -90,7 +88,7 @@ def test_gpt_model_with_null_experts_trains_a_step_and_reports_stats():
     vision = torch.zeros(2, 8, dtype=torch.bool)
     vision[:, :3] = True
     set_vision_mask(model, vision)
-    clear_aux_losses_tracker()
+    _mcore.clear_moe_metrics()
     loss = model(ids, torch.arange(8).expand(2, 8), None, labels=ids).mean()
     loss.backward()
     assert routers[0].null_weight.grad is not None
@@ -99,9 +97,9 @@ def test_gpt_model_with_null_experts_trains_a_step_and_reports_stats():
     by = stats["all"].null_fraction_by_modality()
     assert by["vision"] is not None and by["text"] is not None
     assert stats["all"].tokens == 2 * 16
-    tracker = get_moe_layer_wise_logging_tracker()
+    tracker = _mcore.moe_metrics()
     for name in ("null_slot_fraction", "real_experts_per_token"):
-        values = tracker[name]["values"]
+        values = tracker[name]
         assert values[0] > 0 and values[1] == 0 and values[2] > 0  # MoE layers 1 and 3 only
     rows = dispatch_stats(model)
     assert rows.rows_topk == 2 * 16 * 2 and rows.rows_dispatched <= rows.rows_topk
@@ -187,7 +185,7 @@ def test_transformer_engine_spec_converts_even_without_te():
     out = with_null_experts(block, NullExpertConfig(num_null_experts=4))
     moe = [s for s in out.layer_specs if s.module is NullExpertTransformerLayer]
     assert len(moe) == 2
-    assert all(s.submodules.mlp.submodules.router.func is NullExpertRouter for s in moe)
+    assert all(_mcore.moe_parts(s.submodules.mlp)[1].router.func is NullExpertRouter for s in moe)
 
 
 def test_modality_and_padding_masks_split_stats_without_changing_the_model():

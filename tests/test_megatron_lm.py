@@ -24,6 +24,7 @@ from megatron.core.transformer.moe.moe_layer import MoELayer
 from megatron.core.transformer.moe.router import TopKRouter
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from megatron_nullmoe import _mcore
 from megatron_nullmoe import NullExpertConfig, NullExpertConfigError, NullExpertRouter, null_routers
 from megatron_nullmoe.megatron_lm import (
     add_null_moe_args,
@@ -127,8 +128,8 @@ def test_spec_follows_moe_layer_freq_and_builds_a_null_gpt(single_rank):
     args = parse(MIXTRAL_STYLE + ["--num-null-experts", "8"])
     config = config_from_args(args)
     spec = null_decoder_spec(args, config)
-    routers = [s.submodules.mlp.submodules.router if s.submodules.mlp.module is MoELayer
-               else None for s in spec.layer_specs]
+    parts = [_mcore.moe_parts(s.submodules.mlp) for s in spec.layer_specs]
+    routers = [p[1].router if p and p[0] is MoELayer else None for p in parts]
     assert [r is not None for r in routers] == [True, False, True, False]
     assert all(r.func is NullExpertRouter for r in routers if r is not None)
     model = gpt_builder(args, True, True, config=config)
@@ -150,7 +151,7 @@ def test_a_stage_without_moe_layers_is_left_alone(single_rank):
     args = parse(MIXTRAL_STYLE[:-2] + ["--moe-layer-freq", "[0,0,0,0]", "--num-null-experts", "4"])
     config = config_from_args(args)
     spec = null_decoder_spec(args, config)
-    assert all(s.submodules.mlp.module is not MoELayer for s in spec.layer_specs)
+    assert all(_mcore.moe_parts(s.submodules.mlp) is None for s in spec.layer_specs)
 
 
 def test_unsupported_megatron_features_are_refused(single_rank):
@@ -172,7 +173,7 @@ def test_llava_specs_fix_pretrain_vlm_and_the_model_runs(single_rank):
     language, projector = llava_specs(args, config)
     assert isinstance(projector, MLPSubmodules) and projector.linear_fc1 is not None
     assert language.submodules.pre_mlp_layernorm is not IdentityOp
-    assert language.submodules.mlp.submodules.router.func is NullExpertRouter
+    assert _mcore.moe_parts(language.submodules.mlp)[1].router.func is NullExpertRouter
     for name, value in dict(encoder_num_layers=1, decoder_seq_length=32, img_h=32, img_w=32,
                             patch_dim=8, disable_vision_class_token=True).items():
         setattr(args, name, value)

@@ -2,13 +2,10 @@
 
 import pytest
 import torch
-from megatron.core.transformer.moe.moe_utils import (
-    clear_aux_losses_tracker,
-    get_default_pg_collection,
-    get_moe_layer_wise_logging_tracker,
-)
+from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
 from megatron.core.transformer.moe.router import TopKRouter
 
+from megatron_nullmoe import _mcore
 from megatron_nullmoe import NullExpertConfig, NullExpertRouter, routing_stats, update_null_budget
 from tests._models import HIDDEN, build_layer, global_weights, load_weights, moe_config
 
@@ -28,15 +25,13 @@ EQUIVALENCE_CASES = {
 
 
 def _tracked():
-    return {k: v["values"].clone() for k, v in get_moe_layer_wise_logging_tracker().items()
+    return {k: v.clone() for k, v in _mcore.moe_metrics().items()
             if k.endswith("load_balancing_loss") or k == "z_loss"}
 
 
 @pytest.mark.parametrize("case", sorted(EQUIVALENCE_CASES))
 @pytest.mark.parametrize("with_padding", [False, True])
 def test_zero_nulls_equals_topk_router(case, with_padding):
-    if case == "sigmoid_expert_bias" and with_padding:
-        pytest.skip("megatron-core 0.16.1 TopKRouter crashes on expert bias + padding (our fix)")
     config = moe_config(num_experts=6, topk=2, **EQUIVALENCE_CASES[case])
     ours = NullExpertRouter(config, null_config=NullExpertConfig(num_null_experts=0))
     theirs = TopKRouter(config, pg_collection=get_default_pg_collection())
@@ -52,9 +47,13 @@ def test_zero_nulls_equals_topk_router(case, with_padding):
     pad[-2:, 1] = True
     results = []
     for router in (ours, theirs):
-        clear_aux_losses_tracker()
+        _mcore.clear_moe_metrics()
         xr = x.clone().requires_grad_()
-        probs, rmap = router(xr, pad if with_padding else None)
+        try:
+            probs, rmap = router(xr, pad if with_padding else None)
+        except RuntimeError as err:  # 0.16.1's TopKRouter: expert bias + padding (fixed in ours)
+            assert router is theirs and case == "sigmoid_expert_bias" and with_padding, err
+            pytest.skip(f"this megatron-core's TopKRouter fails on expert bias + padding: {err}")
         (probs * torch.arange(1.0, 7.0)).sum().backward()
         results.append((probs.detach(), rmap, xr.grad, router.weight.grad, _tracked(),
                         None if router.local_tokens_per_expert is None else router.local_tokens_per_expert.clone()))

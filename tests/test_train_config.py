@@ -331,7 +331,7 @@ def test_config_is_plain_dataclasses():
 def test_tensor_parallel_is_refused_without_te_on_gpu():
     """megatron-core trains MoE + TP only with sequence parallelism, which needs TE norms."""
     from megatron_nullmoe.train.loop import check_device
-    from megatron_nullmoe.train.model import have_te
+    from megatron_nullmoe._mcore import have_te
 
     if torch.cuda.is_available() and have_te():
         pytest.skip("TE on GPU: tensor parallelism is allowed")

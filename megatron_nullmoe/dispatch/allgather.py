@@ -10,9 +10,10 @@ Shape legend: T local tokens, G = T * P gathered tokens, H hidden, L local exper
 from __future__ import annotations
 
 import torch
-from megatron.core.transformer.moe.moe_utils import permute, unpermute
+from megatron.core.transformer.moe.moe_utils import unpermute
 from megatron.core.transformer.moe.token_dispatcher import MoETokenDispatcher
 
+from megatron_nullmoe import _mcore
 from megatron_nullmoe.dispatch import comm
 from megatron_nullmoe.dispatch.stats import DispatchStats
 
@@ -47,7 +48,7 @@ class NullAllGatherDispatcher(MoETokenDispatcher):
         self.local_map_GL = self.routing_map[:, first:last].contiguous()
         self.gathered_shape = x_GH.shape
         tokens_per_expert = self.local_map_GL.sum(dim=0).long().cpu()
-        x_QH, probs_Q, self.sorted_indices_Q = permute(
+        x_QH, probs_Q, self.sorted_indices_Q = _mcore.permute(
             x_GH, self.local_map_GL, probs=probs_GE[:, first:last].contiguous()
         )
         self.stats.add(

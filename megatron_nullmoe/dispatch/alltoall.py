@@ -23,9 +23,10 @@ from typing import List
 
 import torch
 import torch.distributed as dist
-from megatron.core.transformer.moe.moe_utils import permute, unpermute
+from megatron.core.transformer.moe.moe_utils import unpermute
 from megatron.core.transformer.moe.token_dispatcher import MoETokenDispatcher
 
+from megatron_nullmoe import _mcore
 from megatron_nullmoe.dispatch import comm
 from megatron_nullmoe.dispatch.stats import DispatchStats
 
@@ -58,7 +59,7 @@ class NullAlltoAllDispatcher(MoETokenDispatcher):
         self.hidden_shape_before_permute = x_TH.shape
         self.routing_map = routing_map
         self.counts_E = routing_map.sum(dim=0)
-        x_RH, probs_R, self.sorted_indices_R = permute(x_TH, routing_map, probs=probs)
+        x_RH, probs_R, self.sorted_indices_R = _mcore.permute(x_TH, routing_map, probs=probs)
         self.num_tokens = x_TH.shape[0]
         return x_RH, probs_R
 

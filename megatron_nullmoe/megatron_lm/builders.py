@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+from megatron_nullmoe import _mcore
 from megatron_nullmoe.config import NullExpertConfigError
 from megatron_nullmoe.megatron_lm.args import null_config_from_args
 from megatron_nullmoe.spec import with_null_experts
@@ -87,7 +88,6 @@ def llava_specs(args, config):
     from megatron.core.models.gpt.gpt_layer_specs import (
         get_gpt_layer_local_spec,
         get_gpt_layer_with_transformer_engine_spec,
-        get_mlp_module_spec,
     )
 
     _refuse_unsupported(args)
@@ -105,7 +105,7 @@ def llava_specs(args, config):
     if experts and null.num_null_experts:
         null.check(config)
         language = with_null_experts(language, null)
-    projector = get_mlp_module_spec(use_te=use_te, num_experts=None).submodules
+    projector = _mcore.dense_mlp_submodules(use_te)
     return language, projector
 
 

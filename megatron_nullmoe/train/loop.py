@@ -19,12 +19,12 @@ import torch.distributed as dist
 from megatron_nullmoe import dispatch_stats, routing_stats, set_vision_mask, update_null_budget
 from megatron_nullmoe.dispatch.stats import DispatchStats
 from megatron_nullmoe.routing.stats import RoutingStats
-from megatron_nullmoe import parallel
+from megatron_nullmoe import _mcore, parallel
 from megatron_nullmoe.train.checkpoint import Checkpointer
 from megatron_nullmoe.train.config import ConfigError, RunConfig, save_config
 from megatron_nullmoe.train.data.tokenizer import Tokenizer
 from megatron_nullmoe.train.metrics import RunLog
-from megatron_nullmoe.train.model import build_model, describe, have_te, image_tokens, null_config
+from megatron_nullmoe.train.model import build_model, describe, image_tokens, null_config
 
 
 def check(cfg: RunConfig, world_size: int) -> tuple[int, int]:
@@ -63,7 +63,7 @@ def check(cfg: RunConfig, world_size: int) -> tuple[int, int]:
 
 def check_device(cfg: RunConfig) -> None:
     """What this machine can run: tensor parallelism needs TE on GPU."""
-    if cfg.parallel.tensor > 1 and not (torch.cuda.is_available() and have_te()):
+    if cfg.parallel.tensor > 1 and not (torch.cuda.is_available() and _mcore.have_te()):
         raise ConfigError(
             f"parallel.tensor={cfg.parallel.tensor} needs a GPU with Transformer Engine: "
             "megatron-core trains MoE layers with tensor parallelism only together with sequence "

@@ -18,6 +18,7 @@ from typing import Optional
 
 import torch
 
+from megatron_nullmoe import _mcore
 from megatron_nullmoe.config import NullExpertConfig, NullExpertConfigError
 from megatron_nullmoe.spec import with_null_experts
 from megatron_nullmoe.train.config import ConfigError, RunConfig
@@ -136,7 +137,7 @@ def build_model(cfg: RunConfig, vocab_size: int, pg_collection, dtype: torch.dty
 
     check_pipeline(cfg)
     if use_te is None:
-        use_te = have_te() and torch.cuda.is_available()
+        use_te = _mcore.have_te() and torch.cuda.is_available()
     config = decoder_config(cfg, dtype)
     null = null_config(cfg)
     try:
@@ -183,7 +184,6 @@ def check_pipeline(cfg: RunConfig) -> None:
 
 
 def _build_llava(cfg, config, spec, vocab_size, pg_collection, dtype, use_te):
-    from megatron.core.models.gpt.gpt_layer_specs import get_mlp_module_spec
     from megatron.core.models.multimodal.llava_model import LLaVAModel
     from megatron.core.models.vision.vit_layer_specs import (
         get_vit_layer_with_local_spec,
@@ -194,7 +194,7 @@ def _build_llava(cfg, config, spec, vocab_size, pg_collection, dtype, use_te):
     vision, projection = vision_configs(cfg, dtype)
     vit_spec = (get_vit_layer_with_transformer_engine_spec() if use_te
                 else get_vit_layer_with_local_spec())
-    projector_spec = get_mlp_module_spec(use_te=use_te, num_experts=None).submodules
+    projector_spec = _mcore.dense_mlp_submodules(use_te)
     return LLaVAModel(
         language_transformer_config=config, language_transformer_layer_spec=spec,
         language_vocab_size=vocab_size,
@@ -204,14 +204,6 @@ def _build_llava(cfg, config, spec, vocab_size, pg_collection, dtype, use_te):
         vision_projection_layer_spec=projector_spec, img_h=v.image_size, img_w=v.image_size,
         patch_dim=v.patch_size, image_token_index=IMAGE_TOKEN, pg_collection=pg_collection,
     )
-
-
-def have_te() -> bool:
-    try:
-        import transformer_engine  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def describe(model) -> dict:

@@ -9,8 +9,9 @@ arguments. What megatron-core itself needs on CPU:
   a TorchFunctionMode rewrites CUDA devices to CPU and makes `.cuda()` a no-op;
 - `torch.cuda.Stream/Event/synchronize` (the alltoall dispatcher makes a stream in __init__):
   no-op stand-ins;
-- the CUDA RNG tracker (weight init and dropout fork it): a tracker on the CPU generator;
-- 0.16.1 references `te_general_gemm` even when Transformer Engine is absent: set it to None.
+- the CUDA RNG tracker (weight init and dropout fork it): a tracker on the CPU generator.
+
+Differences between megatron-core releases are not handled here but in `megatron_nullmoe._mcore`.
 """
 
 from __future__ import annotations
@@ -118,10 +119,6 @@ def enable(force: bool = False) -> bool:
         return True
     if torch.cuda.is_available() and not force:
         return False
-    from megatron.core.transformer.moe import moe_utils
-
-    if not getattr(moe_utils, "HAVE_TE", False):
-        moe_utils.te_general_gemm = None
     _torch_norms_for_clip_vit()
     _cpu_grad_clipping()
     torch.cuda.current_device = lambda: 0
