@@ -27,6 +27,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron_nullmoe import _mcore
 from megatron_nullmoe import NullExpertConfig, NullExpertConfigError, NullExpertRouter, null_routers
 from megatron_nullmoe.megatron_lm import (
+    TrainingLoopHooks,
     add_null_moe_args,
     chain_args_providers,
     gpt_builder,
@@ -35,7 +36,6 @@ from megatron_nullmoe.megatron_lm import (
     null_config_from_args,
     null_decoder_spec,
     null_moe_flops,
-    with_budget_control,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -187,27 +187,56 @@ def test_llava_specs_fix_pretrain_vlm_and_the_model_runs(single_rank):
     (loss * mask).sum().backward()
 
 
-def test_budget_control_steps_once_per_optimizer_step(single_rank):
+def test_training_loop_hooks_step_budget_after_each_optimizer_step(single_rank):
     args = parse(MIXTRAL_STYLE + ["--num-null-experts", "8",
                                   "--null-expert-target-real-per-token", "1.0"])
     model = gpt_builder(args, True, True, config=config_from_args(args))
+    router = null_routers(model)[0]
+    hooks = TrainingLoopHooks(lambda: None)
     seen = []
 
     def forward_step(data_iterator, model):
-        seen.append(float(null_routers(model)[0].null_budget_bias))
+        seen.append(float(router.null_budget_bias))
         ids = next(data_iterator)
         return model(ids, torch.arange(16).expand(2, 16), None, labels=ids)
 
-    step = with_budget_control(forward_step, lambda: 3, lambda: None)
-    data = iter([torch.randint(0, 64, (2, 16)) for _ in range(7)])
-    for _ in range(7):
-        step(data, model)
-    # 3 micro-batches per step: the bias moves before calls 4 and 7 only (real/token > 1.0 target)
-    assert seen[0] == seen[1] == seen[2] < seen[3] == seen[4] == seen[5] < seen[6]
+    forward = hooks.forward_step(forward_step)
+
+    def train_step(data, micro_batches):  # Megatron-LM's: the micro-batches, then the optimizer
+        for _ in range(micro_batches):
+            forward(data, model)
+        return "step output"
+
+    data = iter([torch.randint(0, 64, (2, 16)) for _ in range(6)])
+    step = hooks.train_step(train_step)
+    assert hooks.real_per_token is None
+    assert step(data, 3) == "step output"
+    # The bias moved once, after the step (real/token above the 1.0 target), for the next step.
+    assert seen == [0.0] * 3 and float(router.null_budget_bias) > 0.0
+    assert 1.0 < hooks.real_per_token <= 4
+    step(data, 3)
+    assert seen[3] == seen[4] == seen[5] > 0.0 and float(router.null_budget_bias) > seen[5]
     model.eval()
     with torch.no_grad():
-        step(iter([torch.randint(0, 64, (2, 16))]), model)  # evaluation does not count
-    assert float(null_routers(model)[0].null_budget_bias) == seen[6]
+        forward(iter([torch.randint(0, 64, (2, 16))]), model)  # evaluation does not count
+    assert float(router.budget_counts[1]) == 0.0
+
+
+def test_training_loop_hooks_count_megatron_lm_flops_at_the_realised_rate():
+    def megatron_flops(args, batch_size, *rest):  # linear in top-k, and writes to args
+        args.num_query_groups = args.num_attention_heads
+        return batch_size * (100 + 10 * args.moe_router_topk) + sum(rest)
+
+    hooks = TrainingLoopHooks(lambda: None)
+    counted = hooks.flops(megatron_flops)
+    moe = dict(num_experts=8, moe_router_topk=4, num_attention_heads=2)
+    assert counted(argparse.Namespace(**moe), 2) == 2 * 140  # no step yet: Megatron-LM's figure
+    hooks.real_per_token = 1.5
+    args = argparse.Namespace(**moe)
+    assert counted(args, 2, 7) == 2 * 115 + 7
+    assert args.moe_router_topk == 4 and not hasattr(args, "num_query_groups")
+    dense = argparse.Namespace(num_experts=None, moe_router_topk=2, num_attention_heads=2)
+    assert counted(dense, 1) == 120
 
 
 def test_flops_count_realised_experts_like_megatron_lm_counts_topk():

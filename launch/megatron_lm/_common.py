@@ -1,7 +1,8 @@
-"""What both entry scripts share: finding Megatron-LM, and our flags chained with theirs."""
+"""What both entry scripts share: finding Megatron-LM, and running it on CPU when CUDA is absent."""
 
 from __future__ import annotations
 
+import os
 import sys
 
 NEEDS = ("this script runs Megatron-LM's training loop and needs a Megatron-LM checkout whose "
@@ -20,3 +21,13 @@ def require_megatron_lm(module: str):
     except ImportError as err:
         sys.exit(f"{sys.argv[0]}: cannot import Megatron-LM's {module} ({err}).\n{NEEDS}")
     return script
+
+
+def cpu_if_no_cuda() -> None:
+    """Without CUDA, adapts Megatron-LM's training loop to CPU (gloo) and says so once."""
+    from megatron_nullmoe._mcore.cpu_megatron_lm import enable_for_megatron_lm
+
+    adapted = enable_for_megatron_lm()
+    if adapted and os.environ.get("RANK", "0") == "0":
+        print("megatron-nullmoe: no CUDA, running Megatron-LM on CPU (gloo): "
+              + "; ".join(adapted), flush=True)

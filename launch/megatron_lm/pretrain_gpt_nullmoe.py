@@ -4,10 +4,12 @@
     torchrun ... launch/megatron_lm/pretrain_gpt_nullmoe.py <pretrain_gpt.py flags> \
         --num-experts 8 --moe-router-topk 4 --num-null-experts 8 --moe-token-dispatcher-type alltoall
 
-Reuses Megatron-LM's forward step, datasets, tokenizer and training loop; only the model builder
-(megatron_nullmoe.megatron_lm.gpt_builder) and a budget-control step around the forward step are
-ours. Note: Megatron-LM's printed TFLOP/s count top-k experts per token; a null-MoE runs fewer
-(see megatron_nullmoe.megatron_lm.null_moe_flops and the routing statistics).
+Reuses Megatron-LM's forward step, datasets, tokenizer and training loop; ours are the model
+builder (megatron_nullmoe.megatron_lm.gpt_builder) and TrainingLoopHooks: budget control after
+each optimizer step, and Megatron-LM's FLOPs and TFLOP/s counted at the realised real experts
+per token instead of top-k. Without CUDA it runs on CPU (see _common.cpu_if_no_cuda) with
+`--distributed-backend gloo --transformer-impl local --use-cpu-initialization
+--no-gradient-accumulation-fusion` and Megatron-LM's --no-*-fusion flags.
 """
 
 from __future__ import annotations
@@ -17,34 +19,35 @@ import sys
 from functools import partial
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import require_megatron_lm  # noqa: E402
+from _common import cpu_if_no_cuda, require_megatron_lm  # noqa: E402
 
 
 def main() -> None:
     pretrain_gpt = require_megatron_lm("pretrain_gpt")
+    cpu_if_no_cuda()
     from megatron.core import parallel_state
     from megatron.core.enums import ModelType
-    from megatron.core.num_microbatches_calculator import get_num_microbatches
     from megatron.training import pretrain
+    from megatron.training import training as megatron_training
     from model_provider import model_provider
 
     from megatron_nullmoe.megatron_lm import (
+        TrainingLoopHooks,
         add_null_moe_args,
         chain_args_providers,
         gpt_builder,
-        with_budget_control,
     )
 
     modelopt = getattr(pretrain_gpt, "add_modelopt_args", None)
     extra = chain_args_providers(
         add_null_moe_args, modelopt if getattr(pretrain_gpt, "has_nvidia_modelopt", False) else None)
-    forward_step = with_budget_control(
-        pretrain_gpt.forward_step, get_num_microbatches,
+    hooks = TrainingLoopHooks(
         lambda: parallel_state.get_data_parallel_group(with_context_parallel=True))
+    hooks.install(megatron_training)
     pretrain_gpt.train_valid_test_datasets_provider.is_distributed = True
     pretrain(
         pretrain_gpt.train_valid_test_datasets_provider, partial(model_provider, gpt_builder),
-        ModelType.encoder_or_decoder, forward_step,
+        ModelType.encoder_or_decoder, hooks.forward_step(pretrain_gpt.forward_step),
         args_defaults={"tokenizer_type": "GPT2BPETokenizer"}, extra_args_provider=extra,
         get_embedding_ranks=pretrain_gpt.get_embedding_ranks,
     )

@@ -16,7 +16,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import require_megatron_lm  # noqa: E402
+from _common import cpu_if_no_cuda, require_megatron_lm  # noqa: E402
 
 
 def model_provider(pre_process=True, post_process=True, add_encoder=True, add_decoder=True,
@@ -61,24 +61,25 @@ def model_provider(pre_process=True, post_process=True, add_encoder=True, add_de
 
 def main() -> None:
     pretrain_vlm = require_megatron_lm("pretrain_vlm")
+    cpu_if_no_cuda()
     from megatron.core import parallel_state
     from megatron.core.enums import ModelType
-    from megatron.core.num_microbatches_calculator import get_num_microbatches
     from megatron.training import pretrain
+    from megatron.training import training as megatron_training
 
     from megatron_nullmoe.megatron_lm import (
+        TrainingLoopHooks,
         add_null_moe_args,
         chain_args_providers,
-        with_budget_control,
     )
 
-    forward_step = with_budget_control(
-        pretrain_vlm.forward_step, get_num_microbatches,
+    hooks = TrainingLoopHooks(
         lambda: parallel_state.get_data_parallel_group(with_context_parallel=True))
+    hooks.install(megatron_training)
     pretrain_vlm.train_valid_test_datasets_provider.is_distributed = True
     pretrain(
         pretrain_vlm.train_valid_test_datasets_provider, model_provider,
-        ModelType.encoder_or_decoder, forward_step,
+        ModelType.encoder_or_decoder, hooks.forward_step(pretrain_vlm.forward_step),
         args_defaults={"tokenizer_type": "GPT2BPETokenizer"},
         extra_args_provider=chain_args_providers(add_null_moe_args, pretrain_vlm.add_vlm_extra_args),
         get_embedding_ranks=pretrain_vlm.llava_embedding_ranks,

@@ -16,9 +16,9 @@ from megatron_nullmoe.megatron_lm.builders import (
     llava_specs,
     null_decoder_spec,
 )
-from megatron_nullmoe.megatron_lm.hooks import null_moe_flops, with_budget_control
+from megatron_nullmoe.megatron_lm.hooks import TrainingLoopHooks, null_moe_flops
 
 __all__ = [
-    "add_null_moe_args", "chain_args_providers", "gpt_builder", "llava_builder", "llava_specs",
-    "null_config_from_args", "null_decoder_spec", "null_moe_flops", "with_budget_control",
+    "TrainingLoopHooks", "add_null_moe_args", "chain_args_providers", "gpt_builder",
+    "llava_builder", "llava_specs", "null_config_from_args", "null_decoder_spec", "null_moe_flops",
 ]

@@ -1,37 +1,103 @@
-"""Per-step work an entry script adds around Megatron-LM's own forward step and FLOPs counter.
+"""Per-step work the entry scripts add to Megatron-LM's training loop, and FLOPs at the realised rate.
 
-- `with_budget_control(forward_step)`: Megatron-LM gives no per-optimizer-step hook to a script
-  (train() overwrites config.finalize_model_grads_func), so the budget-control step runs at the
-  first training micro-batch of each step, for the previous step's counts. It is a collective over
-  the data-parallel group, and every rank runs the same number of forward steps.
-- `null_moe_flops(args, batch_size, real_per_token)`: Megatron-LM's num_floating_point_operations
-  multiplies the expert term by moe_router_topk, overstating a null-MoE's work by k / realised;
-  this counts the realised rate instead.
+Megatron-LM gives a script no per-optimizer-step hook (core_v0.16.1's train() overwrites
+config.finalize_model_grads_func), so `TrainingLoopHooks.install` rebinds two names of
+`megatron.training.training` that train() looks up at each call (core_v0.16.1 to core_v0.19.0):
+
+- `train_step`: after every optimizer step, the step's realised real experts per token are
+  summed over all ranks, then budget control runs (a collective over the data-parallel group).
+  Running it after the step, not at the next step's first micro-batch, means a checkpoint saved
+  after step N holds the bias updated for step N (the routers' step counts are not
+  checkpointed), so a run resumed at N continues exactly as an uninterrupted one.
+- `num_floating_point_operations`: Megatron-LM multiplies its routed-expert term by
+  moe_router_topk, overstating a null-MoE's work by k / realised. The wrapper evaluates the same
+  formula with the last step's realised rate in place of top-k, so the TFLOP/s in Megatron-LM's
+  log line and the FLOPs it accumulates (and checkpoints) count the experts that ran.
+
+`null_moe_flops(args, batch_size, real_per_token)` is a standalone count for scripts of its own.
 """
 
 from __future__ import annotations
 
+import copy
 import functools
-from typing import Callable
+import os
+from typing import Callable, Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron_nullmoe.model_utils import null_routers, update_null_budget
 
 
-def with_budget_control(forward_step: Callable, num_microbatches: Callable[[], int],
-                        group_fn: Callable) -> Callable:
-    """Wraps a Megatron-LM forward_step(data_iterator, model, ...) with budget control."""
-    from megatron_nullmoe.model_utils import null_routers, update_null_budget
+class TrainingLoopHooks:
+    """Budget control and realised-rate FLOPs for Megatron-LM's own training loop.
 
-    calls = {"n": 0}
+    `group_fn()` returns the ranks whose tokens differ (data x context parallel); it is called
+    after parallel state exists. `real_per_token` is the last training step's realised real
+    experts per token over all ranks and MoE layers (None before the first step, and without
+    null experts).
+    """
 
-    @functools.wraps(forward_step)
-    def step(data_iterator, model, *args, **kwargs):
-        if model.training:
-            if calls["n"] and calls["n"] % num_microbatches() == 0:
-                update_null_budget(model, group=group_fn())
-            calls["n"] += 1
-        return forward_step(data_iterator, model, *args, **kwargs)
+    def __init__(self, group_fn: Callable):
+        self.group_fn = group_fn
+        self.real_per_token: Optional[float] = None
+        self._chunks: dict[int, torch.nn.Module] = {}
+        self._said = False
 
-    step.null_routers = null_routers  # for introspection in tests
-    return step
+    def forward_step(self, forward_step: Callable) -> Callable:
+        """Wraps Megatron-LM's forward_step(data_iterator, model, ...) to learn the model chunks."""
+        @functools.wraps(forward_step)
+        def step(data_iterator, model, *args, **kwargs):
+            if model.training:
+                self._chunks[id(model)] = model
+            return forward_step(data_iterator, model, *args, **kwargs)
+
+        return step
+
+    def after_step(self) -> None:
+        """Once per optimizer step on every rank: realised rate of the step, then budget control."""
+        chunks = list(self._chunks.values())
+        routers = null_routers(chunks)
+        if not routers:
+            return
+        counts = torch.stack([r.budget_counts for r in routers]).sum(0)  # [real picks, tokens]
+        if dist.is_initialized():
+            dist.all_reduce(counts)
+        if counts[1] > 0:
+            self.real_per_token = float(counts[0] / counts[1])
+        update_null_budget(chunks, group=self.group_fn())
+
+    def train_step(self, train_step: Callable) -> Callable:
+        @functools.wraps(train_step)
+        def step(*args, **kwargs):
+            out = train_step(*args, **kwargs)
+            self.after_step()
+            return out
+
+        return step
+
+    def flops(self, num_floating_point_operations: Callable) -> Callable:
+        """Megatron-LM's FLOPs function with the routed-expert term at the realised rate."""
+        @functools.wraps(num_floating_point_operations)
+        def counted(args, batch_size, *rest, **kwargs):
+            if self.real_per_token is None or not getattr(args, "num_experts", None):
+                return num_floating_point_operations(args, batch_size, *rest, **kwargs)
+            realised = copy.copy(args)  # the formula also writes to args; keep those writes off
+            realised.moe_router_topk = self.real_per_token
+            if not self._said and os.environ.get("RANK", "0") == "0":
+                self._said = True
+                print(f"megatron-nullmoe: FLOPs and TFLOP/s count realised real experts per "
+                      f"token ({self.real_per_token:.3f} at the first step), not top-k "
+                      f"({args.moe_router_topk})", flush=True)
+            return num_floating_point_operations(realised, batch_size, *rest, **kwargs)
+
+        return counted
+
+    def install(self, training) -> None:
+        """Rebinds `train_step` and `num_floating_point_operations` in megatron.training.training."""
+        training.train_step = self.train_step(training.train_step)
+        training.num_floating_point_operations = self.flops(training.num_floating_point_operations)
 
 
 def null_moe_flops(args, batch_size: int, real_per_token: float) -> float:
