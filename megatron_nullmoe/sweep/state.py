@@ -1,0 +1,111 @@
+"""A run's state, read from its folder, and the sweep's plan file.
+
+What the trainer leaves: `summary.json` only when a run reaches its `steps` (a stop by
+exit_after_steps, a kill or a pre-emption leaves checkpoints and no summary), `metrics.jsonl`
+with one record per logged step, `checkpoints/latest`. What the launchers add: `sweep_state.json`
+({"state": running | exited | failed | interrupted | requeued, "rc", "pid", "host", ...}) and
+`sweep.log` (local runs' output). From these:
+
+    done      summary.json with steps >= the planned steps
+    running   the last launch says running (on this host: and its process is alive)
+    failed    the last launch exited non-zero
+    stopped   started, not finished, not running: the next launch resumes from its checkpoint
+    pending   never started
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from collections import Counter
+from pathlib import Path
+
+STATE_FILE = "sweep_state.json"
+PLAN_FILE = "sweep.json"
+STATES = ("done", "running", "failed", "stopped", "pending")
+
+
+def write_state(folder: Path, state: str, **extra) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    record = {"state": state, "host": socket.gethostname(), "time": time.time(), **extra}
+    (folder / STATE_FILE).write_text(json.dumps(record) + "\n")
+
+
+def last_step(folder: Path) -> int:
+    path = folder / "metrics.jsonl"
+    if not path.is_file():
+        return 0
+    lines = path.read_text().splitlines()
+    return json.loads(lines[-1])["step"] if lines else 0
+
+
+def is_done(folder: Path, steps: int) -> bool:
+    path = folder / "summary.json"
+    if not path.is_file():
+        return False
+    try:
+        return json.loads(path.read_text()).get("steps", 0) >= steps
+    except json.JSONDecodeError:
+        return False
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def run_state(folder: Path, steps: int) -> tuple[str, str]:
+    """(state, note) of one run folder; note says the step reached, or why it failed."""
+    if is_done(folder, steps):
+        return "done", f"{steps}/{steps}"
+    if not folder.exists():
+        return "pending", ""
+    progress = f"{last_step(folder)}/{steps}"
+    try:
+        launch = json.loads((folder / STATE_FILE).read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        launch = {}
+    state = launch.get("state")
+    if state == "running":
+        local = launch.get("launcher") == "local" and launch.get("host") == socket.gethostname()
+        if not local or _alive(int(launch.get("pid", -1))):
+            return "running", progress
+    if state == "failed":
+        return "failed", f"{progress}, exit code {launch.get('rc')}"
+    return "stopped", progress
+
+
+# ----------------------------------------------------------------------------- the plan file
+def write_plan(root: Path, sweep_file: Path, base: Path, runs) -> None:
+    """sweep.json in the sweep folder: what `status` and `report` read (folders relative to it)."""
+    root.mkdir(parents=True, exist_ok=True)
+    plan = {"sweep_file": str(sweep_file.resolve()), "base": str(base), "runs": [
+        {"key": r.key, "label": r.label, "variant": r.variant, "point": [list(p) for p in r.point],
+         "seed": r.seed, "folder": str(r.folder.relative_to(root)), "steps": r.cfg.steps,
+         "overrides": list(r.overrides)} for r in runs]}
+    (root / PLAN_FILE).write_text(json.dumps(plan, indent=1) + "\n")
+
+
+def read_plan(root: Path) -> list[dict]:
+    path = Path(root) / PLAN_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{root} has no {PLAN_FILE}: give the sweep's folder <dir>/<name> "
+                                "(`run` writes the plan there)")
+    return json.loads(path.read_text())["runs"]
+
+
+def status_table(root: Path, plan: list[dict]) -> str:
+    rows = [(r["key"], *run_state(Path(root) / r["folder"], r["steps"])) for r in plan]
+    counts = Counter(state for _, state, _ in rows)
+    width = max(len(key) for key, _, _ in rows)
+    lines = [f"{root}: {len(rows)} runs | " + " | ".join(f"{counts[s]} {s}" for s in STATES),
+             f"{'run':<{width}}  {'state':<8} steps"]
+    lines += [f"{key:<{width}}  {state:<8} {note}" for key, state, note in rows]
+    return "\n".join(lines)
