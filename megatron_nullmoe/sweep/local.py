@@ -1,0 +1,137 @@
+"""Local launcher: the sweep's runs as trainer processes on this machine, `parallel` at a time.
+
+Each run is `python -m megatron_nullmoe.train --config <base> <overrides>` (`torchrun --standalone
+--nproc-per-node N` for N > 1), in its own process group, its output appended to
+<run>/sweep.log. A finished run is skipped; any other is launched, and the trainer resumes it
+from its newest checkpoint by itself. A line is printed whenever a run changes state, and a
+progress line every `status_every` seconds. Ctrl-C or SIGTERM stops the runs (the next `run`
+resumes them).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+from megatron_nullmoe.sweep.spec import Run
+from megatron_nullmoe.sweep.state import is_done, last_step, write_state
+
+# Exit codes that are not failures: 0 (finished, or stopped by exit_after_steps) and 75
+# (EX_TEMPFAIL: the trainer stopped on a signal or time budget after saving a checkpoint).
+RESUMABLE = (0, 75)
+
+
+def command(run: Run, base: Path, nproc: int) -> list[str]:
+    launcher = [sys.executable] if nproc == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
+    return [*launcher, "-m", "megatron_nullmoe.train", "--config", str(base), *run.overrides]
+
+
+def _env(parallel: int, nproc: int) -> dict:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    # Runs side by side share the cores instead of each taking all of them.
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // (parallel * nproc))))
+    return env
+
+
+def _free_port() -> str:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
+
+class _Stop(Exception):
+    pass
+
+
+def _raise_stop(signum, frame):
+    raise _Stop()
+
+
+def run_local(runs: list[Run], base: Path, parallel: int = 1, nproc: int = 1,
+              status_every: float = 60.0, poll: float = 0.5,
+              echo: Callable[[str], None] = print) -> dict[str, str]:
+    """Runs what is not finished; returns {run key: done | stopped | failed}."""
+    outcome = {r.key: "done" for r in runs if is_done(r.folder, r.cfg.steps)}
+    todo = [r for r in runs if r.key not in outcome]
+    if outcome:
+        echo(f"skipping {len(outcome)} finished run(s): {', '.join(outcome)}")
+    active: dict[str, tuple[Run, subprocess.Popen]] = {}
+    env = _env(parallel, nproc)
+
+    def line(event: str) -> None:
+        failed = sum(v == "failed" for v in outcome.values())
+        done = sum(v == "done" for v in outcome.values())
+        echo(f"[{time.strftime('%H:%M:%S')}] done {done} | running {len(active)} | failed "
+             f"{failed} | stopped {len(outcome) - done - failed} | pending {len(todo)} "
+             f"of {len(runs)} | {event}")
+
+    previous = signal.signal(signal.SIGTERM, _raise_stop)
+    last_status = time.monotonic()
+    try:
+        while todo or active:
+            while todo and len(active) < parallel:
+                run = todo.pop(0)
+                run.folder.mkdir(parents=True, exist_ok=True)
+                with (run.folder / "sweep.log").open("a") as log:
+                    log.write(f"\n# sweep launch {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+                    log.flush()
+                    proc = subprocess.Popen(
+                        command(run, base, nproc), stdout=log, stderr=subprocess.STDOUT,
+                        env={**env, "MASTER_PORT": _free_port()} if nproc == 1 else env,
+                        start_new_session=True)
+                write_state(run.folder, "running", launcher="local", pid=proc.pid)
+                active[run.key] = (run, proc)
+                line(f"started {run.key}" + (f" (resuming at step {last_step(run.folder)})"
+                                             if last_step(run.folder) else ""))
+            time.sleep(poll)
+            for key, (run, proc) in list(active.items()):
+                rc = proc.poll()
+                if rc is None:
+                    continue
+                del active[key]
+                write_state(run.folder, "exited" if rc in RESUMABLE else "failed", launcher="local",
+                            rc=rc)
+                if rc not in RESUMABLE:
+                    outcome[key] = "failed"
+                    tail = (run.folder / "sweep.log").read_text().strip().splitlines()[-3:]
+                    line(f"FAILED {key} (exit code {rc}; {run.folder / 'sweep.log'}): "
+                         + " / ".join(tail))
+                else:
+                    outcome[key] = "done" if is_done(run.folder, run.cfg.steps) else "stopped"
+                    line(f"{outcome[key]} {key} at step {last_step(run.folder)}/{run.cfg.steps}")
+            if active and time.monotonic() - last_status > status_every:
+                last_status = time.monotonic()
+                line("progress: " + ", ".join(f"{k} {last_step(r.folder)}/{r.cfg.steps}"
+                                              for k, (r, _) in active.items()))
+    except (KeyboardInterrupt, _Stop):
+        _stop_all(active.values())
+        echo(f"interrupted: stopped {len(active)} run(s); `run` again resumes them")
+        raise KeyboardInterrupt from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    return outcome
+
+
+def _stop_all(active) -> None:
+    """TERM to each run's process group (ours: started with start_new_session), then KILL."""
+    for run, proc in active:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + 30
+    for run, proc in active:
+        try:
+            proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        write_state(run.folder, "interrupted", launcher="local", rc=proc.returncode)
