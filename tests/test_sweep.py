@@ -1,0 +1,360 @@
+"""The sweep tool: sweep files and their errors, the plan, the Slurm array, status, report, and a
+real skip-and-resume through the trainer.
+
+- Bad sweep files are refused with the key named (unknown keys with the closest valid one, empty
+  grid axes and seeds, a variant off its iso-FLOP group).
+- The Slurm array runs against recording stand-ins for sbatch, scontrol and srun (those of
+  tests/test_launch.py): one task per unfinished run, each mapped to its folder and overrides,
+  requeued as `<array job>_<task>` on USR1.
+- `report` on synthetic run folders, checked against values computed by hand.
+- Two tiny runs through the trainer, side by side: stopped by exit_after_steps, resumed by the
+  next `run`, skipped by the one after.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from megatron_nullmoe.sweep import __main__ as cli
+from megatron_nullmoe.sweep.checks import check_iso_flop
+from megatron_nullmoe.sweep.spec import SweepError, load_sweep, plan
+from tests._train import ROOT, TINY, tiny_demo
+from tests.test_launch import FAKE_SCONTROL, FAKE_SRUN
+
+DEMO = str(ROOT / "examples" / "demo_vlm.yaml")
+
+
+def write_sweep(tmp_path: Path, **fields) -> Path:
+    sweep = {"name": "t", "dir": str(tmp_path / "runs"), "base": DEMO, "seeds": [1], **fields}
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(sweep, sort_keys=False))
+    return path
+
+
+def planned(path: Path, extra=()):
+    sweep = load_sweep(path, extra)
+    runs = plan(sweep)
+    check_iso_flop(sweep, runs)
+    return sweep, runs
+
+
+def cli_main(argv: list[str], capsys) -> tuple[int, str]:
+    """`python -m megatron_nullmoe.sweep ARGV` in this process: (exit code, output)."""
+    code = 0
+    try:
+        cli.main(argv)
+    except SystemExit as exit_info:
+        code = exit_info.code
+    out = capsys.readouterr()
+    message = code if isinstance(code, str) else ""
+    return (code if isinstance(code, int) else 1 if code else 0), out.out + message + out.err
+
+
+# ------------------------------------------------------------------------------ sweep files
+NULL = {"model.router_topk": 4, "model.null_experts.num_null_experts": 8}
+TOP2 = {"model.router_topk": 2, "model.null_experts.num_null_experts": 0}
+
+
+@pytest.mark.parametrize("fields,message", [
+    ({"variant": {}}, "unknown sweep key 'variant'; did you mean 'variants'?"),
+    ({"seeds": []}, "seeds=[]: give a non-empty list"),
+    ({"seeds": [1, 1]}, "seeds=[1, 1]: give distinct integers"),
+    ({"grid": {"optim.lr": []}}, "grid.optim.lr: empty list"),
+    ({"grid": {"optim.lrr": [0.1]}}, "grid.optim.lrr: unknown config key 'optim.lrr'; did you mean "
+                                     "'optim.lr'?"),
+    ({"variants": {"a": {"model.router_topx": 2}}},
+     "variants.a: unknown config key 'model.router_topx'; did you mean 'model.router_topk'?"),
+    ({"overrides": {"model": {"hidden_sise": 8}}}, "overrides: unknown config key 'model.hidden_sise'"),
+    ({"overrides": {"seed": 3}}, "overrides.seed: set by the sweep"),
+    ({"variants": {"a__b": {}}}, "variants.a__b='a__b': give a folder-safe name"),
+    ({"variants": {"top2": TOP2, "null": {**NULL, "model.router_topk": 6}},
+      "iso_flop": {"tolerance": 0.01}},
+     "variants.null is not iso-FLOP with variants.top2 (iso_flop.groups.all): model.router_topk=6"),
+    ({"variants": {"top2": TOP2, "null": NULL}, "iso_flop": {"groups": {"g": ["top2", "nul"]}}},
+     "iso_flop.groups.g: unknown variant 'nul'; did you mean 'null'?"),
+    ({"iso_flop": {"tolerence": 0.1}}, "unknown sweep key 'iso_flop.tolerence'; did you mean "
+                                       "'iso_flop.tolerance'?"),
+    ({"launch": {"nproc_per_node": 0}}, "launch.nproc_per_node=0: give an integer >= 1"),
+    ({"base": "nope.yaml"}, "base='nope.yaml': no such recipe"),
+])
+def test_bad_sweep_files_name_the_key(tmp_path, fields, message):
+    with pytest.raises(SweepError) as err:
+        planned(write_sweep(tmp_path, **fields))
+    assert message in str(err.value)
+
+
+def test_iso_flop_per_grid_point_uses_budget_targets(tmp_path):
+    budget = {**NULL, "model.router_topk": 8, "model.null_experts.target_real_per_token": 2.0}
+    ok = write_sweep(tmp_path, variants={"top2": TOP2, "null": NULL, "budget": budget},
+                     iso_flop={"tolerance": 0.0})
+    planned(ok)  # 4 * 8 / 16 = 2, and a budget target of 2 with k = 8
+    # Iso-FLOP at one grid point, not at another: the error names the point.
+    bad = write_sweep(tmp_path, variants={"top2": TOP2, "null": NULL},
+                      grid={"model.num_experts": [8, 16]}, iso_flop={"tolerance": 0.01})
+    with pytest.raises(SweepError, match=r"iso_flop.groups.all, model.num_experts=16\): .*"
+                                         r"= 2.66667 against .* = 2 real"):
+        planned(bad)
+
+
+def test_plan_is_variants_by_grid_by_seeds_with_folders_and_precedence(tmp_path):
+    path = write_sweep(
+        tmp_path, overrides={"steps": 7, "model": {"router_topk": 2}},
+        variants={"top2": TOP2, "null": {**NULL, "steps": 9}},
+        grid={"optim.lr": [0.01, 0.001], "size": {"s": {"model.hidden_size": 32},
+                                                  "m": {"model.hidden_size": 64}}},
+        seeds=[3, 5])
+    sweep, runs = planned(path, ["exit_after_steps=2"])
+    assert len(runs) == 2 * 2 * 2 * 2
+    assert runs[0].seed == 3 and runs[-1].seed == 5  # seeds outermost
+    root = tmp_path / "runs" / "t"
+    first = runs[1]
+    assert first.folder == root / "null__optim.lr=0.01__size=s" / "seed3"
+    cfg = first.cfg  # recipe <- overrides <- variant <- grid <- command line <- seed/dir/name
+    assert (cfg.steps, cfg.model.router_topk, cfg.optim.lr, cfg.model.hidden_size) == (9, 4, 0.01, 32)
+    assert (cfg.exit_after_steps, cfg.seed, cfg.dir) == (2, 3, str(first.folder))
+    assert cfg.name == "t/null__optim.lr=0.01__size=s/seed3"
+    assert {r.label for r in runs} == {f"{v}__optim.lr={lr}__size={s}" for v in ("top2", "null")
+                                       for lr in ("0.01", "0.001") for s in ("s", "m")}
+    with pytest.raises(SweepError, match="command-line override 'seed=4': seed is set by the sweep"):
+        load_sweep(path, ["seed=4"])
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "examples" / "sweeps").glob("*.yaml")))
+def test_example_sweeps_load_and_dry_run(name, capsys):
+    path = ROOT / "examples" / "sweeps" / name
+    argv = ["run", str(path), "--dry-run", "--vocab-size", "128"]
+    if "gpu" in name:
+        argv += ["--launcher", "slurm"]
+    code, out = cli_main(argv, capsys)
+    sweep = load_sweep(path)
+    runs = plan(sweep)
+    assert code == 0, out
+    assert f"sweep {sweep.name}: {len(runs)} runs" in out
+    assert "GPU-hours at 400 TFLOP/s x MFU 0.4" in out
+    total = float(out.split(" training FLOPs, ")[1].split(" GPU-hours")[0].replace(",", ""))
+    assert total > 0
+    if "gpu" in name:  # the paper-scale grid: E=64, k_b in {2,4,8}, Z in {E/2, E}, two sizes
+        assert len(runs) == 9 * 2 * 3 and {r.cfg.model.num_experts for r in runs} == {64}
+        assert {r.cfg.model.null_experts.num_null_experts for r in runs} == {0, 32, 64}
+        assert len({r.cfg.model.hidden_size for r in runs}) == 2
+        assert "#SBATCH --array=0-53" in out and not (ROOT / sweep.root).exists()
+        assert total > 1000  # thousands of GPU-hours, not a toy
+
+
+# ------------------------------------------------------------------------------ Slurm
+@pytest.fixture
+def fake_slurm(tmp_path) -> dict:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    sbatch = ('#!/usr/bin/env python3\nimport os, sys\nopen(os.environ["FAKE_LOG"], "a").write('
+              '"sbatch " + " ".join(sys.argv[1:]) + "\\n")\nprint("Submitted batch job 77")\n')
+    for name, text in (("scontrol", FAKE_SCONTROL), ("srun", FAKE_SRUN), ("sbatch", sbatch)):
+        (bin_dir / name).write_text(text.replace("#!/usr/bin/env python3", f"#!{sys.executable}"))
+        (bin_dir / name).chmod(0o755)
+    return {"PATH": f"{bin_dir}:{os.environ['PATH']}", "FAKE_LOG": str(tmp_path / "calls.log")}
+
+
+def test_slurm_array_dry_run_submission_and_task(tmp_path, fake_slurm, capsys, monkeypatch):
+    path = write_sweep(tmp_path, variants={"top2": TOP2, "null": NULL}, seeds=[1, 2],
+                       launch={"nodes": 2, "gpus_per_node": 1, "time": "01:00:00"})
+    for key, value in fake_slurm.items():
+        monkeypatch.setenv(key, value)
+    root = tmp_path / "runs" / "t"
+    code, out = cli_main(["run", str(path), "--launcher", "slurm", "--dry-run"], capsys)
+    assert code == 0 and "#SBATCH --array=0-3" in out and not root.exists(), out
+    assert not Path(fake_slurm["FAKE_LOG"]).exists()  # a dry run submits nothing
+    # A finished run is not submitted again.
+    (root / "top2" / "seed1").mkdir(parents=True)
+    (root / "top2" / "seed1" / "summary.json").write_text(json.dumps({"steps": 500}))
+    code, out = cli_main(["run", str(path), "--launcher", "slurm"], capsys)
+    assert code == 0 and "submitted job array 77: 3 task(s)" in out, out
+    script = (root / "sweep.sbatch").read_text()
+    assert Path(fake_slurm["FAKE_LOG"]).read_text() == f"sbatch {root / 'sweep.sbatch'}\n"
+    for line in ("#SBATCH --array=0-2", "#SBATCH --requeue", "#SBATCH --signal=B:USR1@120",
+                 "#SBATCH --nodes=2", "#SBATCH --gpus-per-node=1", "#SBATCH --time=01:00:00"):
+        assert line in script.splitlines()
+    assert (root / "sweep.json").is_file()
+
+    # Tasks are the unfinished runs in plan order: null/seed1, top2/seed2, null/seed2. Stand-in srun runs torchrun.sh as a dry run.
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "RDZV_", "NNODES"))}
+    env.update(fake_slurm, SLURM_ARRAY_TASK_ID="1", SLURM_ARRAY_JOB_ID="77", SLURM_JOB_ID="78",
+               SLURM_JOB_NODELIST="node[01-02]", FAKE_NODES="node01 node02", PYTHON="/venv/py")
+    task = subprocess.run(["bash", str(root / "sweep.sbatch")], env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert task.returncode == 0, task.stderr
+    calls = Path(fake_slurm["FAKE_LOG"]).read_text().splitlines()
+    srun = json.loads(next(c for c in calls if c.startswith("srun ")).removeprefix("srun "))
+    run_dir = root / "top2" / "seed2"
+    assert srun["env"]["NNODES"] == "2" and srun["env"]["NPROC_PER_NODE"] == "1"
+    assert srun["env"]["RDZV_ENDPOINT"] == "node01:29400" and srun["env"]["RDZV_ID"] == "nullmoe-77-1"
+    assert srun["cmd"][:3] == ["bash", str(ROOT / "launch" / "torchrun.sh"), DEMO]
+    assert srun["cmd"][-3:] == ["seed=2", f"dir={run_dir}", "name=t/top2/seed2"]
+    node_log = (run_dir / "slurm-%j-node02.log").read_text().split()  # the stand-in keeps %j
+    assert node_log[:3] == ["/venv/py", "-m", "torch.distributed.run"]
+    assert "--nnodes=2" in node_log and node_log[-1] == "name=t/top2/seed2"
+    assert json.loads((run_dir / "sweep_state.json").read_text())["state"] == "exited"
+
+    # Pre-emption: USR1 to the batch shell requeues this array task.
+    started = tmp_path / "srun.started"
+    proc = subprocess.Popen(["bash", str(root / "sweep.sbatch")], env={
+        **env, "FAKE_SRUN_SLEEP": str(started)}, stdout=subprocess.PIPE, text=True)
+    deadline = time.time() + 30
+    while not started.exists():
+        assert time.time() < deadline and proc.poll() is None
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGUSR1)
+    stdout, _ = proc.communicate(timeout=30)
+    assert "requeueing 77_1" in stdout
+    assert "scontrol requeue 77_1" in Path(fake_slurm["FAKE_LOG"]).read_text().splitlines()
+    assert json.loads((run_dir / "sweep_state.json").read_text())["state"] == "requeued"
+
+
+# ------------------------------------------------------------------------------ status
+def test_status_reads_each_run_folder(tmp_path, capsys):
+    path = write_sweep(tmp_path, overrides={"steps": 4}, variants={"a": {}, "b": {}, "c": {}},
+                       seeds=[1, 2])
+    sweep, runs = planned(path)
+    from megatron_nullmoe.sweep.state import write_plan, write_state
+
+    write_plan(sweep.root, path, sweep.base, runs)
+    folders = {r.key: r.folder for r in runs}
+    (folders["a/seed1"]).mkdir(parents=True)
+    (folders["a/seed1"] / "summary.json").write_text(json.dumps({"steps": 4}))
+    write_state(folders["b/seed1"], "failed", launcher="local", rc=3)
+    (folders["b/seed1"] / "metrics.jsonl").write_text('{"step": 1}\n{"step": 2}\n')
+    write_state(folders["c/seed1"], "running", launcher="local", pid=os.getpid())
+    write_state(folders["a/seed2"], "running", launcher="local", pid=2 ** 22 + 12345)  # gone
+    (folders["b/seed2"] / "summary.json").parent.mkdir(parents=True)
+    (folders["b/seed2"] / "summary.json").write_text(json.dumps({"steps": 2}))  # an older, shorter run
+    code, out = cli_main(["status", str(sweep.root)], capsys)
+    rows = {line.split()[0]: line.split()[1:] for line in out.splitlines()[2:]}
+    assert rows["a/seed1"] == ["done", "4/4"]
+    assert rows["b/seed1"] == ["failed", "2/4,", "exit", "code", "3"]
+    assert rows["c/seed1"] == ["running", "0/4"]
+    assert rows["a/seed2"] == ["stopped", "0/4"]  # its launcher died: resumable
+    assert rows["b/seed2"][0] == "stopped" and rows["c/seed2"] == ["pending"]
+    assert "6 runs | 1 done | 1 running | 1 failed | 2 stopped | 1 pending" in out
+
+
+# ------------------------------------------------------------------------------ report
+def _synthetic_run(folder: Path, flops, train, val: dict, summary: dict, steps=None) -> None:
+    """metrics.jsonl with train records (cumulative realised FLOPs) and val records, summary.json."""
+    folder.mkdir(parents=True)
+    steps = steps or list(range(1, len(flops) + 1))
+    records = [{"step": s, "train/loss": loss, "throughput/model_flops_total": f,
+                "null/vision": 0.5 + 0.01 * s, "null/text": 0.2} for s, f, loss in zip(steps, flops, train)]
+    records += [{"step": s, "val/loss": v} for s, v in val.items()]
+    records.sort(key=lambda r: r["step"])
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (folder / "summary.json").write_text(json.dumps(
+        {"steps": steps[-1], "final_val_loss": val[max(val)], "model_flops_total": flops[-1],
+         "rows_standard_topk": 100, **summary}))
+
+
+def test_report_means_intervals_and_matched_flops_by_hand(tmp_path):
+    from megatron_nullmoe.sweep.report import report
+
+    root = tmp_path / "sweep"
+    common = {"null_rate_vision": 0.6, "null_rate_text": 0.3}
+    _synthetic_run(root / "a/seed1", [10, 20, 30, 40], [4, 3, 2, 1], {2: 2.5, 4: 1.5},
+                   {"real_experts_per_token": 2.0, "rows_dispatched": 100, "tokens_per_s": 1000, **common})
+    _synthetic_run(root / "a/seed2", [10, 20, 30, 40], [5, 4, 3, 2], {2: 3.0, 4: 2.0},
+                   {"real_experts_per_token": 2.0, "rows_dispatched": 100, "tokens_per_s": 1100, **common})
+    _synthetic_run(root / "b/seed1", [12, 24, 36, 48], [4, 2, 1.5, 1], {2: 2.0, 4: 1.0},
+                   {"real_experts_per_token": 1.9, "rows_dispatched": 50, "tokens_per_s": 900, **common})
+    _synthetic_run(root / "b/seed2", [11, 22, 33, 44], [4, 3, 2, 1.5], {2: 2.2, 4: 1.2},
+                   {"real_experts_per_token": 2.1, "rows_dispatched": 55, "tokens_per_s": 900, **common})
+    _synthetic_run(root / "b/seed3", [9, 18, 27, 36], [3, 2.5, 2, 1], {2: 2.4, 4: 1.0},
+                   {"real_experts_per_token": 2.0, "rows_dispatched": 45, "tokens_per_s": 900, **common})
+    # One seed; logged every 2 steps, evaluated at step 3 (between logs) and at the end.
+    _synthetic_run(root / "c/seed1", [25, 50], [3, 1], {3: 2.0, 4: 1.5},
+                   {"real_experts_per_token": 4.0, "rows_dispatched": 100, "tokens_per_s": 800, **common},
+                   steps=[2, 4])
+    (root / "b/seed4").mkdir()  # unfinished: no summary.json
+    report(root)
+    import csv
+
+    rows = {r["variant"]: r for r in csv.DictReader((root / "results.csv").open())}
+    num = lambda v: float(v) if v else None  # noqa: E731
+    # Budget: the smallest final realised FLOPs among all runs of the grid point, b/seed3's 36.
+    assert {num(r["flop_budget"]) for r in rows.values()} == {36.0}
+    a, b, c = rows["a"], rows["b"], rows["c"]
+    assert int(a["n"]) == 2 and int(b["n"]) == 3 and int(c["n"]) == 1
+    # a: train at 36 is 2 - 0.6 = 1.4 and 3 - 0.6 = 2.4; validation (20, 2.5)-(40, 1.5) -> 1.7,
+    # (20, 3.0)-(40, 2.0) -> 2.2. Interval: t(0.975, 1) = 12.7062 x sd / sqrt(2).
+    assert num(a["train_loss_at_budget_mean"]) == pytest.approx(1.9)
+    assert num(a["train_loss_at_budget_ci95"]) == pytest.approx(6.3531)
+    assert num(a["val_loss_at_budget_mean"]) == pytest.approx(1.95)
+    assert num(a["val_loss_at_budget_ci95"]) == pytest.approx(3.17655)
+    assert num(a["val_loss_at_budget_lo"]) == pytest.approx(1.95 - 3.17655)
+    assert num(a["final_val_loss_mean"]) == pytest.approx(1.75)
+    assert num(a["final_val_loss_ci95"]) == pytest.approx(3.17655)
+    # b: train 1.5 (at 36 exactly), 2 - 0.5 x 3/11, 1.0; validation 1.5, 2.2 - 14/22, 1.0; t(2) = 4.3027.
+    assert num(b["train_loss_at_budget_mean"]) == pytest.approx(1.4545454545)
+    assert num(b["train_loss_at_budget_ci95"]) == pytest.approx(1.0771556270)
+    assert num(b["val_loss_at_budget_mean"]) == pytest.approx(1.3545454545)
+    assert num(b["val_loss_at_budget_ci95"]) == pytest.approx(0.7668358491)
+    assert num(b["real_per_token_mean"]) == pytest.approx(2.0)
+    assert num(b["real_per_token_ci95"]) == pytest.approx(0.2484165003)
+    assert num(b["rows_over_topk_mean"]) == pytest.approx(0.5)
+    assert num(b["rows_over_topk_ci95"]) == pytest.approx(0.1242082502)
+    assert num(a["rows_over_topk_mean"]) == 1.0 and num(a["rows_over_topk_ci95"]) == 0.0
+    assert num(a["tokens_per_s_mean"]) == pytest.approx(1050)
+    # c: one seed, no interval; train (25, 3)-(50, 1) -> 2.12 at 36. Its first validation point is
+    # at step 3, whose FLOPs interpolate between the logged steps 2 and 4: 37.5 > 36, so no value.
+    assert num(c["train_loss_at_budget_mean"]) == pytest.approx(2.12)
+    assert c["train_loss_at_budget_ci95"] == "" and c["val_loss_at_budget_mean"] == ""
+    md = (root / "results.md").read_text()
+    assert "not finished (left out): b/seed4" in md
+    assert "| a | 2 | 1.7500 ± 3.17" in md and "| c | 1 | 1.5000 | - | 2.1200 | 4.000 |" in md
+    assert (root / "frontier.png").stat().st_size > 10_000
+    assert (root / "null_rate.png").stat().st_size > 10_000
+    runs = list(csv.DictReader((root / "runs.csv").open()))
+    assert len(runs) == 6 and {r["run"] for r in runs} >= {"b/seed3", "c/seed1"}
+
+
+# ------------------------------------------------------------------------------ real runs
+def test_skip_and_resume_through_the_trainer(tmp_path, capsys):
+    """Two tiny runs side by side: stopped after 2 of 4 steps, resumed to 4, then skipped."""
+    demo = tiny_demo(tmp_path / "demo", train_samples=128)
+    overrides = dict(item.split("=", 1) for item in TINY)
+    overrides = {k: yaml.safe_load(v) for k, v in overrides.items()}
+    path = write_sweep(tmp_path, overrides={**overrides, "data.path": str(demo), "steps": 4,
+                                            "checkpoint.save_every": 100}, seeds=[1, 2])
+    root = tmp_path / "runs" / "t"
+    code, out = cli_main(["run", str(path), "--parallel", "2", "exit_after_steps=2"], capsys)
+    assert code == 0, out
+    assert out.count("stopped base/seed") == 2, out
+    for seed in (1, 2):
+        folder = root / "base" / f"seed{seed}"
+        assert (folder / "checkpoints" / "latest").read_text().strip() == "iter_0000002"
+        assert not (folder / "summary.json").exists()
+    assert "2 runs | 0 done | 0 running | 0 failed | 2 stopped" in out
+
+    code, out = cli_main(["run", str(path), "--parallel", "2"], capsys)
+    assert code == 0, out
+    assert "started base/seed1 (resuming at step 2)" in out and "done base/seed2 at step 4/4" in out
+    for seed in (1, 2):
+        folder = root / "base" / f"seed{seed}"
+        assert json.loads((folder / "summary.json").read_text())["steps"] == 4
+        assert "resumed from" in (folder / "sweep.log").read_text()
+        steps = [json.loads(line)["step"] for line in (folder / "metrics.jsonl").read_text().splitlines()]
+        assert steps == [1, 2, 3, 4]  # one history across the two launches
+    summary = (root / "base" / "seed1" / "summary.json").stat().st_mtime_ns
+    log = (root / "base" / "seed1" / "sweep.log").read_text()
+
+    code, out = cli_main(["run", str(path)], capsys)
+    assert code == 0 and "skipping 2 finished run(s)" in out and "started" not in out
+    assert (root / "base" / "seed1" / "summary.json").stat().st_mtime_ns == summary
+    assert (root / "base" / "seed1" / "sweep.log").read_text() == log
+    code, out = cli_main(["report", str(root)], capsys)
+    assert code == 0 and "| base | 2 |" in out
