@@ -358,3 +358,14 @@ def test_skip_and_resume_through_the_trainer(tmp_path, capsys):
     assert (root / "base" / "seed1" / "sweep.log").read_text() == log
     code, out = cli_main(["report", str(root)], capsys)
     assert code == 0 and "| base | 2 |" in out
+
+
+def test_a_failing_run_is_reported_with_its_cause(tmp_path, capsys):
+    path = write_sweep(tmp_path, overrides={"data.path": str(tmp_path / "no-data"),
+                                            "parallel.expert": 1}, variants={"broken": {}})
+    code, out = cli_main(["run", str(path)], capsys)
+    assert code == 1
+    assert "FAILED broken/seed1 (exit code 1): error:" in out and "no-data" in out, out
+    assert "1 runs | 0 done | 0 running | 1 failed" in out
+    state = json.loads((tmp_path / "runs/t/broken/seed1/sweep_state.json").read_text())
+    assert state["state"] == "failed" and state["rc"] == 1

@@ -28,6 +28,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("sweep", help="the sweep file (YAML)")
     r.add_argument("overrides", nargs="*", help="key.sub=value for every run, after the sweep's")
     r.add_argument("--launcher", choices=("local", "slurm"), default="local")
+    r.add_argument("--dir", help="put the sweep's folder here instead of the file's dir")
     r.add_argument("--parallel", type=int, default=1, help="local: runs at once (default 1)")
     r.add_argument("--nproc-per-node", type=int,
                    help="local: processes per run (default: the sweep's launch.nproc_per_node, or 1)")
@@ -84,7 +85,7 @@ def _run(a) -> int:
     if a.parallel < 1 or (a.nproc_per_node is not None and a.nproc_per_node < 1):
         sys.exit("--parallel and --nproc-per-node must be >= 1")
     try:
-        sweep = load_sweep(a.sweep, a.overrides)
+        sweep = load_sweep(a.sweep, a.overrides, a.dir)
         runs = plan(sweep)
         check_iso_flop(sweep, runs)
         nproc = a.nproc_per_node or sweep.launch.nproc_per_node

@@ -11,6 +11,7 @@ resumes them).
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -101,9 +102,7 @@ def run_local(runs: list[Run], base: Path, parallel: int = 1, nproc: int = 1,
                             rc=rc)
                 if rc not in RESUMABLE:
                     outcome[key] = "failed"
-                    tail = (run.folder / "sweep.log").read_text().strip().splitlines()[-3:]
-                    line(f"FAILED {key} (exit code {rc}; {run.folder / 'sweep.log'}): "
-                         + " / ".join(tail))
+                    line(f"FAILED {key} (exit code {rc}): {_cause(run.folder / 'sweep.log')}")
                 else:
                     outcome[key] = "done" if is_done(run.folder, run.cfg.steps) else "stopped"
                     line(f"{outcome[key]} {key} at step {last_step(run.folder)}/{run.cfg.steps}")
@@ -118,6 +117,15 @@ def run_local(runs: list[Run], base: Path, parallel: int = 1, nproc: int = 1,
     finally:
         signal.signal(signal.SIGTERM, previous)
     return outcome
+
+
+def _cause(log: Path) -> str:
+    """The line of a failed run's log that says why (torchrun's own report says only that a
+    child failed), and where the whole log is."""
+    lines = [ln.strip() for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
+    said = [ln for ln in lines if re.search(r"error:|Error\b|Error:", ln)
+            and not re.search(r"elastic|error_file|ChildFailedError", ln)]
+    return f"{(said or lines or ['(no output)'])[-1]} (log: {log})"
 
 
 def _stop_all(active) -> None:

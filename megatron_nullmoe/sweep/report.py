@@ -183,7 +183,7 @@ def _null_rate(ax, np, seeds: list[dict], variant: str, color: str) -> None:
     for key, style in (("null/vision", "-"), ("null/text", "--")):
         series = [{r["step"]: r[key] for r in s["records"] if r.get(key) is not None} for s in seeds]
         steps = sorted(set.intersection(*(set(x) for x in series))) if series else []
-        if steps:
+        if steps and any(x[t] for x in series for t in steps):  # no null slots: nothing to draw
             ax.plot(steps, [np.mean([x[t] for x in series]) for t in steps], style, color=color,
                     label=f"{variant} {key.split('/')[1]}")
     ax.set(xlabel="step", ylabel="null-slot rate (mean over seeds)", ylim=(0, 1))

@@ -101,8 +101,10 @@ class Sweep:
 
 
 # ----------------------------------------------------------------------------- reading
-def load_sweep(path: str | Path, extra: list[str] | tuple[str, ...] = ()) -> Sweep:
-    """Reads and checks the sweep file's structure (not yet the configs: see `plan`)."""
+def load_sweep(path: str | Path, extra: list[str] | tuple[str, ...] = (),
+               dir: Optional[str] = None) -> Sweep:
+    """Reads and checks the sweep file's structure (not yet the configs: see `plan`); `dir`
+    replaces the file's dir (a smoke test of a real sweep somewhere else)."""
     path = Path(path)
     if not path.is_file():
         raise SweepError(f"sweep file {str(path)!r} does not exist")
@@ -137,7 +139,7 @@ def load_sweep(path: str | Path, extra: list[str] | tuple[str, ...] = ()) -> Swe
         key = item.partition("=")[0].strip()
         if key in RESERVED:
             raise SweepError(f"command-line override {item!r}: {key} is set by the sweep")
-    return Sweep(path=path, name=name, root=Path(raw.get("dir", "runs/sweeps")) / name, base=base,
+    return Sweep(path=path, name=name, root=Path(dir or raw.get("dir", "runs/sweeps")) / name, base=base,
                  overrides=_flatten("overrides", raw.get("overrides")), variants=variants,
                  grid=_grid(raw.get("grid")), seeds=seeds,
                  iso_flop=_iso_flop(raw.get("iso_flop"), variants), launch=_launch(raw.get("launch")),
