@@ -369,3 +369,19 @@ def test_a_failing_run_is_reported_with_its_cause(tmp_path, capsys):
     assert "1 runs | 0 done | 0 running | 1 failed" in out
     state = json.loads((tmp_path / "runs/t/broken/seed1/sweep_state.json").read_text())
     assert state["state"] == "failed" and state["rc"] == 1
+
+
+def test_a_run_that_is_running_elsewhere_is_not_launched_twice(tmp_path, capsys):
+    from megatron_nullmoe.sweep.state import write_state
+
+    path = write_sweep(tmp_path, overrides={"parallel.expert": 1},
+                       launch={"nodes": 1, "gpus_per_node": 1})
+    folder = tmp_path / "runs/t/base/seed1"
+    write_state(folder, "running", launcher="local", pid=os.getpid())  # alive: this process
+    code, out = cli_main(["run", str(path)], capsys)
+    assert code == 0 and "skipping 1 running elsewhere run(s): base/seed1" in out, out
+    assert not (folder / "sweep.log").exists()
+    write_state(folder, "running", launcher="slurm")  # a Slurm task says it runs it
+    code, out = cli_main(["run", str(path), "--launcher", "slurm"], capsys)
+    assert code == 0 and "nothing to submit" in out, out
+    assert not (tmp_path / "runs/t/sweep.sbatch").exists()

@@ -80,7 +80,7 @@ def _print_plan(sweep, runs, a, world: int, nproc_label: str) -> None:
 def _run(a) -> int:
     from megatron_nullmoe.sweep.checks import check_iso_flop, check_runtime
     from megatron_nullmoe.sweep.spec import SweepError, load_sweep, plan
-    from megatron_nullmoe.sweep.state import is_done, status_table, write_plan
+    from megatron_nullmoe.sweep.state import run_state, status_table, write_plan
 
     if a.parallel < 1 or (a.nproc_per_node is not None and a.nproc_per_node < 1):
         sys.exit("--parallel and --nproc-per-node must be >= 1")
@@ -102,9 +102,11 @@ def _run(a) -> int:
     if a.launcher == "slurm":
         from megatron_nullmoe.sweep.slurm import array_script, submit
 
-        todo = [r for r in runs if not is_done(r.folder, r.cfg.steps)]
+        todo = [r for r in runs if run_state(r.folder, r.cfg.steps)[0] not in ("done", "running")]
+        if len(todo) < len(runs):
+            print(f"leaving out {len(runs) - len(todo)} run(s) that are finished or running")
         if not todo:
-            print("every run is finished; nothing to submit")
+            print("nothing to submit")
             return 0
         script = array_script(todo, sweep.base, sweep.root, sweep.name, sweep.launch, Path.cwd())
         if a.dry_run:

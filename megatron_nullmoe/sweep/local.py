@@ -16,11 +16,12 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Callable
 
 from megatron_nullmoe.sweep.spec import Run
-from megatron_nullmoe.sweep.state import is_done, last_step, write_state
+from megatron_nullmoe.sweep.state import STATE_FILE, is_done, last_step, run_state, write_state
 
 # Exit codes that are not failures: 0 (finished, or stopped by exit_after_steps) and 75
 # (EX_TEMPFAIL: the trainer stopped on a signal or time budget after saving a checkpoint).
@@ -59,20 +60,28 @@ def _raise_stop(signum, frame):
 def run_local(runs: list[Run], base: Path, parallel: int = 1, nproc: int = 1,
               status_every: float = 60.0, poll: float = 0.5,
               echo: Callable[[str], None] = print) -> dict[str, str]:
-    """Runs what is not finished; returns {run key: done | stopped | failed}."""
-    outcome = {r.key: "done" for r in runs if is_done(r.folder, r.cfg.steps)}
+    """Runs what is neither finished nor running elsewhere (another `run` of this sweep, a
+    Slurm task: two launches into one folder would corrupt it); returns {run key: done |
+    stopped | failed | elsewhere}."""
+    outcome = {}
+    for r in runs:
+        state = run_state(r.folder, r.cfg.steps)[0]
+        if state in ("done", "running"):
+            outcome[r.key] = "done" if state == "done" else "elsewhere"
     todo = [r for r in runs if r.key not in outcome]
-    if outcome:
-        echo(f"skipping {len(outcome)} finished run(s): {', '.join(outcome)}")
+    for what, word in (("done", "finished"), ("elsewhere", "running elsewhere")):
+        keys = [k for k, v in outcome.items() if v == what]
+        if keys:
+            echo(f"skipping {len(keys)} {word} run(s): {', '.join(keys)}"
+                 + (f" (their {STATE_FILE} says so)" if what == "elsewhere" else ""))
     active: dict[str, tuple[Run, subprocess.Popen]] = {}
     env = _env(parallel, nproc)
 
     def line(event: str) -> None:
-        failed = sum(v == "failed" for v in outcome.values())
-        done = sum(v == "done" for v in outcome.values())
-        echo(f"[{time.strftime('%H:%M:%S')}] done {done} | running {len(active)} | failed "
-             f"{failed} | stopped {len(outcome) - done - failed} | pending {len(todo)} "
-             f"of {len(runs)} | {event}")
+        n = Counter(outcome.values())
+        echo(f"[{time.strftime('%H:%M:%S')}] done {n['done']} | running {len(active)} | failed "
+             f"{n['failed']} | stopped {n['stopped']} | pending {len(todo)} of {len(runs)}"
+             + (f" | elsewhere {n['elsewhere']}" if n["elsewhere"] else "") + f" | {event}")
 
     previous = signal.signal(signal.SIGTERM, _raise_stop)
     last_status = time.monotonic()
