@@ -183,6 +183,13 @@ def test_slurm_array_dry_run_submission_and_task(tmp_path, fake_slurm, capsys, m
                  "#SBATCH --nodes=2", "#SBATCH --gpus-per-node=1", "#SBATCH --time=01:00:00"):
         assert line in script.splitlines()
     assert (root / "sweep.json").is_file()
+    # Submitted runs are queued: status says so, and neither launcher starts them again.
+    state = json.loads((root / "null" / "seed2" / "sweep_state.json").read_text())
+    assert (state["state"], state["job"]) == ("queued", "77_2")
+    code, out = cli_main(["status", str(root)], capsys)
+    assert "4 runs | 1 done | 0 running | 3 queued" in out
+    code, out = cli_main(["run", str(path), "--launcher", "slurm"], capsys)
+    assert "nothing to submit" in out and len(Path(fake_slurm["FAKE_LOG"]).read_text().splitlines()) == 1
 
     # Tasks are the unfinished runs in plan order: null/seed1, top2/seed2, null/seed2. Stand-in srun runs torchrun.sh as a dry run.
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "RDZV_", "NNODES"))}
@@ -242,7 +249,7 @@ def test_status_reads_each_run_folder(tmp_path, capsys):
     assert rows["c/seed1"] == ["running", "0/4"]
     assert rows["a/seed2"] == ["stopped", "0/4"]  # its launcher died: resumable
     assert rows["b/seed2"][0] == "stopped" and rows["c/seed2"] == ["pending"]
-    assert "6 runs | 1 done | 1 running | 1 failed | 2 stopped | 1 pending" in out
+    assert "6 runs | 1 done | 1 running | 0 queued | 1 failed | 2 stopped | 1 pending" in out
 
 
 # ------------------------------------------------------------------------------ report

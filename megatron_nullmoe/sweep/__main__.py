@@ -80,7 +80,7 @@ def _print_plan(sweep, runs, a, world: int, nproc_label: str) -> None:
 def _run(a) -> int:
     from megatron_nullmoe.sweep.checks import check_iso_flop, check_runtime
     from megatron_nullmoe.sweep.spec import SweepError, load_sweep, plan
-    from megatron_nullmoe.sweep.state import run_state, status_table, write_plan
+    from megatron_nullmoe.sweep.state import run_state, status_table, write_plan, write_state
 
     if a.parallel < 1 or (a.nproc_per_node is not None and a.nproc_per_node < 1):
         sys.exit("--parallel and --nproc-per-node must be >= 1")
@@ -102,9 +102,10 @@ def _run(a) -> int:
     if a.launcher == "slurm":
         from megatron_nullmoe.sweep.slurm import array_script, submit
 
-        todo = [r for r in runs if run_state(r.folder, r.cfg.steps)[0] not in ("done", "running")]
+        todo = [r for r in runs if run_state(r.folder, r.cfg.steps)[0] not in
+                ("done", "running", "queued")]
         if len(todo) < len(runs):
-            print(f"leaving out {len(runs) - len(todo)} run(s) that are finished or running")
+            print(f"leaving out {len(runs) - len(todo)} run(s) that are finished, running or queued")
         if not todo:
             print("nothing to submit")
             return 0
@@ -114,6 +115,8 @@ def _run(a) -> int:
             return 0
         write_plan(sweep.root, sweep.path, sweep.base, runs)
         job = submit(script, sweep.root)
+        for i, r in enumerate(todo):  # a second `run` must not submit or start them again
+            write_state(r.folder, "queued", launcher="slurm", job=f"{job}_{i}")
         print(f"submitted job array {job}: {len(todo)} task(s), script {sweep.root / 'sweep.sbatch'}; "
               f"python -m megatron_nullmoe.sweep status {sweep.root}")
         return 0

@@ -66,7 +66,7 @@ def run_local(runs: list[Run], base: Path, parallel: int = 1, nproc: int = 1,
     outcome = {}
     for r in runs:
         state = run_state(r.folder, r.cfg.steps)[0]
-        if state in ("done", "running"):
+        if state in ("done", "running", "queued"):
             outcome[r.key] = "done" if state == "done" else "elsewhere"
     todo = [r for r in runs if r.key not in outcome]
     for what, word in (("done", "finished"), ("elsewhere", "running elsewhere")):

@@ -3,11 +3,14 @@
 What the trainer leaves: `summary.json` only when a run reaches its `steps` (a stop by
 exit_after_steps, a kill or a pre-emption leaves checkpoints and no summary), `metrics.jsonl`
 with one record per logged step, `checkpoints/latest`. What the launchers add: `sweep_state.json`
-({"state": running | exited | failed | interrupted | requeued, "rc", "pid", "host", ...}) and
+({"state": queued | running | exited | failed | interrupted | requeued, "rc", "pid", "job",
+"host", ...}) and
 `sweep.log` (local runs' output). From these:
 
     done      summary.json with steps >= the planned steps
-    running   the last launch says running (on this host: and its process is alive)
+    running   the last launch says running (a local one on this host: its process is alive; a
+              Slurm task: squeue still lists it, where squeue is at hand)
+    queued    submitted as a Slurm array task (or requeued) and not started yet
     failed    the last launch exited non-zero
     stopped   started, not finished, not running: the next launch resumes from its checkpoint
     pending   never started
@@ -17,14 +20,16 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
+import subprocess
 import time
 from collections import Counter
 from pathlib import Path
 
 STATE_FILE = "sweep_state.json"
 PLAN_FILE = "sweep.json"
-STATES = ("done", "running", "failed", "stopped", "pending")
+STATES = ("done", "running", "queued", "failed", "stopped", "pending")
 
 
 def write_state(folder: Path, state: str, **extra) -> None:
@@ -61,6 +66,15 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _slurm_alive(job: str) -> bool:
+    """Whether Slurm still holds the array task `job` (<array>_<task>); without squeue on this
+    machine, the state file is trusted."""
+    if not shutil.which("squeue"):
+        return True
+    out = subprocess.run(["squeue", "-h", "-j", job, "-o", "%i"], capture_output=True, text=True)
+    return out.returncode == 0 and bool(out.stdout.strip())
+
+
 def run_state(folder: Path, steps: int) -> tuple[str, str]:
     """(state, note) of one run folder; note says the step reached, or why it failed."""
     if is_done(folder, steps):
@@ -73,10 +87,11 @@ def run_state(folder: Path, steps: int) -> tuple[str, str]:
     except (FileNotFoundError, json.JSONDecodeError):
         launch = {}
     state = launch.get("state")
-    if state == "running":
-        local = launch.get("launcher") == "local" and launch.get("host") == socket.gethostname()
-        if not local or _alive(int(launch.get("pid", -1))):
+    if state == "running" and launch.get("launcher") == "local":
+        if launch.get("host") != socket.gethostname() or _alive(int(launch.get("pid", -1))):
             return "running", progress
+    elif state in ("queued", "running", "requeued") and _slurm_alive(launch.get("job", "")):
+        return ("running" if state == "running" else "queued"), progress
     if state == "failed":
         return "failed", f"{progress}, exit code {launch.get('rc')}"
     return "stopped", progress
