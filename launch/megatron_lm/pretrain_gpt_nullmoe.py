@@ -1,6 +1,6 @@
 """Megatron-LM's pretrain_gpt.py with null experts: the same flags plus --num-null-experts & co.
 
-    export PYTHONPATH=/path/to/Megatron-LM:$PYTHONPATH        # tag core_v0.16.1
+    export PYTHONPATH=/path/to/Megatron-LM:$PYTHONPATH   # tag core_v0.16.1 ... core_v0.19.0
     torchrun ... launch/megatron_lm/pretrain_gpt_nullmoe.py <pretrain_gpt.py flags> \
         --num-experts 8 --moe-router-topk 4 --num-null-experts 8 --moe-token-dispatcher-type alltoall
 
@@ -19,15 +19,13 @@ import sys
 from functools import partial
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import cpu_if_no_cuda, require_megatron_lm  # noqa: E402
+from _common import cpu_if_no_cuda, require_megatron_lm, run_pretrain  # noqa: E402
 
 
 def main() -> None:
     pretrain_gpt = require_megatron_lm("pretrain_gpt")
     cpu_if_no_cuda()
     from megatron.core import parallel_state
-    from megatron.core.enums import ModelType
-    from megatron.training import pretrain
     from megatron.training import training as megatron_training
     from model_provider import model_provider
 
@@ -45,10 +43,10 @@ def main() -> None:
         lambda: parallel_state.get_data_parallel_group(with_context_parallel=True))
     hooks.install(megatron_training)
     pretrain_gpt.train_valid_test_datasets_provider.is_distributed = True
-    pretrain(
+    run_pretrain(
         pretrain_gpt.train_valid_test_datasets_provider, partial(model_provider, gpt_builder),
-        ModelType.encoder_or_decoder, hooks.forward_step(pretrain_gpt.forward_step),
-        args_defaults={"tokenizer_type": "GPT2BPETokenizer"}, extra_args_provider=extra,
+        hooks.forward_step(pretrain_gpt.forward_step), extra_args_provider=extra,
+        args_defaults={"tokenizer_type": "GPT2BPETokenizer"},
         get_embedding_ranks=pretrain_gpt.get_embedding_ranks,
     )
 

@@ -1,6 +1,6 @@
 """Megatron-LM's pretrain_vlm.py (LLaVA) with null experts, and with its two MoE bugs fixed.
 
-    export PYTHONPATH=/path/to/Megatron-LM:$PYTHONPATH        # tag core_v0.16.1
+    export PYTHONPATH=/path/to/Megatron-LM:$PYTHONPATH   # tag core_v0.16.1 ... core_v0.19.0
     torchrun ... launch/megatron_lm/pretrain_vlm_nullmoe.py <pretrain_vlm.py flags> \
         --num-experts 8 --moe-router-topk 4 --num-null-experts 8 --moe-token-dispatcher-type alltoall
 
@@ -16,7 +16,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import cpu_if_no_cuda, require_megatron_lm  # noqa: E402
+from _common import cpu_if_no_cuda, require_megatron_lm, run_pretrain  # noqa: E402
 
 
 def model_provider(pre_process=True, post_process=True, add_encoder=True, add_decoder=True,
@@ -63,8 +63,6 @@ def main() -> None:
     pretrain_vlm = require_megatron_lm("pretrain_vlm")
     cpu_if_no_cuda()
     from megatron.core import parallel_state
-    from megatron.core.enums import ModelType
-    from megatron.training import pretrain
     from megatron.training import training as megatron_training
 
     from megatron_nullmoe.megatron_lm import (
@@ -77,11 +75,11 @@ def main() -> None:
         lambda: parallel_state.get_data_parallel_group(with_context_parallel=True))
     hooks.install(megatron_training)
     pretrain_vlm.train_valid_test_datasets_provider.is_distributed = True
-    pretrain(
+    run_pretrain(
         pretrain_vlm.train_valid_test_datasets_provider, model_provider,
-        ModelType.encoder_or_decoder, hooks.forward_step(pretrain_vlm.forward_step),
-        args_defaults={"tokenizer_type": "GPT2BPETokenizer"},
+        hooks.forward_step(pretrain_vlm.forward_step),
         extra_args_provider=chain_args_providers(add_null_moe_args, pretrain_vlm.add_vlm_extra_args),
+        args_defaults={"tokenizer_type": "GPT2BPETokenizer"},
         get_embedding_ranks=pretrain_vlm.llava_embedding_ranks,
         get_position_embedding_ranks=pretrain_vlm.llava_position_embedding_ranks,
     )

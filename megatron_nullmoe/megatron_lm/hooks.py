@@ -14,6 +14,12 @@ config.finalize_model_grads_func), so `TrainingLoopHooks.install` rebinds two na
   formula with the last step's realised rate in place of top-k, so the TFLOP/s in Megatron-LM's
   log line and the FLOPs it accumulates (and checkpoints) count the experts that ran.
 
+- the MoE metrics report (`track_moe_metrics` up to core_v0.17, the metrics tracker's `report`
+  from core_v0.18): training_log names the metrics it reports from the load-balancing flags only.
+  Up to core_v0.17 it prints every recorded metric but reduces across ranks only those named
+  (ours showed the last rank's own values); from core_v0.18 it prints only those named. The
+  wrapper adds the null-expert metrics to the names.
+
 `null_moe_flops(args, batch_size, real_per_token)` is a standalone count for scripts of its own.
 """
 
@@ -28,6 +34,8 @@ import torch
 import torch.distributed as dist
 
 from megatron_nullmoe.model_utils import null_routers, update_null_budget
+
+NULL_METRICS = ("null_slot_fraction", "real_experts_per_token")  # recorded by NullExpertRouter
 
 
 class TrainingLoopHooks:
@@ -85,19 +93,37 @@ class TrainingLoopHooks:
                 return num_floating_point_operations(args, batch_size, *rest, **kwargs)
             realised = copy.copy(args)  # the formula also writes to args; keep those writes off
             realised.moe_router_topk = self.real_per_token
+            flops = num_floating_point_operations(realised, batch_size, *rest, **kwargs)
             if not self._said and os.environ.get("RANK", "0") == "0":
                 self._said = True
-                print(f"megatron-nullmoe: FLOPs and TFLOP/s count realised real experts per "
-                      f"token ({self.real_per_token:.3f} at the first step), not top-k "
-                      f"({args.moe_router_topk})", flush=True)
-            return num_floating_point_operations(realised, batch_size, *rest, **kwargs)
+                topk = num_floating_point_operations(copy.copy(args), batch_size, *rest, **kwargs)
+                print("megatron-nullmoe: Megatron-LM's FLOPs and TFLOP/s count realised real "
+                      f"experts per token, not top-k; first step: {self.real_per_token!r} of "
+                      f"{args.moe_router_topk}, {flops!r} FLOPs ({topk!r} at top-k)", flush=True)
+            return flops
 
         return counted
 
+    def metrics_report(self, report: Callable) -> Callable:
+        """A MoE metrics report (track_names=...) that also names the null-expert metrics."""
+        @functools.wraps(report)
+        def reported(*args, track_names=None, **kwargs):
+            if self.real_per_token is not None and track_names is not None:
+                track_names = [*track_names, *(m for m in NULL_METRICS if m not in track_names)]
+            return report(*args, track_names=track_names, **kwargs)
+
+        return reported
+
     def install(self, training) -> None:
-        """Rebinds `train_step` and `num_floating_point_operations` in megatron.training.training."""
+        """Rebinds `train_step`, `num_floating_point_operations` and the MoE metrics report in
+        megatron.training.training (the module, passed in: this package never imports it)."""
         training.train_step = self.train_step(training.train_step)
         training.num_floating_point_operations = self.flops(training.num_floating_point_operations)
+        if hasattr(training, "track_moe_metrics"):  # up to core_v0.17
+            training.track_moe_metrics = self.metrics_report(training.track_moe_metrics)
+        if hasattr(training, "get_moe_metrics_tracker"):  # core_v0.18+: one tracker object
+            tracker = training.get_moe_metrics_tracker()
+            tracker.report = self.metrics_report(tracker.report)
 
 
 def null_moe_flops(args, batch_size: int, real_per_token: float) -> float:
