@@ -345,7 +345,7 @@ def test_skip_and_resume_through_the_trainer(tmp_path, capsys):
         folder = root / "base" / f"seed{seed}"
         assert (folder / "checkpoints" / "latest").read_text().strip() == "iter_0000002"
         assert not (folder / "summary.json").exists()
-    assert "2 runs | 0 done | 0 running | 0 failed | 2 stopped" in out
+    assert "2 runs | 0 done | 0 running | 0 queued | 0 failed | 2 stopped" in out
 
     code, out = cli_main(["run", str(path), "--parallel", "2"], capsys)
     assert code == 0, out
@@ -373,7 +373,7 @@ def test_a_failing_run_is_reported_with_its_cause(tmp_path, capsys):
     code, out = cli_main(["run", str(path)], capsys)
     assert code == 1
     assert "FAILED broken/seed1 (exit code 1): error:" in out and "no-data" in out, out
-    assert "1 runs | 0 done | 0 running | 1 failed" in out
+    assert "1 runs | 0 done | 0 running | 0 queued | 1 failed" in out
     state = json.loads((tmp_path / "runs/t/broken/seed1/sweep_state.json").read_text())
     assert state["state"] == "failed" and state["rc"] == 1
 

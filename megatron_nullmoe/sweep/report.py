@@ -5,10 +5,11 @@ validation loss; validation and train loss at matched realised FLOPs (the budget
 final realised FLOPs among the runs of that grid point, all variants and seeds); realised real
 experts per token, null-slot rate of vision and text tokens, rows dispatched over standard top-k
 rows (these four from the last logged interval, as summary.json has them); tokens/s (the run's
-mean after its first interval); the realised FLOPs at the end. Only finished runs (summary.json)
-count; the others are listed as missing. Plots: loss against realised FLOPs per variant (the
-frontier; mean over seeds of the train curve, validation points as markers, the budget dashed),
-and null rate by modality against step.
+mean after its first interval); the realised FLOPs at the end. Only finished runs count (a
+summary.json that reaches the plan's steps, where sweep.json gives them); the others are listed
+as missing. Plots: loss against realised FLOPs per variant (the frontier; mean over seeds of the
+train curve, validation points as markers, the budget dashed), and null rate by modality
+against step.
 """
 
 from __future__ import annotations
@@ -53,6 +54,8 @@ def _read(root: Path, run: dict) -> Optional[dict]:
     if not (folder / "summary.json").is_file():
         return None
     s = json.loads((folder / "summary.json").read_text())
+    if s.get("steps", 0) < run.get("steps", 0):  # an earlier, shorter run's summary
+        return None
     lines = (folder / "metrics.jsonl").read_text().splitlines() if (folder / "metrics.jsonl").is_file() else []
     records = [json.loads(line) for line in lines if line.strip()]
     rows, topk = s.get("rows_dispatched"), s.get("rows_standard_topk")
