@@ -4,7 +4,8 @@
 # token in expectation, the same FLOPs; `python -m megatron_nullmoe.flops --partners --experts 8
 # --baseline-topk 2` lists the partners), and the script is our entry instead of pretrain_gpt.py.
 #
-#   export PYTHONPATH=/path/to/Megatron-LM:$PYTHONPATH   # tag core_v0.16.1
+#   export PYTHONPATH=/path/to/Megatron-LM:$PYTHONPATH   # the tag of your megatron-core, e.g.
+#                                                        # core_v0.16.1 or core_v0.19.0
 #   bash examples/megatron_lm/train_mixtral_8x7b_null_moe.sh CHECKPOINT_DIR TOKENIZER_MODEL DATA_PREFIX
 # The layout below (PP 4 x EP 8, TP 1) needs 32 GPUs or more: 4 nodes of 8, NNODES=4 and
 # NODE_RANK/MASTER_ADDR set on each (or launch it from launch/slurm.sbatch-style tooling).
@@ -92,9 +93,17 @@ LOGGING_ARGS=(
     --tensorboard-dir "$CHECKPOINT_PATH/tensorboard"
 )
 
+# Pre-emption and faults, with Megatron-LM's own flags (NaN/Inf in loss and gradients is checked
+# by default; --no-check-for-nan-in-loss-and-grad would turn that off):
+RESILIENCE_ARGS=(
+    --exit-signal-handler                      # SIGTERM: checkpoint at the next iteration, exit
+    --exit-duration-in-mins "${EXIT_DURATION_MINS:-1410}"  # stop with a checkpoint under --time
+    --distributed-timeout-minutes 10           # a hung collective fails instead of waiting forever
+)
+
 CMD=(torchrun "${DISTRIBUTED_ARGS[@]}" "$ROOT/launch/megatron_lm/pretrain_gpt_nullmoe.py"
      "${MODEL_ARGS[@]}" "${MOE_ARGS[@]}" "${DATA_ARGS[@]}" "${TRAINING_ARGS[@]}"
-     "${MODEL_PARALLEL_ARGS[@]}" "${LOGGING_ARGS[@]}")
+     "${MODEL_PARALLEL_ARGS[@]}" "${LOGGING_ARGS[@]}" "${RESILIENCE_ARGS[@]}")
 if [[ "${DRY_RUN:-0}" == 1 ]]; then
   printf '%q ' "${CMD[@]}"; echo
   exit 0

@@ -38,16 +38,18 @@ def main(argv=None) -> None:
     from megatron_nullmoe.train.checkpoint import CheckpointError
     from megatron_nullmoe.train.data import DataError
     from megatron_nullmoe.train.data.tokenizer import TokenizerError
-    from megatron_nullmoe.train.loop import train
+    from megatron_nullmoe.train.loop import NonFiniteError, train
 
     # Every rank meets the same error; rank 0 alone says it (torchrun interleaves their output).
     quiet = int(os.environ.get("RANK", "0")) != 0
     try:
-        train(cfg)
+        result = train(cfg)
     except (ConfigError, NullExpertConfigError) as err:
         sys.exit(1 if quiet else f"config error: {err}")
-    except (CheckpointError, DataError, TokenizerError) as err:
+    except (CheckpointError, DataError, TokenizerError, NonFiniteError) as err:
         sys.exit(1 if quiet else f"error: {err}")
+    # 75 (EX_TEMPFAIL): stopped by a signal or the time budget with a checkpoint; run it again.
+    sys.exit(result.get("exit_code", 0))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Checkpoints with megatron-core dist_checkpointing, written so that a crash never costs one.
 
     <dir>/iter_0000100/            dist_checkpointing (model, optimizer, scheduler, step)
-        extra/rank_00000.pt        per rank: data position and RNG states
+        extra/rank_00000.pt        per rank: data position, RNG states and running totals
         nullmoe.json               manifest: step, model config, sha256 of every file
     <dir>/latest                   name of the newest complete checkpoint
 
@@ -90,7 +90,7 @@ class Checkpointer:
         _barrier()
 
     # ------------------------------------------------------------------------------ save
-    def save(self, step: int, model, optimizer, scheduler, data) -> Path:
+    def save(self, step: int, model, optimizer, scheduler, data, totals: Optional[dict] = None) -> Path:
         from megatron.core import dist_checkpointing
 
         final = self.root / f"iter_{step:07d}"
@@ -101,7 +101,8 @@ class Checkpointer:
         _barrier()  # dist_checkpointing needs the (empty) folder on every rank before it starts
         dist_checkpointing.save(_state(model, optimizer, scheduler, step), str(tmp))
         (tmp / "extra").mkdir(exist_ok=True)
-        torch.save({"data": data.state(), "rng": _rng_state()}, tmp / "extra" / f"rank_{_rank():05d}.pt")
+        torch.save({"data": data.state(), "rng": _rng_state(), "totals": dict(totals or {})},
+                   tmp / "extra" / f"rank_{_rank():05d}.pt")
         _barrier()
         if _rank() == 0:
             files = {str(p.relative_to(tmp)): _sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
@@ -134,8 +135,9 @@ class Checkpointer:
         return done[-1] if done else None
 
     # ------------------------------------------------------------------------------ load
-    def load(self, path: Path, model, optimizer, scheduler, data) -> int:
-        """Restores everything saved at `path`; returns its step. Raises CheckpointError."""
+    def load(self, path: Path, model, optimizer, scheduler, data) -> tuple[int, dict]:
+        """Restores everything saved at `path`; returns (its step, {"totals": running totals}).
+        Raises CheckpointError."""
         from megatron.core import dist_checkpointing
 
         problem = self._verify(path) if _rank() == 0 else None
@@ -161,7 +163,7 @@ class Checkpointer:
         extra = torch.load(extra_path, weights_only=False)
         data.restore(extra["data"])
         _set_rng_state(extra["rng"])
-        return int(loaded["iteration"])
+        return int(loaded["iteration"]), {"totals": extra.get("totals", {})}
 
     def _verify(self, path: Path) -> Optional[str]:
         manifest_path = path / MANIFEST

@@ -141,6 +141,21 @@ class Logging:
 
 
 @dataclass
+class Faults:
+    """Pre-emption, non-finite values and hangs (see megatron_nullmoe/train/faults.py)."""
+
+    # Signals that save a checkpoint at the next step boundary and exit with code 75 (comma list
+    # of names: TERM, USR1, USR2, INT, HUP; empty: none). Every rank agrees on the stop.
+    exit_signals: str = "TERM,USR1,INT"
+    skip_nonfinite: bool = True  # skip a step whose loss or gradient norm is not finite
+    max_nonfinite_in_a_row: int = _at_least(3, 1)  # then stop with an error
+    collective_timeout_s: float = _above(600.0, 0)  # torch.distributed timeout of every collective
+    # A rank whose progress stalls this long stops the run with an error naming the rank that
+    # is behind (a watchdog over per-rank heartbeats); null: no watchdog.
+    stall_timeout_s: Optional[float] = _above(300.0, 0)
+
+
+@dataclass
 class RunConfig:
     name: str = "run"
     dir: str = "runs/run"
@@ -148,6 +163,10 @@ class RunConfig:
     # Stop this process after so many steps, saving a checkpoint (the schedule still runs to
     # `steps`); a later launch resumes. For job time limits, like Megatron-LM's --exit-interval.
     exit_after_steps: Optional[int] = _at_least(None, 1)
+    exit_at_step: Optional[int] = _at_least(None, 1)  # stop (with a checkpoint) once at this step
+    # Stop with a checkpoint once this much wall time has passed since start (set it a few minutes
+    # under the job's time limit, e.g. Slurm's --time), like Megatron-LM's --exit-duration-in-mins.
+    exit_after_minutes: Optional[float] = _above(None, 0)
     seed: int = 1234
     precision: str = _choices("auto", "fp32", "bf16", default="auto")
     model: Model = field(default_factory=Model)
@@ -156,6 +175,7 @@ class RunConfig:
     optim: Optim = field(default_factory=Optim)
     checkpoint: Checkpoint = field(default_factory=Checkpoint)
     logging: Logging = field(default_factory=Logging)
+    faults: Faults = field(default_factory=Faults)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -20,7 +21,8 @@ from megatron_nullmoe import dispatch_stats, routing_stats, set_vision_mask, upd
 from megatron_nullmoe.dispatch.stats import DispatchStats
 from megatron_nullmoe.routing.stats import RoutingStats
 from megatron_nullmoe import _mcore, parallel
-from megatron_nullmoe.train.checkpoint import Checkpointer
+from megatron_nullmoe.train import faults
+from megatron_nullmoe.train.checkpoint import CheckpointError, Checkpointer
 from megatron_nullmoe.train.config import ConfigError, RunConfig, save_config
 from megatron_nullmoe.train.data.tokenizer import Tokenizer
 from megatron_nullmoe.train.metrics import RunLog
@@ -58,6 +60,10 @@ def check(cfg: RunConfig, world_size: int) -> tuple[int, int]:
     if cfg.exit_after_steps is not None and cfg.exit_after_steps < 1:
         raise ConfigError(f"exit_after_steps={cfg.exit_after_steps}: give a number of steps >= 1, "
                           "or null to run to `steps`")
+    try:
+        faults.parse_signals(cfg.faults.exit_signals)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     return dp, d.global_batch_size // (d.micro_batch_size * dp)
 
 
@@ -115,6 +121,15 @@ def _tokenizer(cfg: RunConfig) -> Tokenizer:
     return Tokenizer(path)
 
 
+class NonFiniteError(RuntimeError):
+    """Too many steps in a row with a non-finite loss or gradient norm."""
+
+
+# Running totals a resumed run continues from (saved in every checkpoint).
+TOTALS = ("rows_dispatched", "rows_topk", "model_flops", "tokens", "null_picks", "slots",
+          "skipped_steps")
+
+
 class Trainer:
     def __init__(self, cfg: RunConfig):
         from megatron.core import parallel_state as ps
@@ -129,9 +144,14 @@ class Trainer:
 
         self.cfg = cfg
         backend = None if cfg.parallel.backend == "auto" else cfg.parallel.backend
-        parallel.init_distributed(backend=backend)
+        start = time.monotonic()
+        parallel.init_distributed(backend=backend, timeout_s=cfg.faults.collective_timeout_s)
         self.rank, world = dist.get_rank(), dist.get_world_size()
         self.dp_size, self.num_micro = check(cfg, world)
+        # Signals only set a flag from here on; the loop saves and stops at a step boundary.
+        self.stop_request = faults.StopRequest(
+            faults.parse_signals(cfg.faults.exit_signals),
+            None if cfg.exit_after_minutes is None else start + 60 * cfg.exit_after_minutes)
         dtype = _dtype(cfg)
         parallel.init_model_parallel(cfg.parallel.tensor, cfg.parallel.expert, cfg.parallel.pipeline,
                                      cfg.seed)
@@ -186,13 +206,18 @@ class Trainer:
         ckpt_dir = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else self.run_dir / "checkpoints"
         self.ckpt = Checkpointer(ckpt_dir, cfg.checkpoint.keep_last, identity)
         self.step = 0
+        self.totals = dict.fromkeys(TOTALS, 0)
+        self.totals["model_flops"] = 0.0
+        self.nonfinite_in_a_row = 0
         latest = self.ckpt.latest()
         if latest is not None and not cfg.checkpoint.resume:
             raise ConfigError(
                 f"checkpoint.resume=false, but {ckpt_dir} already holds checkpoints (newest "
                 f"{latest.name}); use a new run folder (dir=...), or resume")
         if latest is not None:
-            self.step = self.ckpt.load(latest, self.model, self.optimizer, self.scheduler, self.data)
+            self.step, extra = self.ckpt.load(latest, self.model, self.optimizer, self.scheduler,
+                                              self.data)
+            self.totals.update(extra.get("totals", {}))
         if self.rank == 0:  # only now: a refused run leaves the folder as it was
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.run_dir / "config.yaml")
@@ -210,12 +235,13 @@ class Trainer:
                          f"{self.num_micro} micro-batches of {cfg.data.micro_batch_size} | "
                          f"{self.info.decoder_seq_length} decoder positions per sample "
                          f"({self.info.image_tokens} image) | {dtype} on {self.device.type}")
-        self.rows = {"dispatched": 0, "topk": 0}
         from megatron_nullmoe.flops import shapes_from_config
 
         self.shapes = shapes_from_config(cfg, self.tokenizer.vocab_size)
-        done = [r for r in self.log.records if "throughput/model_flops_total" in r]
-        self.model_flops = done[-1]["throughput/model_flops_total"] if done else 0.0
+        self.watchdog = None
+        if cfg.faults.stall_timeout_s is not None:
+            self.watchdog = faults.Watchdog(
+                cfg.faults.stall_timeout_s, log=lambda text: print(text, file=sys.stderr))
 
     # ---------------------------------------------------------------------------- steps
     def _forward_step(self, data_iterator, model):
@@ -236,12 +262,14 @@ class Trainer:
 
         return loss_BS, loss_func
 
-    def _run(self, batches, forward_only: bool) -> float:
+    def _run(self, batches, forward_only: bool) -> tuple[float, float]:
+        """(mean loss over all ranks, this rank's own loss sum) of one forward(-backward)."""
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         batches = list(batches)
+        self._beat(1)
         if not batches:
-            return math.nan
+            return math.nan, math.nan
         reports = get_forward_backward_func()(
             forward_step_func=self._forward_step, data_iterator=iter(batches), model=[self.ddp],
             num_microbatches=len(batches), seq_length=self.info.decoder_seq_length,
@@ -249,27 +277,64 @@ class Trainer:
         total = torch.zeros(2, dtype=torch.float64)
         for r in reports:  # empty except on the last pipeline stage
             total += r["lm loss"].double().cpu()
+        local = float(total[0])
         dist.all_reduce(total, group=self.group)
         if self.pp_group is not None:  # hand the last stage's loss to every stage
             dist.all_reduce(total, group=self.pp_group)
-        return float(total[0] / total[1].clamp(min=1))
+        self._beat(2)
+        return float(total[0] / total[1].clamp(min=1)), local
+
+    def _beat(self, phase: int) -> None:
+        if self.watchdog is not None:
+            self.watchdog.beat(self.step + 1, phase)
 
     def train_step(self) -> dict:
+        self._beat(0)
         self.ddp.zero_grad_buffer()
         self.optimizer.zero_grad()
         self.ddp.train()
-        loss = self._run((self.data.next_train() for _ in range(self.num_micro)), False)
-        ok, grad_norm, _ = self.optimizer.step()
-        self.scheduler.step(increment=1)
+        loss, local = self._run((self.data.next_train() for _ in range(self.num_micro)), False)
+        skipped = self.cfg.faults.skip_nonfinite and self._nonfinite(loss, local)
+        ok, grad_norm = False, math.nan
+        if not skipped:
+            ok, grad_norm, _ = self.optimizer.step()
+            self.scheduler.step(increment=1)
         update_null_budget(self.model, group=self.token_group)
+        self._beat(3)
         return {"train/loss": loss, "train/grad_norm": float(grad_norm or 0.0),
-                "train/lr": self.optimizer.param_groups[0]["lr"], "train/update_ok": bool(ok)}
+                "train/lr": self.optimizer.param_groups[0]["lr"], "train/update_ok": bool(ok),
+                "train/skipped_steps_total": self.totals["skipped_steps"]}
+
+    def _nonfinite(self, loss: float, local_loss: float) -> bool:
+        """Whether this step must be skipped (the same answer on every rank). Raises
+        NonFiniteError after faults.max_nonfinite_in_a_row such steps in a row."""
+        self.optimizer.prepare_grads()
+        grad_norm = float(self.optimizer.get_grad_norm())
+        ranks = faults.nonfinite_ranks([local_loss])
+        if math.isfinite(loss) and math.isfinite(grad_norm) and not ranks:
+            self.nonfinite_in_a_row = 0
+            return False
+        self.nonfinite_in_a_row += 1
+        self.totals["skipped_steps"] += 1
+        step, limit = self.step + 1, self.cfg.faults.max_nonfinite_in_a_row
+        where = (f"a non-finite loss on rank(s) {', '.join(map(str, ranks))}" if ranks else
+                 f"a non-finite gradient norm ({grad_norm}) reduced over all ranks")
+        if self.nonfinite_in_a_row >= limit:
+            latest = self.ckpt.latest()
+            raise NonFiniteError(
+                f"step {step}: {where}, {self.nonfinite_in_a_row} steps in a row "
+                f"(faults.max_nonfinite_in_a_row={limit}); stopping without saving. The last "
+                f"good checkpoint is {latest if latest else 'none (no checkpoint was saved yet)'}"
+                "; resume from it (e.g. with a lower optim.lr), or look at the data of this step")
+        self.log.message(f"warning: step {step} skipped: {where} "
+                         f"({self.nonfinite_in_a_row} in a row, stop at {limit})")
+        return True
 
     @torch.no_grad()
     def evaluate(self) -> dict:
         self._routing_stats()  # keep train stats out of val stats
         self.ddp.eval()
-        loss = self._run(self.data.val_batches(self.cfg.logging.eval_steps), True)
+        loss, _ = self._run(self.data.val_batches(self.cfg.logging.eval_steps), True)
         self.ddp.train()
         stats = self._routing_stats().get("all")
         out = {"val/loss": loss}
@@ -303,13 +368,16 @@ class Trainer:
     def interval_stats(self) -> dict:
         stats = self._routing_stats()
         rows = self._dispatch_stats()
-        self.rows["dispatched"] += rows.rows_dispatched
-        self.rows["topk"] += rows.rows_topk
-        out = {"moe/rows_dispatched_total": self.rows["dispatched"],
-               "moe/rows_topk_total": self.rows["topk"],
+        self.totals["rows_dispatched"] += rows.rows_dispatched
+        self.totals["rows_topk"] += rows.rows_topk
+        out = {"moe/rows_dispatched_total": self.totals["rows_dispatched"],
+               "moe/rows_topk_total": self.totals["rows_topk"],
                "moe/rows_over_topk": rows.rows_dispatched / max(rows.rows_topk, 1)}
         if "all" in stats:
             total = stats.pop("all")
+            self.totals["null_picks"] += int(total.counts["null_picks"])
+            self.totals["slots"] += int(total.counts["tokens"]) * total.topk
+            out["null/all_total"] = self.totals["null_picks"] / max(self.totals["slots"], 1)
             by = total.null_fraction_by_modality()
             out.update({"null/all": total.null_fraction, "null/vision": by["vision"],
                         "null/text": by["text"], "moe/real_per_token": total.real_per_token,
@@ -317,58 +385,108 @@ class Trainer:
             out.update({f"null/layer_{n}": s.null_fraction for n, s in stats.items()})
         return out
 
-    def _flops(self, real_per_token, steps: int, elapsed: float) -> dict:
-        """Model FLOPs from the realised real experts per token, not from top-k (Megatron-LM's
-        counter uses top-k and would overstate a null-MoE's work by k / realised)."""
+    def _flops(self, rows_dispatched: int, steps: int, elapsed: float) -> dict:
+        """Model FLOPs of `steps` steps from the expert rows actually computed, not from top-k
+        (Megatron-LM's counter uses top-k and would overstate a null-MoE's work by k / realised):
+        everything but the experts per sample, plus each real (token, expert) row's expert cost.
+        Counting rows keeps the total exact and additive: the same however the steps are split
+        into logging intervals (and so across a resume)."""
         from megatron_nullmoe.flops import train_flops_per_sample
 
-        if real_per_token is None:
+        decoder, _ = self.shapes
+        if not steps or not decoder.num_moe_layers:
             return {}
-        per_step = self.cfg.data.global_batch_size * train_flops_per_sample(*self.shapes,
-                                                                              real_per_token)
-        self.model_flops += per_step * steps
-        return {"throughput/tflops_per_s": per_step * steps / elapsed / 1e12,
-                "throughput/model_flops_total": self.model_flops}
+        without_experts = train_flops_per_sample(*self.shapes, 0.0)
+        per_row = (train_flops_per_sample(*self.shapes, 1.0) - without_experts) / (
+            decoder.seq_length * decoder.num_moe_layers)
+        flops = steps * self.cfg.data.global_batch_size * without_experts + rows_dispatched * per_row
+        self.totals["model_flops"] += flops
+        return {"throughput/tflops_per_s": flops / elapsed / 1e12,
+                "throughput/model_flops_total": self.totals["model_flops"]}
+
+    def _save(self) -> Path:
+        """A checkpoint of this step, unless a rank holds non-finite weights (then the last good
+        checkpoint stays the newest and the run stops with the reason)."""
+        self._beat(3)
+        if self._steps_in_interval:  # counts of steps not logged yet belong in the checkpoint
+            self._close_interval()
+        bad = faults.params_finite(self.model)
+        if bad:
+            raise CheckpointError(
+                f"refusing to save step {self.step}: rank(s) {', '.join(map(str, bad))} hold "
+                f"non-finite weights; the last good checkpoint ({self.ckpt.latest() or 'none'}) "
+                "is kept")
+        path = self.ckpt.save(self.step, self.model, self.optimizer, self.scheduler, self.data,
+                              totals=self.totals)
+        self.log.message(f"saved checkpoint {path}")
+        self._beat(3)
+        self._tick = time.perf_counter()  # saving time is not training throughput
+        return path
 
     # ----------------------------------------------------------------------------- run
+    def _close_interval(self) -> dict:
+        """Folds the routing and dispatch counts and the FLOPs of the steps since the last close
+        into the running totals (so a checkpoint holds all of them) and returns their stats."""
+        elapsed = max(time.perf_counter() - self._tick, 1e-9)
+        tokens_per_step = self.cfg.data.global_batch_size * self.info.decoder_seq_length
+        out = {"throughput/tokens_per_s": tokens_per_step * self._steps_in_interval / elapsed}
+        rows_before = self.totals["rows_dispatched"]
+        out.update(self.interval_stats())
+        out.update(self._flops(self.totals["rows_dispatched"] - rows_before,
+                               self._steps_in_interval, elapsed))
+        self._tick, self._steps_in_interval = time.perf_counter(), 0
+        return out
+
     def fit(self) -> dict:
         cfg, lg = self.cfg, self.cfg.logging
         tokens_per_step = cfg.data.global_batch_size * self.info.decoder_seq_length
         # Count the first interval from here: a resumed run has no rows logged before it.
         routing_stats(self.model, self.token_group, reset=True)
         dispatch_stats(self.model, self.token_group, reset=True)
-        tick, steps_in_interval = time.perf_counter(), 0
+        self._tick, self._steps_in_interval = time.perf_counter(), 0
         stop = cfg.steps if cfg.exit_after_steps is None else min(
             cfg.steps, self.step + cfg.exit_after_steps)
+        if cfg.exit_at_step is not None:
+            stop = min(stop, max(cfg.exit_at_step, self.step))
+        saved_at = None
         while self.step < stop:
             values = self.train_step()
             self.step += 1
-            steps_in_interval += 1
+            self.totals["tokens"] += tokens_per_step
+            self._steps_in_interval += 1
             self.log.advance()
             if self.step % lg.log_every == 0 or self.step == cfg.steps or self.step == 1:
-                elapsed = time.perf_counter() - tick
-                values["throughput/tokens_per_s"] = tokens_per_step * steps_in_interval / elapsed
-                values.update(self.interval_stats())
-                values.update(self._flops(values.get("moe/real_per_token"), steps_in_interval,
-                                          elapsed))
+                values.update(self._close_interval())
                 self.log.log(self.step, values)
-                tick, steps_in_interval = time.perf_counter(), 0
             if lg.eval_every and (self.step % lg.eval_every == 0 or self.step == cfg.steps):
                 self.log.log(self.step, self.evaluate())
-                tick = time.perf_counter()  # evaluation time is not training throughput
+                self._tick = time.perf_counter()  # evaluation time is not training throughput
             every = cfg.checkpoint.save_every
             if (every and self.step % every == 0) or self.step == stop:
-                path = self.ckpt.save(self.step, self.model, self.optimizer, self.scheduler, self.data)
-                self.log.message(f"saved checkpoint {path}")
-                tick = time.perf_counter()
+                self._save()
+                saved_at = self.step
+            reason = self.stop_request.agreed()  # one collective: every rank stops together
+            if reason is not None and self.step < cfg.steps:
+                if saved_at != self.step:
+                    self._save()
+                self.log.message(f"stopping at step {self.step} of {cfg.steps} ({reason}) with a "
+                                 f"checkpoint; launch again to resume (exit code "
+                                 f"{faults.EXIT_STOPPED})")
+                self.log.close()
+                return {"steps": self.step, "stopped_early": True, "exit_code": faults.EXIT_STOPPED}
         if self.step < cfg.steps:
-            self.log.message(f"stopping at step {self.step} of {cfg.steps} (exit_after_steps); "
+            why = "exit_at_step" if stop == cfg.exit_at_step else "exit_after_steps"
+            self.log.message(f"stopping at step {self.step} of {cfg.steps} ({why}); "
                              "launch again to resume")
             self.log.close()
             return {"steps": self.step, "stopped_early": True}
         summary = self.log.summary({"parameters_rank0": describe(self.model),
                                     "run_dir": str(self.run_dir),
-                                    "model_flops_total": self.model_flops,
+                                    "model_flops_total": self.totals["model_flops"],
+                                    "tokens_total": self.totals["tokens"],
+                                    "null_rate_total": self.totals["null_picks"]
+                                    / max(self.totals["slots"], 1),
+                                    "skipped_steps": self.totals["skipped_steps"],
                                     "world_size": dist.get_world_size()})
         plot = self.log.plot()
         self.log.message(f"summary: {self.run_dir / 'summary.json'}; plot: {plot}")
@@ -381,4 +499,7 @@ def train(cfg: RunConfig) -> dict:
     try:
         return trainer.fit()
     finally:
+        if trainer.watchdog is not None:
+            trainer.watchdog.close()
+        trainer.stop_request.restore()
         parallel.shutdown()

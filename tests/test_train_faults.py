@@ -1,0 +1,179 @@
+"""Pre-emption, non-finite values and hangs, on real 2-rank runs (torchrun, gloo, expert parallel 2).
+
+Faults are injected only through tests/_fault_entry.py (a test-only wrapper of the trainer's
+entry); the product has no switch for them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests._train import ROOT, losses, run, tiny_demo, vlm_args
+
+ENTRY = str(ROOT / "tests" / "_fault_entry.py")
+TIMING = ("tokens_per_s", "run_dir")  # wall-clock and the folder name are allowed to differ
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory) -> Path:
+    return tiny_demo(tmp_path_factory.mktemp("data") / "demo")
+
+
+def launch(args: list[str], ranks: int = 2, **fault_env: str) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", **fault_env}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc-per-node={ranks}", ENTRY, *args]
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 240) -> None:
+    end = time.monotonic() + timeout
+    while not path.exists():
+        if proc.poll() is not None:
+            raise AssertionError(f"run ended before {path} appeared:\n{proc.communicate()[1][-3000:]}")
+        if time.monotonic() > end:
+            proc.kill()
+            raise AssertionError(f"{path} did not appear within {timeout} s")
+        time.sleep(0.05)
+
+
+def summary(run_dir: Path) -> dict:
+    out = json.loads((run_dir / "summary.json").read_text())
+    return {k: v for k, v in out.items() if k not in TIMING}
+
+
+COMMON = ["steps=10", "parallel.expert=2", "checkpoint.save_every=4", "logging.log_every=3"]
+
+
+def test_sigterm_between_checkpoints_saves_that_step_and_resumes_exactly(demo, tmp_path):
+    """SIGTERM reaches one rank only (as a node-local signal would), after the periodic checkpoint
+    at step 4 and before the one at 8. Both ranks agree, save the step they reached, and exit;
+    the resumed run ends with the uninterrupted run's losses and summary."""
+    run(vlm_args(demo, tmp_path / "full", *COMMON), ranks=2)
+    split, pids = tmp_path / "split", tmp_path / "pids"
+    proc = launch(vlm_args(demo, split, *COMMON), FAULT_SLOW_STEP_S="0.5",
+                  FAULT_PID_DIR=str(pids))
+    wait_for(split / "checkpoints" / "iter_0000004", proc)
+    os.kill(int((pids / "rank1").read_text()), signal.SIGTERM)
+    out, err = proc.communicate(timeout=240)
+    latest = (split / "checkpoints" / "latest").read_text().strip()
+    stopped_at = int(latest.removeprefix("iter_"))
+    assert 4 < stopped_at < 8, (latest, out[-2000:], err[-2000:])
+    assert f"stopping at step {stopped_at} of 10 (a stop signal) with a checkpoint" in out
+    assert "exitcode  : 75" in err or "exitcode: 75" in err.replace("  ", " ")
+    assert not (split / "summary.json").exists()
+
+    resumed = run(vlm_args(demo, split, *COMMON), ranks=2)
+    assert f"resumed from" in resumed.stdout and latest in resumed.stdout
+    assert losses(split) == losses(tmp_path / "full")
+    full, mine = summary(tmp_path / "full"), summary(split)
+    assert math.isclose(mine.pop("model_flops_total"), full.pop("model_flops_total"),
+                        rel_tol=1e-12)
+    assert mine == full  # rows, tokens, null counts: every running total continued
+
+
+def test_one_rank_sigint_exit_code_and_exit_at_step(demo, tmp_path):
+    """Ctrl-C on a laptop (SIGINT, one process) saves too, and the process exits 75; exit_at_step
+    stops a run at an absolute step with a checkpoint and exit code 0."""
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore",
+           "FAULT_SLOW_STEP_S": "0.5", "MASTER_PORT": str(_free_port())}
+    proc = subprocess.Popen([sys.executable, ENTRY, *vlm_args(demo, run_dir, "steps=20",
+                                                              "checkpoint.save_every=2")],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    wait_for(run_dir / "checkpoints" / "iter_0000002", proc)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 75, err[-2000:]
+    assert "(a stop signal) with a checkpoint" in out
+    step = int((run_dir / "checkpoints/latest").read_text().strip().removeprefix("iter_"))
+    assert step >= 2
+    done = run(vlm_args(demo, run_dir, "steps=20", f"exit_at_step={step + 2}"))
+    assert f"stopping at step {step + 2} of 20 (exit_at_step)" in done.stdout
+    assert (run_dir / "checkpoints/latest").read_text().strip() == f"iter_{step + 2:07d}"
+
+
+def test_time_budget_stops_with_a_checkpoint(demo, tmp_path):
+    out = run(vlm_args(demo, tmp_path / "run", "steps=200", "exit_after_minutes=0.001"),
+              check=False)
+    assert out.returncode == 75, out.stderr[-2000:]
+    assert "(exit_after_minutes) with a checkpoint" in out.stdout
+    assert (tmp_path / "run/checkpoints/latest").read_text().strip() == "iter_0000001"
+
+
+def test_a_nonfinite_step_is_skipped_and_a_run_of_them_stops_naming_rank_and_checkpoint(
+        demo, tmp_path):
+    run_dir = tmp_path / "run"
+    args = vlm_args(demo, run_dir, "steps=6", "parallel.expert=2", "checkpoint.save_every=2")
+    proc = launch(args, FAULT_NAN_STEPS="3", FAULT_NAN_RANK="1")
+    out, err = proc.communicate(timeout=240)
+    assert proc.returncode == 0, err[-3000:]
+    assert "warning: step 3 skipped: a non-finite loss on rank(s) 1 (1 in a row, stop at 3)" in out
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    train = {r["step"]: r for r in records if "train/loss" in r}
+    assert math.isnan(train[3]["train/loss"]) and not train[3]["train/update_ok"]
+    assert all(math.isfinite(train[s]["train/loss"]) for s in (1, 2, 4, 5, 6))
+    assert json.loads((run_dir / "summary.json").read_text())["skipped_steps"] == 1
+
+    bad = tmp_path / "bad"
+    proc = launch(vlm_args(demo, bad, "steps=8", "parallel.expert=2", "checkpoint.save_every=2"),
+                  FAULT_NAN_STEPS="4,5,6", FAULT_NAN_RANK="1")
+    out, err = proc.communicate(timeout=240)
+    assert proc.returncode != 0
+    assert ("error: step 6: a non-finite loss on rank(s) 1, 3 steps in a row "
+            "(faults.max_nonfinite_in_a_row=3)") in err
+    # step 4 was skipped, so the weights saved at step 4 are still good ones
+    assert f"The last good checkpoint is {bad / 'checkpoints' / 'iter_0000004'}" in err
+    assert (bad / "checkpoints/latest").read_text().strip() == "iter_0000004"
+    assert not (bad / "checkpoints/iter_0000006").exists()
+
+
+def test_nonfinite_weights_are_never_saved(demo, tmp_path):
+    """With the guard off, a NaN step poisons the weights: the next save is refused and the last
+    good checkpoint stays the newest."""
+    run_dir = tmp_path / "run"
+    proc = launch(vlm_args(demo, run_dir, "steps=6", "parallel.expert=2",
+                           "checkpoint.save_every=2", "faults.skip_nonfinite=false"),
+                  FAULT_NAN_STEPS="3", FAULT_NAN_RANK="0")
+    out, err = proc.communicate(timeout=240)
+    assert proc.returncode != 0
+    assert "refusing to save step 4: rank(s) 0, 1 hold non-finite weights" in err
+    assert (run_dir / "checkpoints/latest").read_text().strip() == "iter_0000002"
+    assert not (run_dir / "checkpoints/iter_0000004").exists()
+
+
+def test_a_stalled_rank_is_named_within_the_timeout(demo, tmp_path):
+    start = time.monotonic()
+    proc = launch(vlm_args(demo, tmp_path / "run", "steps=20", "parallel.expert=2",
+                           "faults.stall_timeout_s=6"), FAULT_STALL_STEP="3", FAULT_STALL_RANK="1")
+    out, err = proc.communicate(timeout=180)
+    assert proc.returncode != 0
+    assert "stalled: rank 1 (at step 3 'step start'" in err, err[-3000:]
+    assert "rank 0 made no progress for" in err
+    # start-up and two steps take a few seconds; the stall is reported 6 s (+ one poll) later,
+    # far sooner than the 600 s collective timeout would end it
+    assert time.monotonic() - start < 120
+
+
+def test_bad_signal_name_is_a_config_error(demo, tmp_path):
+    out = run(vlm_args(demo, tmp_path / "run", "steps=1", "faults.exit_signals=TERM,KILLME"),
+              check=False)
+    assert out.returncode != 0
+    assert "faults.exit_signals: 'KILLME' is not one of TERM, USR1, USR2, INT, HUP" in out.stderr
+
+
+def _free_port() -> int:
+    from megatron_nullmoe.parallel import free_port
+
+    return free_port()
