@@ -84,6 +84,7 @@ def _run(a) -> int:
 
     if a.parallel < 1 or (a.nproc_per_node is not None and a.nproc_per_node < 1):
         sys.exit("--parallel and --nproc-per-node must be >= 1")
+    sweep = nproc = None
     try:
         sweep = load_sweep(a.sweep, a.overrides, a.dir)
         runs = plan(sweep)
@@ -96,7 +97,13 @@ def _run(a) -> int:
             world, label = nproc, f"{nproc} process(es) per run, {a.parallel} run(s) at once"
         check_runtime(runs, world)
     except SweepError as err:
-        sys.exit(f"sweep error: {err}")
+        hint = ""
+        if (a.launcher == "local" and sweep is not None and nproc is not None
+                and sweep.launch.nodes * sweep.launch.gpus_per_node > nproc):
+            hint = (f" (this sweep's launch section asks for {sweep.launch.nodes} node(s) x "
+                    f"{sweep.launch.gpus_per_node} GPUs per run: use --launcher slurm, or "
+                    "--nproc-per-node to run it here)")
+        sys.exit(f"sweep error: {err}{hint}")
     if a.dry_run:
         _print_plan(sweep, runs, a, world, label)
     if a.launcher == "slurm":
