@@ -104,6 +104,27 @@ def test_one_rank_sigint_exit_code_and_exit_at_step(demo, tmp_path):
     assert (run_dir / "checkpoints/latest").read_text().strip() == f"iter_{step + 2:07d}"
 
 
+def test_ctrl_c_to_the_whole_process_group_with_data_workers(demo, tmp_path):
+    """Ctrl-C in a terminal sends INT to every process of the foreground group: data-loader
+    workers and dist_checkpointing's writer process too. The trainer still saves the step it
+    reached and exits 75 (8 micro-batches a step: more than the worker has prefetched)."""
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore",
+           "FAULT_SLOW_STEP_S": "0.5", "MASTER_PORT": str(_free_port())}
+    proc = subprocess.Popen([sys.executable, ENTRY, *vlm_args(demo, run_dir, "steps=20",
+                                                              "checkpoint.save_every=2",
+                                                              "data.num_workers=1",
+                                                              "data.micro_batch_size=2")],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    wait_for(run_dir / "checkpoints" / "iter_0000002", proc)
+    os.killpg(proc.pid, signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 75, err[-3000:]
+    assert "(a stop signal) with a checkpoint" in out
+    assert int((run_dir / "checkpoints/latest").read_text().strip().removeprefix("iter_")) >= 2
+
+
 def test_time_budget_stops_with_a_checkpoint(demo, tmp_path):
     out = run(vlm_args(demo, tmp_path / "run", "steps=200", "exit_after_minutes=0.001"),
               check=False)
