@@ -14,7 +14,7 @@ warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not i
 # First: refuses a megatron-core release outside the supported range with one clear message.
 from megatron_nullmoe._mcore import MCORE_VERSION, MegatronCoreVersionError
 from megatron_nullmoe.config import NullExpertConfig, NullExpertConfigError
-from megatron_nullmoe.layer import NullExpertMoELayer, null_moe_layer
+from megatron_nullmoe.layer import NullExpertMoELayer, null_moe_layer, null_router
 from megatron_nullmoe.model_utils import (
     dispatch_stats,
     null_routers,
@@ -23,7 +23,7 @@ from megatron_nullmoe.model_utils import (
     update_null_budget,
 )
 from megatron_nullmoe.router import NullExpertRouter
-from megatron_nullmoe.spec import null_router, with_null_experts
+from megatron_nullmoe.spec import with_null_experts
 
 __all__ = [
     "MCORE_VERSION",

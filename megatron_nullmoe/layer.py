@@ -9,13 +9,22 @@ TransformerLayer subclasses, which swap in the null-aware dispatcher once the la
 
 from __future__ import annotations
 
+import functools
+
 from megatron.core.transformer.moe.moe_layer import MoELayer
 from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
 from megatron.core.transformer.transformer_layer import MoETransformerLayer, TransformerLayer
 
 from megatron_nullmoe import _mcore
+from megatron_nullmoe.config import NullExpertConfig
 from megatron_nullmoe.dispatch import build_dispatcher
 from megatron_nullmoe.router import NullExpertRouter
+
+
+def null_router(null_config: NullExpertConfig):
+    """Router builder for `MoESubmodules.router`: called as builder(config=, pg_collection=)
+    (and, from megatron-core 0.17, is_mtp_layer=)."""
+    return functools.partial(NullExpertRouter, null_config=null_config)
 
 
 def install_null_dispatcher(moe_layer: MoELayer, pg_collection) -> None:
@@ -71,8 +80,6 @@ LAYER_CLASSES = {
 
 def null_moe_layer(config, null_config, pg_collection=None, layer_number=1, use_te=False):
     """A standalone NullExpertMoELayer with megatron-core's own expert modules (local or TE)."""
-    from megatron_nullmoe.spec import null_router
-
     spec = _mcore.moe_module_spec(use_te, config.num_moe_experts, config.moe_grouped_gemm)
     _, subs = _mcore.moe_parts(_mcore.with_moe_router(spec, null_router(null_config)))
     return NullExpertMoELayer(config, subs, layer_number=layer_number, pg_collection=pg_collection)

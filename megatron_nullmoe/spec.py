@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Union
 
 from megatron.core.transformer.spec_utils import ModuleSpec
@@ -11,16 +10,9 @@ from megatron.core.transformer.transformer_block import TransformerBlockSubmodul
 
 from megatron_nullmoe import _mcore
 from megatron_nullmoe.config import NullExpertConfig
-from megatron_nullmoe.layer import LAYER_CLASSES
-from megatron_nullmoe.router import NullExpertRouter
+from megatron_nullmoe.layer import LAYER_CLASSES, null_router
 
 Spec = Union[ModuleSpec, TransformerBlockSubmodules, list]
-
-
-def null_router(null_config: NullExpertConfig):
-    """Router builder for `MoESubmodules.router`: called as builder(config=, pg_collection=)
-    (and, from megatron-core 0.17, is_mtp_layer=)."""
-    return functools.partial(NullExpertRouter, null_config=null_config)
 
 
 def _convert_layer(spec: ModuleSpec, null_config: NullExpertConfig) -> tuple[ModuleSpec, bool]:
