@@ -140,10 +140,13 @@ if __name__ == "__main__":
     p.add_argument("--warmup", type=int, default=30)
     p.add_argument("--rounds", type=int, default=15)
     a = p.parse_args()
-    if a.topk * a.experts != a.topk_base * (a.experts + a.nulls):
-        raise SystemExit(f"not iso-FLOP: k*E/(E+Z) = {a.topk * a.experts / (a.experts + a.nulls)}"
-                         f" != k_b = {a.topk_base}")
+    from megatron_nullmoe.flops import expected_real
     from megatron_nullmoe.parallel import free_port
+
+    # exact: a correctly rounded quotient that is a whole number k_b is k_b
+    real = expected_real(topk=a.topk, num_experts=a.experts, num_null=a.nulls)
+    if real != a.topk_base:
+        raise SystemExit(f"not iso-FLOP: k*E/(E+Z) = {real} != k_b = {a.topk_base}")
 
     os.environ["MASTER_PORT"] = str(free_port())
     if a.ranks == 1:

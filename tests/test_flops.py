@@ -21,8 +21,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_expected_real_and_partners_satisfy_the_iso_flop_identity():
-    assert expected_real(64, 8, 64) == 4.0
-    assert expected_real(8, 4, 8) == 2.0
+    assert expected_real(topk=8, num_experts=64, num_null=64) == 4.0
+    assert expected_real(topk=4, num_experts=8, num_null=8) == 2.0
+    with pytest.raises(TypeError):  # keyword-only: E, k and Z cannot be passed in the wrong order
+        expected_real(8, 64, 64)
     partners = iso_flop_partners(64, 4, max_topk=12)
     assert (8, 64) in partners and (4, 0) in partners
     for k, z in partners:
@@ -47,7 +49,7 @@ def test_decoder_flops_by_hand_and_linear_in_real_experts():
 
 
 def test_cli_partners_expected_and_recipe(capsys):
-    from megatron_nullmoe.flops import main
+    from megatron_nullmoe.flops.__main__ import main
 
     main(["--partners", "--experts", "64", "--baseline-topk", "4", "--max-topk", "8"])
     assert "| 8 | 64 | 0.500 |" in capsys.readouterr().out

@@ -17,16 +17,18 @@ import warnings
 from pathlib import Path
 from typing import Optional
 
-from megatron_nullmoe.flops import expected_real, shapes_from_config, train_flops_per_sample
+from megatron_nullmoe.flops import expected_real, train_flops_per_sample
 from megatron_nullmoe.sweep.spec import Run, Sweep, SweepError
 from megatron_nullmoe.train.config import ConfigError, RunConfig
+from megatron_nullmoe.train.flops import shapes_from_config
 
 
 def expected_real_per_token(cfg: RunConfig) -> float:
     null = cfg.model.null_experts
     if null.num_null_experts and null.target_real_per_token is not None:
         return null.target_real_per_token
-    return expected_real(cfg.model.num_experts, cfg.model.router_topk, null.num_null_experts)
+    return expected_real(topk=cfg.model.router_topk, num_experts=cfg.model.num_experts,
+                         num_null=null.num_null_experts)
 
 
 def _why(cfg: RunConfig) -> str:

@@ -235,7 +235,7 @@ class Trainer:
                          f"{self.num_micro} micro-batches of {cfg.data.micro_batch_size} | "
                          f"{self.info.decoder_seq_length} decoder positions per sample "
                          f"({self.info.image_tokens} image) | {dtype} on {self.device.type}")
-        from megatron_nullmoe.flops import shapes_from_config
+        from megatron_nullmoe.train.flops import shapes_from_config
 
         self.shapes = shapes_from_config(cfg, self.tokenizer.vocab_size)
         self.watchdog = None

@@ -1,0 +1,97 @@
+"""The package's import graph: no cycles, and nothing below the trainer imports it.
+
+Read from the source with `ast` (nothing is imported), counting imports at module level and inside
+functions alike: a lazy import is still an arrow. Layers, bottom up: the plugin (routing, router,
+dispatch, layer, spec, config, _mcore, flops formulas), megatron_lm/ beside it, then train/, then
+sweep/. A `__main__` module is an entry point that nothing imports, so it may reach any layer.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "megatron_nullmoe"
+ROOT = "megatron_nullmoe"
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _resolve(module: str, is_package: bool, node: ast.ImportFrom, files) -> list[str]:
+    """Modules named by `from X import a, b`: X.a where that is a module, else X itself (so
+    `from megatron_nullmoe import _mcore` is an arrow to _mcore, not to the package's face)."""
+    if node.level:
+        base = module.split(".")
+        base = base[: len(base) - node.level + (1 if is_package else 0)]
+        target = ".".join(base + ([node.module] if node.module else []))
+    else:
+        target = node.module or ""
+    return [f"{target}.{a.name}" if f"{target}.{a.name}" in files else target for a in node.names]
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Module -> the package's modules it imports (anywhere in its body)."""
+    files = {_module_name(p): p for p in PACKAGE.rglob("*.py")}
+    graph: dict[str, set[str]] = {}
+    for module, path in files.items():
+        names: list[str] = []
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                names += [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names += _resolve(module, path.name == "__init__.py", node, files)
+        graph[module] = {n for n in names if n in files and n != module}
+    return graph
+
+
+def _cycle(graph: dict[str, set[str]]) -> list[str]:
+    """One import cycle as a path a -> ... -> a, or [] when the graph is acyclic."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(node: str) -> list[str]:
+        state[node] = 1
+        path.append(node)
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                return path[path.index(nxt):] + [nxt]
+            if nxt not in state and (found := visit(nxt)):
+                return found
+        state[node] = 2
+        path.pop()
+        return []
+
+    for node in sorted(graph):
+        if node not in state and (found := visit(node)):
+            return found
+    return []
+
+
+def test_the_graph_sees_lazy_and_relative_imports():
+    graph = import_graph()
+    # spec.py -> layer.py at module level; train/loop.py -> train/flops.py inside a method.
+    assert "megatron_nullmoe.layer" in graph["megatron_nullmoe.spec"]
+    assert "megatron_nullmoe.train.flops" in graph["megatron_nullmoe.train.loop"]
+    assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert _cycle({"a": {"b"}, "b": set()}) == []
+
+
+def test_package_import_graph_is_acyclic():
+    cycle = _cycle(import_graph())
+    assert not cycle, "import cycle: " + " -> ".join(cycle)
+
+
+def test_nothing_below_the_trainer_imports_it():
+    above = (f"{ROOT}.train", f"{ROOT}.sweep")
+    wrong = sorted(
+        f"{module} -> {dep}"
+        for module, deps in import_graph().items()
+        for dep in deps
+        if dep.startswith(f"{ROOT}.train")
+        and not module.startswith(above)
+        and not module.endswith(".__main__")
+    )
+    assert not wrong, "imports up into megatron_nullmoe.train: " + ", ".join(wrong)
