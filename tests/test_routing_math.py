@@ -100,23 +100,6 @@ def test_selection_bias_changes_picks_not_gates():
     assert float(routing.picked_TK[0][routing.index_TK[0] == 3]) == 1.5  # unbiased logit
 
 
-def test_balancing_loss_minimum_at_uniform_slot_use():
-    T, S, k = 8, 4, 2
-    uniform = torch.full((T, S), 1.0 / S)
-    counts = torch.full((S,), T * k / S)
-    assert float(rm.switch_balancing_loss(uniform, counts, T, k)) == pytest.approx(1.0)
-    skewed = torch.tensor([T * k, 0.0, 0.0, 0.0])
-    assert float(rm.switch_balancing_loss(uniform, skewed, T, k)) == pytest.approx(1.0)
-    peaked = torch.zeros(T, S)
-    peaked[:, 0] = 1.0
-    assert float(rm.switch_balancing_loss(peaked, skewed, T, k)) == pytest.approx(S)
-
-
-def test_expected_real_per_token_iso_flops():
-    assert rm.expected_real_per_token(8, 64, 64) == 4.0
-    assert rm.expected_real_per_token(4, 8, 8) == 2.0
-
-
 def test_count_routing_histogram_modality_and_padding():
     index = torch.tensor([[0, 3], [3, 4], [1, 2], [2, 0]])  # E=3: real counts 1, 0, 2, 2
     vision = torch.tensor([True, True, False, False])

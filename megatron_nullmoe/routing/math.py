@@ -1,7 +1,9 @@
-"""Pure routing math for null-expert MoE: top-k over real + null slots, gates, balancing loss.
+"""Pure routing math for null-expert MoE: top-k over real + null slots, gates, real-only outputs.
 
 No Megatron imports, no module state: every function takes tensors and returns tensors, so it can
-be checked against hand-computed cases and reused by any router.
+be checked against hand-computed cases and reused by any router. Balancing losses are not here:
+the router hands all S slots to megatron-core's own loss functions, so that with Z = 0 they are
+TopKRouter's exactly. The balanced expectation k * E / (E + Z) is `flops.expected_real`.
 
 Shape legend: T tokens, H hidden, E real experts, Z null slots, S = E + Z slots, K top-k.
 Slots are laid out real first: columns [0, E) are real experts, [E, S) are null slots.
@@ -153,33 +155,3 @@ def slot_map(index_TK: torch.Tensor, num_slots: int) -> torch.Tensor:
     """Boolean [T, S] map of the chosen slots (real and null)."""
     out = torch.zeros(index_TK.shape[0], num_slots, dtype=torch.bool, device=index_TK.device)
     return out.scatter(1, index_TK, True)
-
-
-def balancing_scores(logits_TS: torch.Tensor, score_function: str) -> torch.Tensor:
-    """Per-slot router probabilities P used by the load-balancing loss (over all S slots)."""
-    if score_function == "softmax":
-        return torch.softmax(logits_TS, dim=-1, dtype=torch.float32)
-    scores_TS = torch.sigmoid(logits_TS.float())
-    return scores_TS / (scores_TS.sum(dim=-1, keepdim=True) + 1e-20)
-
-
-def switch_balancing_loss(
-    scores_TS: torch.Tensor, slot_counts_S: torch.Tensor, num_tokens: float, topk: int
-) -> torch.Tensor:
-    """Switch-style balancing loss over all S slots: S * sum_i f_i * P_i.
-
-    f_i = slot_counts_S[i] / (num_tokens * topk) is the fraction of picks that went to slot i and
-    P_i = mean over tokens of scores_TS[:, i]. Its minimum, 1, is reached at uniform use, which
-    sends picks to null slots at the rate Z / S: data sparsity in expectation.
-    `slot_counts_S` may be reduced over more ranks than `scores_TS` covers; `num_tokens` must then
-    count the tokens of that same wider set (the loss is a sum of per-rank contributions).
-    """
-    num_slots = scores_TS.shape[-1]
-    return (scores_TS.sum(dim=0) * slot_counts_S).sum() * (
-        num_slots / (topk * num_tokens * num_tokens)
-    )
-
-
-def expected_real_per_token(topk: int, num_real: int, num_null: int) -> float:
-    """Real experts per token at perfect balance: k * E / (E + Z)."""
-    return topk * num_real / (num_real + num_null)
