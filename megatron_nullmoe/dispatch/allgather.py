@@ -11,22 +11,14 @@ from __future__ import annotations
 
 import torch
 from megatron.core.transformer.moe.moe_utils import unpermute
-from megatron.core.transformer.moe.token_dispatcher import MoETokenDispatcher
 
 from megatron_nullmoe import _mcore
 from megatron_nullmoe.dispatch import comm
-from megatron_nullmoe.dispatch.stats import DispatchStats
+from megatron_nullmoe.dispatch.base import NullTokenDispatcher
 
 
-class NullAllGatherDispatcher(MoETokenDispatcher):
+class NullAllGatherDispatcher(NullTokenDispatcher):
     """All-gather over the expert-parallel group; experts compute only their real rows."""
-
-    def __init__(self, num_local_experts, local_expert_indices, config, pg_collection=None):
-        super().__init__(config=config, pg_collection=pg_collection)
-        self.num_local_experts = num_local_experts
-        self.local_expert_indices = list(local_expert_indices)
-        self.topk = config.moe_router_topk
-        self.stats = DispatchStats()
 
     def dispatch_preprocess(self, tokens, routing_map, probs):
         self.hidden_shape = tokens.shape
@@ -51,14 +43,12 @@ class NullAllGatherDispatcher(MoETokenDispatcher):
         x_QH, probs_Q, self.sorted_indices_Q = _mcore.permute(
             x_GH, self.local_map_GL, probs=probs_GE[:, first:last].contiguous()
         )
-        self.stats.add(
+        self._record(
             rows_dispatched=self.local_rows,
-            rows_topk=self.num_tokens * self.topk,
             rows_computed=x_QH.shape[0],
             rows_sent_remote=self.num_tokens * (self.ep_size - 1),
-            bytes_sent_remote=self.num_tokens
-            * (self.ep_size - 1)
-            * (x_GH.shape[-1] * x_GH.element_size() + probs_GE.shape[-1] * probs_GE.element_size()),
+            row_bytes=(x_GH.shape[-1] * x_GH.element_size()
+                       + probs_GE.shape[-1] * probs_GE.element_size()),
         )
         return x_QH, tokens_per_expert, probs_Q
 

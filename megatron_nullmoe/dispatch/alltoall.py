@@ -24,11 +24,10 @@ from typing import List
 import torch
 import torch.distributed as dist
 from megatron.core.transformer.moe.moe_utils import unpermute
-from megatron.core.transformer.moe.token_dispatcher import MoETokenDispatcher
 
 from megatron_nullmoe import _mcore
 from megatron_nullmoe.dispatch import comm
-from megatron_nullmoe.dispatch.stats import DispatchStats
+from megatron_nullmoe.dispatch.base import NullTokenDispatcher
 
 
 def _reorder(x: torch.Tensor, sizes_AB: List[List[int]]) -> torch.Tensor:
@@ -39,17 +38,13 @@ def _reorder(x: torch.Tensor, sizes_AB: List[List[int]]) -> torch.Tensor:
     return torch.cat([chunks[a * num_b + b] for b in range(num_b) for a in range(num_a)], dim=0)
 
 
-class NullAlltoAllDispatcher(MoETokenDispatcher):
+class NullAlltoAllDispatcher(NullTokenDispatcher):
     """All-to-all over the expert-parallel group moving real rows only. CPU/gloo and CUDA/NCCL."""
 
     def __init__(self, num_local_experts, local_expert_indices, config, pg_collection=None):
-        super().__init__(config=config, pg_collection=pg_collection)
-        self.num_local_experts = num_local_experts
-        self.local_expert_indices = list(local_expert_indices)
+        super().__init__(num_local_experts, local_expert_indices, config, pg_collection)
         self.num_experts = config.num_moe_experts
-        self.topk = config.moe_router_topk
         self.ep_rank = dist.get_rank(self.ep_group) if self.ep_size > 1 else 0
-        self.stats = DispatchStats()
 
     # -------------------------------------------------------------------------- dispatch
     def dispatch_preprocess(self, tokens, routing_map, probs):
@@ -79,14 +74,11 @@ class NullAlltoAllDispatcher(MoETokenDispatcher):
         x_QH = comm.all_to_all(self.ep_group, x_RH, self.output_splits, self.input_splits)
         probs_Q = comm.all_to_all(self.ep_group, probs_R, self.output_splits, self.input_splits)
 
-        remote_rows = x_RH.shape[0] - self.input_splits[self.ep_rank]
-        row_bytes = x_RH.shape[-1] * x_RH.element_size() + probs_R.element_size()
-        self.stats.add(
+        self._record(
             rows_dispatched=x_RH.shape[0],
-            rows_topk=self.num_tokens * self.topk,
             rows_computed=x_QH.shape[0],
-            rows_sent_remote=remote_rows,
-            bytes_sent_remote=remote_rows * row_bytes,
+            rows_sent_remote=x_RH.shape[0] - self.input_splits[self.ep_rank],
+            row_bytes=x_RH.shape[-1] * x_RH.element_size() + probs_R.element_size(),
         )
         return x_QH, probs_Q
 

@@ -13,7 +13,8 @@ from megatron_nullmoe.train.config import RunConfig
 from megatron_nullmoe.train.model import image_tokens, null_config
 
 
-def shapes_from_config(cfg: RunConfig, vocab_size: int) -> tuple[DecoderShape, Optional[VisionShape]]:
+def shapes_from_config(cfg: RunConfig,
+                       vocab_size: int) -> tuple[DecoderShape, Optional[VisionShape]]:
     """DecoderShape (and VisionShape for a VLM) of a training RunConfig."""
     m = cfg.model
     seq = image_tokens(cfg) + cfg.data.seq_length
