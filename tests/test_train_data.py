@@ -5,6 +5,7 @@ One small demo dataset (64 train + 16 val samples, 32 per shard) is written once
 tests that break a dataset work on a copy of it.
 """
 
+import inspect
 import io
 import json
 import shutil
@@ -17,7 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
-from megatron_nullmoe.train.data import shapes
+from megatron_nullmoe.train.data import DataSource, shapes
 from megatron_nullmoe.train.data.demo import prepare_demo_data
 from megatron_nullmoe.train.data.energon import DataError, EnergonData, to_model_inputs
 from megatron_nullmoe.train.data.text import JsonlData, read_windows
@@ -436,3 +437,13 @@ def test_jsonl_too_few_tokens(tmp_path, tok):
         read_windows(path, tok, 64)
     with pytest.raises(DataError, match="fewer than one global micro-batch"):
         JsonlData(str(path), None, tok, 2, 4, 0, 2, 1)
+
+
+def test_every_loader_has_the_data_source_methods():
+    """The trainer and the checkpointer call these four, by these parameter names, on any loader."""
+    from megatron_nullmoe.train.data.indexed import IndexedData
+
+    for cls in (EnergonData, JsonlData, IndexedData):
+        for name in ("next_train", "val_batches", "state", "restore"):
+            want = list(inspect.signature(getattr(DataSource, name)).parameters)
+            assert list(inspect.signature(getattr(cls, name)).parameters) == want, (cls, name)

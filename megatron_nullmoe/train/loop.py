@@ -24,6 +24,7 @@ from megatron_nullmoe import _mcore, parallel
 from megatron_nullmoe.train import faults
 from megatron_nullmoe.train.checkpoint import CheckpointError, Checkpointer
 from megatron_nullmoe.train.config import ConfigError, RunConfig, save_config
+from megatron_nullmoe.train.data import DataSource
 from megatron_nullmoe.train.data.tokenizer import Tokenizer
 from megatron_nullmoe.train.metrics import RunLog
 from megatron_nullmoe.train.model import build_model, describe, image_tokens, null_config
@@ -86,7 +87,7 @@ def _dtype(cfg: RunConfig) -> torch.dtype:
     return torch.bfloat16 if cfg.precision == "bf16" else torch.float32
 
 
-def _build_data(cfg: RunConfig, tokenizer: Tokenizer, dp_rank: int, dp_size: int):
+def _build_data(cfg: RunConfig, tokenizer: Tokenizer, dp_rank: int, dp_size: int) -> DataSource:
     d = cfg.data
     if d.kind == "energon":
         if cfg.model.kind != "vlm":

@@ -16,7 +16,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from megatron_nullmoe.train.data import DataError
+from megatron_nullmoe.train.data import DataError, PositionState
 from megatron_nullmoe.train.data.text import iter_texts
 from megatron_nullmoe.train.data.tokenizer import EOS, PAD, Tokenizer
 
@@ -61,7 +61,7 @@ def _check_prefix(prefix: str) -> None:
                             "the prefix of a PREFIX.bin/PREFIX.idx pair, without the suffix)")
 
 
-class IndexedData:
+class IndexedData(PositionState):
     """Train and validation batches of one data-parallel rank."""
 
     def __init__(self, prefix: str, valid_prefix: str | None, tokenizer: Tokenizer,
@@ -116,9 +116,3 @@ class IndexedData:
             return
         for i in range(min(limit, len(self.valid) // (self.mbs * self.dp_size))):
             yield self._batch(self.valid, (i * self.dp_size + self.dp_rank) * self.mbs)
-
-    def state(self) -> dict:
-        return {"position": self.position}
-
-    def restore(self, state: dict) -> None:
-        self.position = int(state["position"])

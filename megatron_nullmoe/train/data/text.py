@@ -13,7 +13,7 @@ from typing import Iterator
 
 import torch
 
-from megatron_nullmoe.train.data import DataError
+from megatron_nullmoe.train.data import DataError, PositionState
 from megatron_nullmoe.train.data.tokenizer import BOS, EOS, Tokenizer
 
 
@@ -49,7 +49,7 @@ def read_windows(path: str | Path, tokenizer: Tokenizer, seq_length: int) -> tor
     return torch.tensor(stream[: windows * (seq_length + 1)]).view(windows, seq_length + 1)
 
 
-class JsonlData:
+class JsonlData(PositionState):
     """Train and validation batches of one data-parallel rank."""
 
     def __init__(self, path: str, valid_path: str | None, tokenizer: Tokenizer, seq_length: int,
@@ -79,13 +79,6 @@ class JsonlData:
         mine = self.val_windows[self.dp_rank::self.dp_size]
         for i in range(min(limit, len(mine) // self.mbs)):
             yield _inputs(mine[i * self.mbs:(i + 1) * self.mbs])
-
-    def state(self) -> dict:
-        return {"position": self.position}
-
-    def restore(self, state: dict) -> None:
-        self.position = int(state["position"])
-
 
 def _inputs(tokens: torch.Tensor) -> dict[str, torch.Tensor]:
     B, L = tokens.shape[0], tokens.shape[1] - 1
