@@ -7,11 +7,12 @@ token (capacity, padding, fused permute, DeepEP metadata, static CUDA graphs) is
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from megatron_nullmoe.routing.math import GATE_NORMALIZATIONS  # the math defines the modes
+
 NULL_LOGIT_MODES = ("shared", "per_expert")
-GATE_NORMALIZATIONS = ("renormalize", "keep_null_share")
 SUPPORTED_DISPATCHERS = ("alltoall", "allgather")
 
 
@@ -19,8 +20,15 @@ class NullExpertConfigError(ValueError):
     """A null-expert setting, or a megatron-core setting that null experts cannot honour."""
 
 
-def _fail(field: str, value: Any, valid: str) -> None:
-    raise NullExpertConfigError(f"{field}={value!r} is not valid with null experts: {valid}")
+def _fail(name: str, value: Any, valid: str) -> None:
+    raise NullExpertConfigError(f"{name}={value!r} is not valid with null experts: {valid}")
+
+
+def _knob(default: Any, help: str, **check: Any) -> Any:
+    """A field with what every front end shows of it: the help text, and `choices`, `min` or
+    `above` for the range. The recipe loader (train/config.py) and the Megatron-LM flags
+    (megatron_lm/args.py) are built from these fields; this class's own checks are the authority."""
+    return field(default=default, metadata={"help": help, **check})
 
 
 @dataclass(frozen=True)
@@ -38,13 +46,33 @@ class NullExpertConfig:
         moved every step so that the realised mean number of real experts per token tracks this
         target (in (0, k]). Off by default.
     budget_update_rate: step size of that bias per update (sign update, as aux-loss-free bias).
+    vision_topk, text_topk: the modality-fixed control (no null slots): vision tokens keep their
+        best `vision_topk` real experts and text tokens their best `text_topk`, out of the router's
+        top-k. Needs the model's vision mask at every forward (`set_vision_mask`; the trainer
+        does this). A fixed rule against which the learned null allocation is compared.
     """
 
-    num_null_experts: int = 0
-    null_logits: str = "shared"
-    gate_normalization: str = "renormalize"
-    target_real_per_token: Optional[float] = None
-    budget_update_rate: float = 1e-2
+    num_null_experts: int = _knob(
+        0, "Z zero-compute null slots added to the E real experts; top-k is taken over E + Z "
+        "slots (0: standard MoE)", min=0)
+    null_logits: str = _knob(
+        "shared", "shared: one learned null logit replicated in the Z slots; per_expert: one "
+        "router row per null slot (AdaMoE)", choices=NULL_LOGIT_MODES)
+    gate_normalization: str = _knob(
+        "renormalize", "renormalize: real gates take over the null share; keep_null_share: the "
+        "null share is dropped (the task loss reaches the null logit)",
+        choices=GATE_NORMALIZATIONS)
+    target_real_per_token: Optional[float] = _knob(
+        None, "compute-budget control: hold the realised real experts per token at this value "
+        "(in (0, top-k]); off by default", above=0)
+    budget_update_rate: float = _knob(
+        1e-2, "step size of the budget-control bias per optimizer step", above=0)
+    vision_topk: Optional[int] = _knob(
+        None, "modality-fixed control (no null slots): real experts each vision token keeps "
+        "(with text_topk)", min=0)
+    text_topk: Optional[int] = _knob(
+        None, "modality-fixed control: real experts each text token keeps (with vision_topk)",
+        min=0)
 
     def __post_init__(self) -> None:
         if isinstance(self.num_null_experts, bool) or not isinstance(self.num_null_experts, int):
@@ -59,6 +87,24 @@ class NullExpertConfig:
             _fail("target_real_per_token", self.target_real_per_token, "None or a number > 0")
         if not self.budget_update_rate > 0:
             _fail("budget_update_rate", self.budget_update_rate, "a number > 0")
+        for name in ("vision_topk", "text_topk"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                      or value < 0):
+                _fail(name, value, "None or an integer >= 0")
+        if (self.vision_topk is None) != (self.text_topk is None):
+            _fail("vision_topk" if self.vision_topk is None else "text_topk", None,
+                  "set vision_topk and text_topk together (the modality-fixed control), or neither")
+        if self.modality_topk is not None and self.num_null_experts:
+            _fail("num_null_experts", self.num_null_experts,
+                  "0 with vision_topk/text_topk: the modality-fixed control has no null slots")
+
+    @property
+    def modality_topk(self) -> Optional[tuple[int, int]]:
+        """(vision, text) real experts per token of the modality-fixed control, or None."""
+        if self.vision_topk is None:
+            return None
+        return self.vision_topk, self.text_topk
 
     @property
     def num_null_logits(self) -> int:
@@ -83,6 +129,9 @@ class NullExpertConfig:
             )
         if self.target_real_per_token is not None and self.target_real_per_token > topk:
             _fail("target_real_per_token", self.target_real_per_token, f"in (0, top-k={topk}]")
+        if self.modality_topk is not None and max(self.modality_topk) > topk:
+            name = "vision_topk" if self.vision_topk > topk else "text_topk"
+            _fail(name, getattr(self, name), f"at most moe_router_topk={topk} (kept out of top-k)")
         if config.moe_token_dispatcher_type not in SUPPORTED_DISPATCHERS:
             _fail(
                 "moe_token_dispatcher_type",
@@ -110,10 +159,10 @@ class NullExpertConfig:
             "moe_router_force_biased": (None, "None; biased random logits skip null slots"),
             "expert_tensor_parallel_size": (1, "1; expert tensor parallelism is not supported"),
         }
-        for field, (allowed, why) in refused.items():
-            value = getattr(config, field, allowed)
+        for name, (allowed, why) in refused.items():
+            value = getattr(config, name, allowed)
             if value != allowed and not (allowed is False and not value):
-                _fail(field, value, why)
+                _fail(name, value, why)
         if getattr(config, "cuda_graph_impl", "none") != "none":
             _fail(
                 "cuda_graph_impl",

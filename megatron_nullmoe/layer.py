@@ -9,22 +9,14 @@ TransformerLayer subclasses, which swap in the null-aware dispatcher once the la
 
 from __future__ import annotations
 
-import functools
 
 from megatron.core.transformer.moe.moe_layer import MoELayer
 from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
 from megatron.core.transformer.transformer_layer import MoETransformerLayer, TransformerLayer
 
 from megatron_nullmoe import _mcore
-from megatron_nullmoe.config import NullExpertConfig
 from megatron_nullmoe.dispatch import build_dispatcher
-from megatron_nullmoe.router import NullExpertRouter
-
-
-def null_router(null_config: NullExpertConfig):
-    """Router builder for `MoESubmodules.router`: called as builder(config=, pg_collection=)
-    (and, from megatron-core 0.17, is_mtp_layer=)."""
-    return functools.partial(NullExpertRouter, null_config=null_config)
+from megatron_nullmoe.router import NullExpertRouter, null_router
 
 
 def install_null_dispatcher(moe_layer: MoELayer, pg_collection) -> None:

@@ -13,6 +13,7 @@ Shape legend: T tokens, H hidden, E real experts, Z null slots, S = E + Z, K top
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -150,6 +151,9 @@ class NullExpertRouter(TopKRouter):
             pre_softmax=self.config.moe_router_pre_softmax,
             selection_bias_S=self._selection_bias(),
         )
+        if self.null_config.modality_topk is not None:
+            routing = routing._replace(index_TK=rmath.cap_picks(
+                routing.index_TK, self._modality_topk_T(logits_TS.shape[0]), self.num_real))
         gates_TK = rmath.real_gates(
             routing,
             self.num_real,
@@ -162,7 +166,8 @@ class NullExpertRouter(TopKRouter):
 
         if self.training and torch.is_grad_enabled() and self.is_aux_loss_enabled():
             probs_TE = self._attach_balancing_losses(probs_TE, logits_TS, pad_T, seq_length, bsz)
-        slots_TS = rmath.slot_map(routing.index_TK, self.num_slots)
+        # capped picks (modality-fixed control) sit in slot num_slots: counted as taking no slot
+        slots_TS = rmath.slot_map(routing.index_TK, self.num_slots + 1)[:, : self.num_slots]
         self._apply_expert_bias(slots_TS, padding_mask=pad_T)
         self._record(routing.index_TK, pad_T)
         return probs_TE, map_TE
@@ -206,6 +211,16 @@ class NullExpertRouter(TopKRouter):
                 valid_token_count=local_tokens, **_mcore.dp_avg_kwargs(group_has_dp),
             )
         return probs_TE
+
+    def _modality_topk_T(self, num_tokens: int) -> torch.Tensor:
+        """Real experts each token keeps under the modality-fixed control, from the vision mask."""
+        vision_T = self._token_mask_for(self.vision_mask, num_tokens)
+        if vision_T is None:
+            raise RuntimeError(
+                "vision_topk/text_topk (the modality-fixed control) need the batch's vision mask: "
+                "call megatron_nullmoe.set_vision_mask(model, vision_BS) before each forward")
+        k_vision, k_text = self.null_config.modality_topk
+        return torch.where(vision_T, k_vision, k_text)
 
     def _apply_expert_bias(self, routing_map, padding_mask=None):
         """Counts slot use for aux-loss-free balancing (updated by the training loop).
@@ -295,3 +310,9 @@ class NullExpertRouter(TopKRouter):
         elif realised < target:
             self.null_budget_bias -= step
         return realised
+
+
+def null_router(null_config: NullExpertConfig):
+    """Router builder for `MoESubmodules.router`: called as builder(config=, pg_collection=)
+    (and, from megatron-core 0.17, is_mtp_layer=)."""
+    return functools.partial(NullExpertRouter, null_config=null_config)

@@ -181,3 +181,54 @@ def test_routing_stats_histogram_adds_up():
     assert sum(stats.expert_tokens) == layer.token_dispatcher.stats.rows_dispatched
     expected_real = sum(i * f for i, f in enumerate(stats.real_histogram))
     assert stats.real_per_token == pytest.approx(expected_real)
+
+
+# ------------------------------------------------------------------ modality-fixed control
+def test_cap_picks_keeps_each_tokens_best_k():
+    from megatron_nullmoe.routing import math as rm
+
+    index_TK = torch.tensor([[3, 1, 2], [0, 2, 1], [1, 0, 3]])
+    capped = rm.cap_picks(index_TK, torch.tensor([1, 3, 0]), num_real=4)
+    assert capped.tolist() == [[3, 4, 4], [0, 2, 1], [4, 4, 4]]
+
+
+def test_modality_fixed_control_gives_each_token_type_its_expert_count():
+    """Vision tokens keep their best 1 expert, text tokens their best 3 (top-3, no null slots):
+    exactly, per token, and the kept experts are the router's own best ones."""
+    config = moe_config(num_experts=6, topk=3)
+    fixed = NullExpertRouter(config, null_config=NullExpertConfig(vision_topk=1, text_topk=3))
+    plain = NullExpertRouter(config, null_config=NullExpertConfig())
+    plain.load_state_dict(fixed.state_dict())
+    x = torch.randn(5, 2, HIDDEN)  # [seq, batch]
+    vision_BS = torch.zeros(2, 5, dtype=torch.bool)
+    vision_BS[:, :3] = True
+    fixed.vision_mask = vision_BS
+    probs, rmap = fixed(x)
+    _, full = plain(x)
+    vision_T = vision_BS.transpose(0, 1).reshape(-1)
+    assert rmap[vision_T].sum(-1).tolist() == [1] * 6 and rmap[~vision_T].sum(-1).tolist() == [3] * 4
+    assert (rmap <= full).all()  # kept picks are among the router's top-3
+    assert torch.allclose(probs[vision_T].sum(-1), torch.ones(6))  # renormalised over kept ones
+    logits_TE = plain.gating(x).reshape(10, -1)
+    kept_E = rmap[vision_T].float().argmax(-1)  # the one expert each vision token kept
+    assert torch.equal(kept_E, logits_TE[vision_T].argmax(-1))  # is its best one
+    fixed.vision_mask = None
+    with pytest.raises(RuntimeError, match="set_vision_mask"):
+        fixed(x)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(vision_topk=1), "set vision_topk and text_topk together"),
+    (dict(vision_topk=1, text_topk=2, num_null_experts=4), "has no null slots"),
+    (dict(vision_topk=-1, text_topk=2), "an integer >= 0"),
+])
+def test_modality_fixed_control_is_checked(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        NullExpertConfig(**kwargs)
+
+
+def test_modality_fixed_control_beyond_topk_is_refused():
+    from megatron_nullmoe import NullExpertConfigError
+
+    with pytest.raises(NullExpertConfigError, match="text_topk=3 .* at most moe_router_topk=2"):
+        NullExpertConfig(vision_topk=1, text_topk=3).check(moe_config(num_experts=6, topk=2))

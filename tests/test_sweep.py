@@ -148,6 +148,13 @@ def test_example_sweeps_load_and_dry_run(name, capsys):
         assert len({r.cfg.model.hidden_size for r in runs}) == 2
         assert "#SBATCH --array=0-53" in out and not (ROOT / sweep.root).exists()
         assert total > 1000  # thousands of GPU-hours, not a toy
+    else:  # the CPU controls, the modality-fixed ones bracketing the null runs' 2 real/token
+        from megatron_nullmoe.sweep.checks import expected_real_per_token
+
+        rate = {r.variant: expected_real_per_token(r.cfg) for r in runs}
+        assert rate["null_renorm"] == rate["top2"] == 2 and rate["top4"] == 4
+        assert rate["fixed_v1_t3"] == (36 * 1 + 12 * 3) / 48  # 36 image + 12 text positions
+        assert rate["fixed_v2_t3"] == (36 * 2 + 12 * 3) / 48
 
 
 # ------------------------------------------------------------------------------ Slurm

@@ -367,3 +367,47 @@ def test_scientific_notation_without_a_dot_is_a_number(tmp_path):
     assert load_config(str(recipe)).optim.lr == 3e-4
     with pytest.raises(ConfigError, match="expected a number"):
         load_config(overrides=["optim.lr=fast"])
+
+
+def test_null_expert_config_is_the_one_source_of_its_knobs():
+    """Every NullExpertConfig field is a recipe key (model.null_experts.<field>) and, unless the
+    Megatron-LM path cannot honour it, a Megatron-LM flag, with the same default, and both front
+    ends hand the value through unchanged. A field added to NullExpertConfig appears in both."""
+    import argparse
+    import dataclasses
+
+    from megatron_nullmoe.config import NullExpertConfig
+    from megatron_nullmoe.megatron_lm.args import (
+        FLAGS, NOT_FOR_MEGATRON_LM, add_null_moe_args, null_config_from_args)
+    from megatron_nullmoe.train.config import load_config
+    from megatron_nullmoe.train.model import null_config
+
+    names = [f.name for f in dataclasses.fields(NullExpertConfig)]
+    assert set(FLAGS.values()) == set(names) - set(NOT_FOR_MEGATRON_LM)
+    cfg = load_config(None, [])
+    assert null_config(cfg) == NullExpertConfig()
+    assert set(cfg.to_dict()["model"]["null_experts"]) == set(names)
+    values = dict(num_null_experts=4, null_logits="per_expert",
+                  gate_normalization="keep_null_share", target_real_per_token=1.5,
+                  budget_update_rate=0.2)
+    assert set(values) == set(FLAGS.values())  # a new field needs a value in this test too
+    cfg = load_config(None, [f"model.null_experts.{k}={v}" for k, v in values.items()])
+    assert null_config(cfg) == NullExpertConfig(**values)
+    flags = [x for flag, name in FLAGS.items() for x in (flag, str(values[name]))]
+    args = add_null_moe_args(argparse.ArgumentParser()).parse_args(flags)
+    args.num_experts = 8
+    assert null_config_from_args(args) == NullExpertConfig(**values)
+    cfg = load_config(None, ["model.null_experts.vision_topk=1", "model.null_experts.text_topk=3"])
+    assert null_config(cfg).modality_topk == (1, 3)
+
+
+@pytest.mark.parametrize("override,message", [
+    ("model.null_experts.null_logits=tide", "did you mean 'tied'|one of shared, per_expert"),
+    ("model.null_experts.vision_topk=2", "model.null_experts: .*set vision_topk and text_topk"),
+    ("model.null_experts.budget_update_rate=0", "model.null_experts.budget_update_rate=0"),
+])
+def test_null_expert_recipe_errors_name_the_key(override, message):
+    from megatron_nullmoe.train.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])

@@ -175,3 +175,17 @@ def test_gpt_pipeline_parallel_two_stages_learns_and_resumes(demo, tmp_path):
     run([*args, f"dir={tmp_path / 'split'}", "exit_after_steps=5"], ranks=2)
     run([*args, f"dir={tmp_path / 'split'}"], ranks=2)
     assert losses(tmp_path / "split") == losses(tmp_path / "full")
+
+
+def test_modality_fixed_control_trains_with_its_fixed_split(demo, tmp_path):
+    """The control the null-MoE claim needs: no null slots, vision tokens keep 1 of top-3 experts,
+    text tokens all 3. The trainer hands the routers the modality mask, so the realised split is
+    exactly the rule: 2/3 of vision picks and none of the text picks go unused."""
+    out = tmp_path / "run"
+    run(vlm_args(demo, out, "steps=4", "model.router_topk=3",
+                 "model.null_experts.num_null_experts=0", "model.null_experts.vision_topk=1",
+                 "model.null_experts.text_topk=3"))
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["null_rate_vision"] == pytest.approx(2 / 3)
+    assert summary["null_rate_text"] == 0
+    assert 1 < summary["real_experts_per_token"] < 3

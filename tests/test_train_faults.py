@@ -74,7 +74,7 @@ def test_sigterm_between_checkpoints_saves_that_step_and_resumes_exactly(demo, t
     assert not (split / "summary.json").exists()
 
     resumed = run(vlm_args(demo, split, *COMMON), ranks=2)
-    assert f"resumed from" in resumed.stdout and latest in resumed.stdout
+    assert "resumed from" in resumed.stdout and latest in resumed.stdout
     assert losses(split) == losses(tmp_path / "full")
     full, mine = summary(tmp_path / "full"), summary(split)
     assert math.isclose(mine.pop("model_flops_total"), full.pop("model_flops_total"),

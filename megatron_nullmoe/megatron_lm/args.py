@@ -9,46 +9,45 @@ match no TransformerConfig field (all start with `num_null_` or `null_expert_`).
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import typing
 from typing import Callable, Optional
 
-from megatron_nullmoe.config import (
-    GATE_NORMALIZATIONS,
-    NULL_LOGIT_MODES,
-    NullExpertConfig,
-    NullExpertConfigError,
-)
+from megatron_nullmoe.config import NullExpertConfig, NullExpertConfigError
 
-# flag -> NullExpertConfig field
-FLAGS = {
-    "--num-null-experts": "num_null_experts",
-    "--null-expert-logits": "null_logits",
-    "--null-expert-gate-normalization": "gate_normalization",
-    "--null-expert-target-real-per-token": "target_real_per_token",
-    "--null-expert-budget-update-rate": "budget_update_rate",
-}
+# Not offered as Megatron-LM flags: Megatron-LM's forward steps do not hand the routers a vision
+# mask, which the modality-fixed control needs (our trainer does).
+NOT_FOR_MEGATRON_LM = ("vision_topk", "text_topk")
+
+
+def _dest(name: str) -> str:
+    """NullExpertConfig field -> args attribute: `num_null_experts`, else `null_expert_<name>`
+    (never a TransformerConfig field name, which core_transformer_config_from_args would copy)."""
+    return name if name == "num_null_experts" else f"null_expert_{name.removeprefix('null_')}"
+
+
+def _fields() -> list[dataclasses.Field]:
+    return [f for f in dataclasses.fields(NullExpertConfig) if f.name not in NOT_FOR_MEGATRON_LM]
+
+
+# flag -> NullExpertConfig field, derived from NullExpertConfig (a new field is a new flag)
+FLAGS = {"--" + _dest(f.name).replace("_", "-"): f.name for f in _fields()}
 
 
 def add_null_moe_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Adds the null-expert flags to a Megatron-LM parser; returns it (extra_args_provider)."""
-    defaults = NullExpertConfig()
+    """Adds the null-expert flags to a Megatron-LM parser; returns it (extra_args_provider).
+
+    One flag per NullExpertConfig field, with its default, type, choices and help."""
+    hints = typing.get_type_hints(NullExpertConfig)
     group = parser.add_argument_group(title="null experts (megatron-nullmoe)")
-    group.add_argument("--num-null-experts", type=int, default=defaults.num_null_experts,
-                       help="Z zero-compute null slots added to the --num-experts real experts; "
-                            "top-k is taken over E + Z slots (0: standard MoE)")
-    group.add_argument("--null-expert-logits", choices=NULL_LOGIT_MODES,
-                       default=defaults.null_logits,
-                       help="shared: one learned null logit replicated in the Z slots; "
-                            "per_expert: one router row per null slot (AdaMoE)")
-    group.add_argument("--null-expert-gate-normalization", choices=GATE_NORMALIZATIONS,
-                       default=defaults.gate_normalization,
-                       help="renormalize: real gates take over the null share; keep_null_share: "
-                            "the null share is dropped (the task loss reaches the null logit)")
-    group.add_argument("--null-expert-target-real-per-token", type=float, default=None,
-                       help="compute-budget control: hold the realised real experts per token "
-                            "at this value (in (0, top-k]); off by default")
-    group.add_argument("--null-expert-budget-update-rate", type=float,
-                       default=defaults.budget_update_rate,
-                       help="step size of the budget-control bias per optimizer step")
+    for flag, name in FLAGS.items():
+        f = next(f for f in _fields() if f.name == name)
+        kind = hints[name]
+        if typing.get_origin(kind) is typing.Union:  # Optional[X]
+            kind = next(a for a in typing.get_args(kind) if a is not type(None))
+        extra = {"choices": f.metadata["choices"]} if "choices" in f.metadata else {"type": kind}
+        group.add_argument(flag, dest=_dest(name), default=f.default, help=f.metadata.get("help"),
+                           **extra)
     return parser
 
 
@@ -64,18 +63,13 @@ def chain_args_providers(*providers: Optional[Callable]) -> Callable:
 
 def null_config_from_args(args) -> NullExpertConfig:
     """NullExpertConfig from Megatron-LM's parsed args (after validate_args)."""
-    missing = [dest for dest in FLAGS.values()
-               if not hasattr(args, _dest(dest))]
+    missing = [name for name in FLAGS.values() if not hasattr(args, _dest(name))]
     if missing:
         raise NullExpertConfigError(
             f"args lack {', '.join('--' + _dest(m).replace('_', '-') for m in missing)}: pass "
             "add_null_moe_args as (or inside) Megatron-LM's extra_args_provider")
-    cfg = NullExpertConfig(**{field: getattr(args, _dest(field)) for field in FLAGS.values()})
+    cfg = NullExpertConfig(**{name: getattr(args, _dest(name)) for name in FLAGS.values()})
     if cfg.num_null_experts and not getattr(args, "num_experts", None):
         raise NullExpertConfigError(
             f"--num-null-experts={cfg.num_null_experts} needs a MoE model: set --num-experts")
     return cfg
-
-
-def _dest(field: str) -> str:
-    return field if field == "num_null_experts" else f"null_expert_{field.removeprefix('null_')}"

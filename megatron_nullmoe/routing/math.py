@@ -155,3 +155,13 @@ def slot_map(index_TK: torch.Tensor, num_slots: int) -> torch.Tensor:
     """Boolean [T, S] map of the chosen slots (real and null)."""
     out = torch.zeros(index_TK.shape[0], num_slots, dtype=torch.bool, device=index_TK.device)
     return out.scatter(1, index_TK, True)
+
+
+def cap_picks(index_TK: torch.Tensor, k_T: torch.Tensor, num_real: int) -> torch.Tensor:
+    """Keeps the first k_T[t] picks of token t and turns the others into null picks (slot
+    `num_real`), so that gates and scatter treat them as null. Picks are in descending order of
+    selection score (torch.topk's order), so token t keeps its k_T[t] best experts. This is the
+    modality-fixed control: a fixed number of real experts per token type, with no learned choice.
+    """
+    keep_TK = torch.arange(index_TK.shape[-1], device=index_TK.device) < k_T.unsqueeze(-1)
+    return torch.where(keep_TK, index_TK, torch.full_like(index_TK, num_real))

@@ -21,12 +21,16 @@ from megatron_nullmoe.flops import expected_real, train_flops_per_sample
 from megatron_nullmoe.sweep.spec import Run, Sweep, SweepError
 from megatron_nullmoe.train.config import ConfigError, RunConfig
 from megatron_nullmoe.train.flops import shapes_from_config
+from megatron_nullmoe.train.model import image_tokens
 
 
 def expected_real_per_token(cfg: RunConfig) -> float:
     null = cfg.model.null_experts
     if null.num_null_experts and null.target_real_per_token is not None:
         return null.target_real_per_token
+    if null.modality_topk is not None:  # the modality-fixed control: exact, per position
+        vision, text = image_tokens(cfg), cfg.data.seq_length
+        return (vision * null.vision_topk + text * null.text_topk) / (vision + text)
     return expected_real(topk=cfg.model.router_topk, num_experts=cfg.model.num_experts,
                          num_null=null.num_null_experts)
 
@@ -35,6 +39,10 @@ def _why(cfg: RunConfig) -> str:
     null, m = cfg.model.null_experts, cfg.model
     if null.num_null_experts and null.target_real_per_token is not None:
         return f"model.null_experts.target_real_per_token={null.target_real_per_token:g}"
+    if null.modality_topk is not None:
+        return (f"model.null_experts.vision_topk={null.vision_topk} over {image_tokens(cfg)} image "
+                f"positions and text_topk={null.text_topk} over data.seq_length="
+                f"{cfg.data.seq_length} = {expected_real_per_token(cfg):g}")
     return (f"model.router_topk={m.router_topk} x model.num_experts={m.num_experts} / "
             f"({m.num_experts} + model.null_experts.num_null_experts={null.num_null_experts}) = "
             f"{expected_real_per_token(cfg):g}")

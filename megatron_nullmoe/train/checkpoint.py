@@ -173,10 +173,11 @@ class Checkpointer:
             manifest = json.loads(manifest_path.read_text())
         except json.JSONDecodeError as err:
             return f"checkpoint {path}: {MANIFEST} is corrupt ({err})"
-        if manifest.get("identity") != self.identity:
-            saved = _flatten(manifest.get("identity") or {})
-            diffs = [f"{k}: checkpoint {saved.get(k)!r}, this run {v!r}"
-                     for k, v in _flatten(self.identity).items() if saved.get(k) != v]
+        saved = _flatten(manifest.get("identity") or {})
+        # A key the checkpoint lacks (saved before that setting existed) reads as None: its default.
+        diffs = [f"{k}: checkpoint {saved.get(k)!r}, this run {v!r}"
+                 for k, v in _flatten(self.identity).items() if saved.get(k) != v]
+        if diffs:
             return (f"checkpoint {path} was saved with a different model config; resume needs the "
                     f"same one, or start a fresh run folder. Differences: {'; '.join(diffs)}")
         for name, digest in manifest["files"].items():

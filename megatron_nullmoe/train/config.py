@@ -17,6 +17,8 @@ from typing import Any, Optional
 
 import yaml
 
+from megatron_nullmoe.config import NullExpertConfig
+
 
 class ConfigError(ValueError):
     """A recipe or override that does not describe a valid run."""
@@ -32,17 +34,6 @@ def _at_least(default: Any, low: float) -> Any:
 
 def _above(default: Any, low: float) -> Any:
     return field(default=default, metadata={"above": low})
-
-
-@dataclass
-class NullExperts:
-    """The plugin's own knobs (see megatron_nullmoe.NullExpertConfig)."""
-
-    num_null_experts: int = _at_least(0, 0)
-    null_logits: str = _choices("shared", "per_expert", default="shared")
-    gate_normalization: str = _choices("renormalize", "keep_null_share", default="renormalize")
-    target_real_per_token: Optional[float] = _above(None, 0)
-    budget_update_rate: float = _above(1e-2, 0)
 
 
 @dataclass
@@ -77,7 +68,8 @@ class Model:
     aux_loss_coeff: float = _at_least(1e-2, 0)
     z_loss_coeff: Optional[float] = None
     token_dispatcher: str = _choices("alltoall", "allgather", default="alltoall")
-    null_experts: NullExperts = field(default_factory=NullExperts)
+    # The plugin's own knobs: the section is NullExpertConfig itself (its fields, ranges and checks).
+    null_experts: NullExpertConfig = field(default_factory=NullExpertConfig)
     vision: Vision = field(default_factory=Vision)
 
 
@@ -234,7 +226,10 @@ def _build(cls: type, values: dict, prefix: str) -> Any:
             raise ConfigError(f"unknown config key {name!r}{hint} (valid here: "
                               f"{', '.join(prefix + f for f in fields)})")
         kwargs[key] = _convert(hints[key], value, name, fields[key])
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ValueError as err:  # a section's own checks (NullExpertConfig's), across its fields
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: {err}") from None
 
 
 def _convert(hint: Any, value: Any, name: str, f: dataclasses.Field) -> Any:

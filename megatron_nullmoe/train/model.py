@@ -13,6 +13,7 @@ needs. Using the decoder block spec and a dense projector spec avoids both.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
@@ -35,20 +36,15 @@ class ModelInfo:
 
 
 def null_config(cfg: RunConfig) -> NullExpertConfig:
-    n = cfg.model.null_experts
-    return NullExpertConfig(
-        num_null_experts=n.num_null_experts, null_logits=n.null_logits,
-        gate_normalization=n.gate_normalization, target_real_per_token=n.target_real_per_token,
-        budget_update_rate=n.budget_update_rate,
-    )
+    """The recipe's `model.null_experts` section is a NullExpertConfig already."""
+    return cfg.model.null_experts
 
 
 # megatron-core / NullExpertConfig names -> this trainer's recipe keys, for error messages
 RECIPE_KEYS = {
     "moe_router_topk": "model.router_topk", "num_moe_experts": "model.num_experts",
     "moe_token_dispatcher_type": "model.token_dispatcher",
-    "target_real_per_token": "model.null_experts.target_real_per_token",
-    "num_null_experts": "model.null_experts.num_null_experts",
+    **{f.name: f"model.null_experts.{f.name}" for f in dataclasses.fields(NullExpertConfig)},
     "expert_tensor_parallel_size": "parallel.tensor",
 }
 
