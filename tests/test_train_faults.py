@@ -198,3 +198,22 @@ def _free_port() -> int:
     from megatron_nullmoe.parallel import free_port
 
     return free_port()
+
+
+def test_watchdog_waits_out_long_phases_but_not_a_stall():
+    """A save or an evaluation may outlast the stall timeout; anything else may not."""
+    from megatron_nullmoe.train import faults
+
+    exits, lines = [], []
+    dog = faults.Watchdog(0.3, log=lines.append, exit_fn=exits.append)
+    try:
+        with dog.long_phase():
+            time.sleep(1.0)
+        assert exits == []
+        dog.beat(7, 2)
+        time.sleep(1.0)
+        assert exits and exits[0] == faults.EXIT_STALLED
+        assert "rank 0 made no progress" in lines[0] and "after step 7 'forward-backward done'" \
+            in lines[0]
+    finally:
+        dog.close()

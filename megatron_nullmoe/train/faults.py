@@ -10,10 +10,13 @@
   every phase of a step. When this rank has made no progress for `stall_timeout_s`, a thread
   reads every rank's heartbeat, names the rank(s) furthest behind, and ends the process with
   `EXIT_STALLED` rather than waiting in a collective until the (longer) collective timeout.
+  Checkpoint saves and evaluation may legitimately take longer than a step; they run under
+  `Watchdog.long_phase()`, where only the collective timeout applies.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import signal
@@ -107,6 +110,7 @@ class Watchdog:
         self.store = _default_store()
         self.last = time.monotonic()
         self.where = (0, 0)
+        self.held = False  # inside a long phase (save, evaluation): no stall verdict
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="nullmoe-watchdog", daemon=True)
         self.beat(0, 0)
@@ -118,6 +122,17 @@ class Watchdog:
         if self.store is not None:
             self.store.set(f"nullmoe/heartbeat/{self.rank}", f"{step} {phase} {time.time():.3f}")
 
+    @contextlib.contextmanager
+    def long_phase(self):
+        """A phase whose length has no bound tied to a step (a checkpoint save, an evaluation):
+        the watchdog waits it out; the collective timeout still ends a hang inside it."""
+        self.held = True
+        try:
+            yield
+        finally:
+            self.held = False
+            self.last = time.monotonic()
+
     def close(self) -> None:
         self._stop.set()
 
@@ -125,7 +140,7 @@ class Watchdog:
         poll = min(5.0, self.timeout_s / 4)
         while not self._stop.wait(poll):
             idle = time.monotonic() - self.last
-            if idle > self.timeout_s:
+            if idle > self.timeout_s and not self.held:
                 self.log(self.report(idle))
                 sys.stdout.flush()
                 sys.stderr.flush()

@@ -8,6 +8,7 @@ null-slot rate for vision and text tokens separately; the router itself never se
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import sys
@@ -289,6 +290,10 @@ class Trainer:
         if self.watchdog is not None:
             self.watchdog.beat(self.step + 1, phase)
 
+    def _long_phase(self):
+        """Saves and evaluations: the stall watchdog waits them out (see faults.Watchdog)."""
+        return self.watchdog.long_phase() if self.watchdog is not None else contextlib.nullcontext()
+
     def train_step(self) -> dict:
         self._beat(0)
         self.ddp.zero_grad_buffer()
@@ -417,8 +422,9 @@ class Trainer:
                 f"refusing to save step {self.step}: rank(s) {', '.join(map(str, bad))} hold "
                 f"non-finite weights; the last good checkpoint ({self.ckpt.latest() or 'none'}) "
                 "is kept")
-        path = self.ckpt.save(self.step, self.model, self.optimizer, self.scheduler, self.data,
-                              totals=self.totals)
+        with self._long_phase():
+            path = self.ckpt.save(self.step, self.model, self.optimizer, self.scheduler,
+                                  self.data, totals=self.totals)
         self.log.message(f"saved checkpoint {path}")
         self._beat(3)
         self._tick = time.perf_counter()  # saving time is not training throughput
@@ -460,7 +466,8 @@ class Trainer:
                 values.update(self._close_interval())
                 self.log.log(self.step, values)
             if lg.eval_every and (self.step % lg.eval_every == 0 or self.step == cfg.steps):
-                self.log.log(self.step, self.evaluate())
+                with self._long_phase():
+                    self.log.log(self.step, self.evaluate())
                 self._tick = time.perf_counter()  # evaluation time is not training throughput
             every = cfg.checkpoint.save_every
             if (every and self.step % every == 0) or self.step == stop:
