@@ -14,6 +14,7 @@ import math
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -88,6 +89,21 @@ def _dtype(cfg: RunConfig) -> torch.dtype:
     return torch.bfloat16 if cfg.precision == "bf16" else torch.float32
 
 
+def validate(cfg: RunConfig, world_size: int) -> tuple[int, int, torch.dtype]:
+    """Every check of a run's configuration, once, before anything is built: sizes against the
+    world size, what this machine can run, the run folder, and the decoder's megatron-core config
+    with null experts. Returns (data-parallel size, micro-batches per step, dtype)."""
+    from megatron_nullmoe.train.model import check_model
+
+    dp, micro = check(cfg, world_size)
+    dtype = _dtype(cfg)
+    check_model(cfg, dtype)
+    run_dir = Path(cfg.dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"dir={cfg.dir!r} is a file; give a folder for the run")
+    return dp, micro, dtype
+
+
 def _build_data(cfg: RunConfig, tokenizer: Tokenizer, dp_rank: int, dp_size: int) -> DataSource:
     d = cfg.data
     if d.kind == "energon":
@@ -133,47 +149,60 @@ TOTALS = ("rows_dispatched", "rows_topk", "model_flops", "tokens", "null_picks",
 
 
 class Trainer:
-    def __init__(self, cfg: RunConfig):
-        from megatron.core import parallel_state as ps
-        from megatron.core.distributed import (
-            DistributedDataParallel,
-            DistributedDataParallelConfig,
-            finalize_model_grads,
-        )
-        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
-        from megatron.core.process_groups_config import ProcessGroupCollection
+    """One training run on this rank. `__init__` goes through named steps, in order: distributed
+    set-up and `validate` (every configuration check, once), process groups, model, optimizer,
+    data, resume, run folder and logs, watchdog."""
 
+    def __init__(self, cfg: RunConfig):
         self.cfg = cfg
-        backend = None if cfg.parallel.backend == "auto" else cfg.parallel.backend
         start = time.monotonic()
+        backend = None if cfg.parallel.backend == "auto" else cfg.parallel.backend
         parallel.init_distributed(backend=backend, timeout_s=cfg.faults.collective_timeout_s)
-        self.rank, world = dist.get_rank(), dist.get_world_size()
-        self.dp_size, self.num_micro = check(cfg, world)
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.dp_size, self.num_micro, self.dtype = validate(cfg, self.world)
         # Signals only set a flag from here on; the loop saves and stops at a step boundary.
         self.stop_request = faults.StopRequest(
             faults.parse_signals(cfg.faults.exit_signals),
             None if cfg.exit_after_minutes is None else start + 60 * cfg.exit_after_minutes)
-        dtype = _dtype(cfg)
-        parallel.init_model_parallel(cfg.parallel.tensor, cfg.parallel.expert, cfg.parallel.pipeline,
-                                     cfg.seed)
+        self._init_groups()
+        self._build_model()
+        self._build_optimizer()
+        from megatron.core import parallel_state as ps
+
+        self.data = _build_data(cfg, self.tokenizer,
+                                ps.get_data_parallel_rank(with_context_parallel=True), self.dp_size)
+        latest = self._resume()
+        self._open_run(latest)
+        self.watchdog = None
+        if cfg.faults.stall_timeout_s is not None:
+            self.watchdog = faults.Watchdog(
+                cfg.faults.stall_timeout_s, log=lambda text: print(text, file=sys.stderr))
+
+    def _init_groups(self) -> None:
+        from megatron.core import parallel_state as ps
+
+        p = self.cfg.parallel
+        parallel.init_model_parallel(p.tensor, p.expert, p.pipeline, self.cfg.seed)
         self.group = ps.get_data_parallel_group(with_context_parallel=True)
         # Ranks whose MoE layers see different tokens: with sequence parallelism (tensor > 1)
         # every tensor-parallel rank routes its own slice of the sequence.
         self.token_group = (ps.get_tensor_and_data_parallel_group(with_context_parallel=True)
-                            if cfg.parallel.tensor > 1 else self.group)
-        self.pp_group = (ps.get_pipeline_model_parallel_group() if cfg.parallel.pipeline > 1
-                         else None)
+                            if p.tensor > 1 else self.group)
+        self.pp_group = ps.get_pipeline_model_parallel_group() if p.pipeline > 1 else None
         self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
             else torch.device("cpu")
-        self.run_dir = Path(cfg.dir)
-        if self.run_dir.exists() and not self.run_dir.is_dir():
-            raise ConfigError(f"dir={cfg.dir!r} is a file; give a folder for the run")
 
-        self.tokenizer = _tokenizer(cfg)
-        model, self.info = build_model(cfg, self.tokenizer.vocab_size,
-                                       ProcessGroupCollection.use_mpu_process_groups(), dtype)
-        if dtype != torch.float32:
+    def _build_model(self) -> None:
+        """Tokenizer, the megatron-core model with null experts, and its DDP wrapper."""
+        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+        from megatron.core.process_groups_config import ProcessGroupCollection
+
+        from megatron_nullmoe.train.flops import shapes_from_config
+
+        self.tokenizer = _tokenizer(self.cfg)
+        model, self.info = build_model(self.cfg, self.tokenizer.vocab_size,
+                                       ProcessGroupCollection.use_mpu_process_groups(), self.dtype)
+        if self.dtype != torch.float32:
             from megatron.core.transformer.module import Float16Module
 
             model = Float16Module(model.config, model)
@@ -181,11 +210,20 @@ class Trainer:
         self.ddp = DistributedDataParallel(
             model.config, DistributedDataParallelConfig(grad_reduce_in_fp32=True), model)
         self.ddp.broadcast_params()
-        o = cfg.optim
+        self.shapes = shapes_from_config(self.cfg, self.tokenizer.vocab_size)
+
+    def _build_optimizer(self) -> None:
+        """megatron-core's Adam and LR schedule, and the hooks its schedules call."""
+        from megatron.core.distributed import finalize_model_grads
+        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+        cfg, o = self.cfg, self.cfg.optim
         self.optimizer = get_megatron_optimizer(OptimizerConfig(
             optimizer="adam", lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay,
             adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2, clip_grad=o.clip_grad,
-            bf16=dtype == torch.bfloat16, params_dtype=dtype, use_distributed_optimizer=False,
+            bf16=self.dtype == torch.bfloat16, params_dtype=self.dtype,
+            use_distributed_optimizer=False,
         ), [self.ddp])
         self.scheduler = OptimizerParamScheduler(
             self.optimizer, init_lr=0.0, max_lr=o.lr, min_lr=o.min_lr,
@@ -195,16 +233,20 @@ class Trainer:
             # On resume the recipe's schedule wins over the checkpoint's, so `steps=` can extend
             # a finished run; with an unchanged recipe the two are the same.
             use_checkpoint_opt_param_scheduler=False, override_opt_param_scheduler=True)
-        config = model.config
+        config = self.model.config
         config.no_sync_func = self.ddp.no_sync
         config.finalize_model_grads_func = finalize_model_grads
         config.grad_scale_func = self.optimizer.scale_loss
 
-        dp_rank = ps.get_data_parallel_rank(with_context_parallel=True)
-        self.data = _build_data(cfg, self.tokenizer, dp_rank, self.dp_size)
-        identity = {"model": dataclasses.asdict(cfg.model), "null": dataclasses.asdict(null_config(cfg)),
-                    "vocab_size": self.tokenizer.vocab_size, "world_size": world,
-                    "parallel": {k: v for k, v in dataclasses.asdict(cfg.parallel).items() if k != "backend"}}
+    def _resume(self) -> Optional[Path]:
+        """Loads the newest checkpoint of the run folder, if any; returns its path."""
+        cfg = self.cfg
+        self.run_dir = Path(cfg.dir)
+        identity = {"model": dataclasses.asdict(cfg.model),
+                    "null": dataclasses.asdict(null_config(cfg)),
+                    "vocab_size": self.tokenizer.vocab_size, "world_size": self.world,
+                    "parallel": {k: v for k, v in dataclasses.asdict(cfg.parallel).items()
+                                 if k != "backend"}}
         ckpt_dir = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else self.run_dir / "checkpoints"
         self.ckpt = Checkpointer(ckpt_dir, cfg.checkpoint.keep_last, identity)
         self.step = 0
@@ -220,7 +262,13 @@ class Trainer:
             self.step, extra = self.ckpt.load(latest, self.model, self.optimizer, self.scheduler,
                                               self.data)
             self.totals.update(extra.get("totals", {}))
-        if self.rank == 0:  # only now: a refused run leaves the folder as it was
+        return latest
+
+    def _open_run(self, latest: Optional[Path]) -> None:
+        """The run folder's config.yaml (only now: a refused run leaves the folder as it was),
+        the logs, and what a person should know before the first step."""
+        cfg = self.cfg
+        if self.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.run_dir / "config.yaml")
         self.log = RunLog(cfg, self.run_dir, self.step, enabled=self.rank == 0)
@@ -232,18 +280,11 @@ class Trainer:
         if null.target_real_per_token is not None and null.num_null_experts == 0:
             self.log.message("note: model.null_experts.target_real_per_token is ignored with "
                              "num_null_experts=0 (there is no null slot to steer)")
-        self.log.message(f"{cfg.model.kind} model: {describe(self.model)} | world {world}, data "
-                         f"parallel {self.dp_size}, expert parallel {cfg.parallel.expert}, "
+        self.log.message(f"{cfg.model.kind} model: {describe(self.model)} | world {self.world}, "
+                         f"data parallel {self.dp_size}, expert parallel {cfg.parallel.expert}, "
                          f"{self.num_micro} micro-batches of {cfg.data.micro_batch_size} | "
                          f"{self.info.decoder_seq_length} decoder positions per sample "
-                         f"({self.info.image_tokens} image) | {dtype} on {self.device.type}")
-        from megatron_nullmoe.train.flops import shapes_from_config
-
-        self.shapes = shapes_from_config(cfg, self.tokenizer.vocab_size)
-        self.watchdog = None
-        if cfg.faults.stall_timeout_s is not None:
-            self.watchdog = faults.Watchdog(
-                cfg.faults.stall_timeout_s, log=lambda text: print(text, file=sys.stderr))
+                         f"({self.info.image_tokens} image) | {self.dtype} on {self.device.type}")
 
     # ---------------------------------------------------------------------------- steps
     def _forward_step(self, data_iterator, model):

@@ -125,21 +125,17 @@ def vision_configs(cfg: RunConfig, dtype: torch.dtype):
 
 def build_model(cfg: RunConfig, vocab_size: int, pg_collection, dtype: torch.dtype,
                 use_te: Optional[bool] = None):
-    """Returns (model, ModelInfo). The model lives on the current device, unwrapped."""
+    """Returns (model, ModelInfo). The model lives on the current device, unwrapped. The config
+    must have passed `check_model` (the trainer's `validate` runs it once per run)."""
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 
     from megatron.core import parallel_state as ps
 
-    check_pipeline(cfg)
     if use_te is None:
         use_te = _mcore.have_te() and torch.cuda.is_available()
     config = decoder_config(cfg, dtype)
     null = null_config(cfg)
-    try:
-        null.check(config)
-    except NullExpertConfigError as err:
-        raise ConfigError(f"{err} [recipe keys: {_recipe_keys(str(err))}]") from None
     # With pipeline parallelism the block spec holds this stage's layers only.
     spec = get_gpt_decoder_block_spec(config, use_transformer_engine=use_te)
     try:
@@ -148,10 +144,6 @@ def build_model(cfg: RunConfig, vocab_size: int, pg_collection, dtype: torch.dty
         pass
     n_img = image_tokens(cfg)
     seq = n_img + cfg.data.seq_length
-    if seq > cfg.model.max_position_embeddings:
-        raise ConfigError(
-            f"model.max_position_embeddings={cfg.model.max_position_embeddings} is below the "
-            f"decoder sequence: {n_img} image tokens + data.seq_length={cfg.data.seq_length} = {seq}")
     info = ModelInfo(n_img, seq, sum(config.moe_layer_freq))
     if cfg.model.kind == "gpt":
         model = GPTModel(config, spec, vocab_size=vocab_size,
@@ -165,6 +157,23 @@ def build_model(cfg: RunConfig, vocab_size: int, pg_collection, dtype: torch.dty
 
         model.model_type = ModelType.encoder_or_decoder
     return model, info
+
+
+def check_model(cfg: RunConfig, dtype: torch.dtype) -> None:
+    """What the model build would refuse, checked before anything is built: the pipeline layout,
+    megatron-core's own decoder config checks, null experts against it, the sequence length."""
+    check_pipeline(cfg)
+    config = decoder_config(cfg, dtype)
+    try:
+        null_config(cfg).check(config)
+    except NullExpertConfigError as err:
+        raise ConfigError(f"{err} [recipe keys: {_recipe_keys(str(err))}]") from None
+    seq = image_tokens(cfg) + cfg.data.seq_length
+    if seq > cfg.model.max_position_embeddings:
+        raise ConfigError(
+            f"model.max_position_embeddings={cfg.model.max_position_embeddings} is below the "
+            f"decoder sequence: {image_tokens(cfg)} image tokens + data.seq_length="
+            f"{cfg.data.seq_length} = {seq}")
 
 
 def check_pipeline(cfg: RunConfig) -> None:
