@@ -69,3 +69,27 @@ def test_runs_as_a_module():
                           "--experts", "8", "--baseline-topk", "2"], cwd=ROOT, capture_output=True,
                          text=True)
     assert out.returncode == 0 and "| 4 | 8 | 0.500 |" in out.stdout
+
+
+def test_one_formula_counted_by_hand_with_gqa_swiglu_and_a_plain_config():
+    """megatron_lm.null_moe_flops goes through the shared formula (megatron_nullmoe.flops);
+    Megatron-LM's convention: a multiply-add is 2 FLOPs, training = 3 x forward."""
+    import argparse
+
+    from megatron_nullmoe.megatron_lm import null_moe_flops
+
+    base = dict(hidden_size=8, seq_length=4, num_layers=2, num_attention_heads=4,
+                ffn_hidden_size=16, moe_ffn_hidden_size=12, num_experts=4, moe_router_topk=2,
+                padded_vocab_size=10)
+    gqa = argparse.Namespace(**base, group_query_attention=True, num_query_groups=2, swiglu=True,
+                             moe_layer_freq=1)
+    # per token and layer: attention 2*2*h*h*(1 + 2/4) + 2*2*s*h = 384 + 128; router 2*h*E = 64;
+    # experts 1.5 * 2*3*h*f_moe = 864 (SwiGLU: 3 matrices); output layer 2*h*V = 160
+    per_token = 2 * (384 + 128) + 2 * (64 + 864) + 160
+    assert null_moe_flops(gqa, 1, 1.5) == 3 * 4 * per_token == 36480
+    plain = argparse.Namespace(**base, group_query_attention=False, swiglu=False,
+                               moe_layer_freq=[1, 0])
+    # layer 0 MoE: attention 512 + 128, router 64, experts 1.5 * 2*2*h*f_moe = 576;
+    # layer 1 dense: attention 640, MLP 2*2*h*f = 512; output layer 160
+    per_token = (640 + 64 + 576) + (640 + 512) + 160
+    assert null_moe_flops(plain, 1, 1.5) == 3 * 4 * per_token == 31104

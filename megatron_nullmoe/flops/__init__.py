@@ -37,6 +37,8 @@ class DecoderShape:
     topk: int
     num_null_experts: int = 0
     null_logit_rows: int = 0  # 1 for shared null logits, Z for per-expert, 0 without nulls
+    kv_ratio: float = 1.0  # key/value heads over query heads: < 1 with grouped-query attention
+    gated_mlp: bool = False  # SwiGLU: three weight matrices per (expert) MLP instead of two
 
     @property
     def expected_real_per_token(self) -> float:
@@ -73,19 +75,26 @@ def iso_flop_partners(num_experts: int, baseline_topk: int, max_topk: int = 16) 
     return out
 
 
-def _layer_forward(h: int, ffn: int, seq: int) -> tuple[float, float]:
+def _layer_forward(h: int, ffn: int, seq: int, kv_ratio: float = 1.0,
+                   gated: bool = False) -> tuple[float, float]:
     """(attention FLOPs, dense-MLP FLOPs) per token of one transformer layer, forward."""
-    attention = 2 * 4 * h * h + 2 * 2 * seq * h  # q,k,v,o projections + scores and values
-    mlp = 2 * 2 * h * ffn
+    # q and o projections, k and v (narrower with GQA), then scores and values
+    attention = 2 * 2 * h * h * (1 + kv_ratio) + 2 * 2 * seq * h
+    mlp = 2 * _matrices(gated) * h * ffn
     return attention, mlp
+
+
+def _matrices(gated: bool) -> int:
+    return 3 if gated else 2
 
 
 def decoder_forward_flops(d: DecoderShape, real_per_token: Optional[float] = None) -> float:
     """Forward FLOPs per decoder token; real_per_token defaults to the balanced expectation."""
     r = d.expected_real_per_token if real_per_token is None else real_per_token
-    attention, dense_mlp = _layer_forward(d.hidden_size, d.ffn_hidden_size, d.seq_length)
+    attention, dense_mlp = _layer_forward(d.hidden_size, d.ffn_hidden_size, d.seq_length,
+                                          d.kv_ratio, d.gated_mlp)
     router = 2 * d.hidden_size * (d.num_experts + d.null_logit_rows)
-    experts = r * 2 * 2 * d.hidden_size * d.moe_ffn_hidden_size
+    experts = r * 2 * _matrices(d.gated_mlp) * d.hidden_size * d.moe_ffn_hidden_size
     dense_layers = d.num_layers - d.num_moe_layers
     return (d.num_layers * attention + dense_layers * dense_mlp
             + d.num_moe_layers * (router + experts) + 2 * d.hidden_size * d.vocab_size)
@@ -103,12 +112,12 @@ def vision_forward_flops(v: VisionShape) -> float:
 def active_params_per_token(d: DecoderShape, real_per_token: Optional[float] = None) -> float:
     """Decoder weights a token touches (embeddings and output layer included)."""
     r = d.expected_real_per_token if real_per_token is None else real_per_token
-    h = d.hidden_size
-    attention = 4 * h * h
+    h, m = d.hidden_size, _matrices(d.gated_mlp)
+    attention = 2 * h * h * (1 + d.kv_ratio)
     dense = d.num_layers - d.num_moe_layers
-    return (d.num_layers * attention + dense * 2 * h * d.ffn_hidden_size
+    return (d.num_layers * attention + dense * m * h * d.ffn_hidden_size
             + d.num_moe_layers * (h * (d.num_experts + d.null_logit_rows)
-                                  + r * 2 * h * d.moe_ffn_hidden_size) + 2 * h * d.vocab_size)
+                                  + r * m * h * d.moe_ffn_hidden_size) + 2 * h * d.vocab_size)
 
 
 def train_flops_per_sample(decoder: DecoderShape, vision: Optional[VisionShape],

@@ -126,24 +126,32 @@ class TrainingLoopHooks:
             tracker.report = self.metrics_report(tracker.report)
 
 
+def decoder_shape_from_args(args):
+    """The FLOP formulas' DecoderShape of a Megatron-LM GPT config (GQA, SwiGLU, and MoE on the
+    layers `--moe-layer-freq` marks, as Megatron-LM reads it)."""
+    from megatron_nullmoe.flops import DecoderShape
+
+    layers = args.num_layers
+    freq = getattr(args, "moe_layer_freq", 1)
+    pattern = ([1 if i % freq == 0 else 0 for i in range(layers)] if isinstance(freq, int)
+               else list(freq))
+    experts = getattr(args, "num_experts", None) or 0
+    groups = (args.num_query_groups if getattr(args, "group_query_attention", False)
+              else args.num_attention_heads)
+    return DecoderShape(
+        num_layers=layers, hidden_size=args.hidden_size, ffn_hidden_size=args.ffn_hidden_size,
+        seq_length=args.seq_length, vocab_size=args.padded_vocab_size,
+        num_moe_layers=sum(pattern) if experts else 0, num_experts=experts,
+        moe_ffn_hidden_size=getattr(args, "moe_ffn_hidden_size", None) or args.ffn_hidden_size,
+        topk=getattr(args, "moe_router_topk", 0) or 0,
+        kv_ratio=groups / args.num_attention_heads, gated_mlp=bool(getattr(args, "swiglu", False)))
+
+
 def null_moe_flops(args, batch_size: int, real_per_token: float) -> float:
     """Training FLOPs of one step for a Megatron-LM GPT config, experts counted at the realised
-    rate (swiglu and GQA as Megatron-LM counts them; MoE on every `--moe-layer-freq`-th layer)."""
-    h, s, layers = args.hidden_size, args.seq_length, args.num_layers
-    kv = (args.num_query_groups if getattr(args, "group_query_attention", False)
-          else args.num_attention_heads) / args.num_attention_heads
-    expansion = 3 if getattr(args, "swiglu", False) else 2
-    freq = getattr(args, "moe_layer_freq", 1)
-    if isinstance(freq, int):
-        pattern = [1 if i % freq == 0 else 0 for i in range(layers)]
-    else:
-        pattern = list(freq)
-    moe_layers = sum(pattern) if args.num_experts else 0
-    ffn = args.ffn_hidden_size
-    moe_ffn = args.moe_ffn_hidden_size or ffn
-    per_token_layers = (
-        layers * (2 * h * h * (1 + kv) + 2 * s * h)  # q+o, k+v (GQA), scores and values
-        + (layers - moe_layers) * expansion * h * ffn
-        + moe_layers * (expansion * h * moe_ffn * real_per_token + h * args.num_experts)
-    )
-    return 3 * 2 * batch_size * s * (per_token_layers + h * args.padded_vocab_size)
+    rate: the project's one formula (megatron_nullmoe.flops), which counts as Megatron-LM does
+    (GQA, SwiGLU, the router, the output layer; training = 3 x forward)."""
+    from megatron_nullmoe.flops import decoder_forward_flops
+
+    shape = decoder_shape_from_args(args)
+    return 3 * batch_size * shape.seq_length * decoder_forward_flops(shape, real_per_token)
