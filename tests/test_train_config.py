@@ -1,6 +1,6 @@
 """Run configuration: defaults <- YAML recipe <- overrides, error messages, round trip, recipes.
 
-Also the checks that need a world size (loop.check) and the image-token count the VLM derives
+Also the checks that need a world size (train/validate.py: check) and the image-token count the VLM derives
 from its vision section. Nothing here builds a model or touches torch.distributed.
 """
 
@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron_nullmoe.train import loop, model
+from megatron_nullmoe.train import model
+from megatron_nullmoe.train import validate as checks
 from megatron_nullmoe.train.config import ConfigError, RunConfig, load_config, save_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -237,29 +238,29 @@ def test_recipe_builds_a_valid_run(recipe):
     worlds = []
     for world in range(mp, 1025, mp):
         try:
-            loop.check(cfg, world)
+            checks.check(cfg, world)
         except ConfigError:
             continue
         worlds.append(world)
-    assert worlds, f"{recipe.name}: no world size <= 1024 passes loop.check"
-    dp, micro = loop.check(cfg, worlds[0])
+    assert worlds, f"{recipe.name}: no world size <= 1024 passes checks.check"
+    dp, micro = checks.check(cfg, worlds[0])
     assert dp * micro * cfg.data.micro_batch_size == cfg.data.global_batch_size
 
 
 def test_demo_recipe_runs_on_two_ranks():
     cfg = load_config(str(ROOT / "examples" / "demo_vlm.yaml"))
-    assert loop.check(cfg, 2) == (2, 2)  # global 32 = 2 ranks x 2 micro-batches x 8
+    assert checks.check(cfg, 2) == (2, 2)  # global 32 = 2 ranks x 2 micro-batches x 8
 
 
-# ----------------------------------------------------------------------------- loop.check
+# ----------------------------------------------------------------------------- checks.check
 def _parallel_cfg(*extra):
     return load_config(overrides=["parallel.tensor=2", "parallel.expert=2", "model.num_experts=8",
                                   "data.micro_batch_size=2", "data.global_batch_size=16", *extra])
 
 
 def test_check_returns_dp_and_micro_batches():
-    assert loop.check(_parallel_cfg(), 8) == (4, 2)
-    assert loop.check(_parallel_cfg(), 16) == (8, 1)
+    assert checks.check(_parallel_cfg(), 8) == (4, 2)
+    assert checks.check(_parallel_cfg(), 16) == (8, 1)
 
 
 @pytest.mark.parametrize("extra,world,needle", [
@@ -272,13 +273,13 @@ def test_check_returns_dp_and_micro_batches():
 ])
 def test_check_names_the_field(extra, world, needle):
     with pytest.raises(ConfigError) as err:  # at load (ranges) or at check (layout)
-        loop.check(_parallel_cfg(*extra), world)
+        checks.check(_parallel_cfg(*extra), world)
     assert needle in str(err.value)
 
 
 def test_check_refuses_exit_after_zero_steps():
     with pytest.raises(ConfigError, match="exit_after_steps"):
-        loop.check(_parallel_cfg("exit_after_steps=0"), 8)
+        checks.check(_parallel_cfg("exit_after_steps=0"), 8)
 
 
 # ----------------------------------------------------------------------------- model sizes
@@ -330,7 +331,7 @@ def test_config_is_plain_dataclasses():
 
 def test_tensor_parallel_is_refused_without_te_on_gpu():
     """megatron-core trains MoE + TP only with sequence parallelism, which needs TE norms."""
-    from megatron_nullmoe.train.loop import check_device
+    from megatron_nullmoe.train.validate import check_device
     from megatron_nullmoe._mcore import have_te
 
     if torch.cuda.is_available() and have_te():
@@ -347,7 +348,7 @@ def test_tensor_parallel_is_refused_without_te_on_gpu():
 ])
 def test_pipeline_layouts_the_trainer_cannot_run_are_refused(overrides, expected):
     with pytest.raises(ConfigError, match=expected):
-        loop.check(load_config(overrides=list(overrides)), 12)
+        checks.check(load_config(overrides=list(overrides)), 12)
 
 
 @pytest.mark.parametrize("override,needle", [

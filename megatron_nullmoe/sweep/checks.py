@@ -74,7 +74,7 @@ def check_runtime(runs: list[Run], world_size: int) -> None:
     import torch
 
     from megatron_nullmoe.config import NullExpertConfigError
-    from megatron_nullmoe.train.loop import check
+    from megatron_nullmoe.train.validate import check
     from megatron_nullmoe.train.model import decoder_config, image_tokens, null_config
 
     seen = set()
