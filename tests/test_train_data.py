@@ -120,6 +120,45 @@ def test_sample_png_is_the_rendered_scene():
     assert np.array_equal(decoded, np.asarray(shapes.render(s, SIDE, 2, 11)))
 
 
+def test_grid_scenes_caption_each_object_in_reading_order():
+    seen = set()
+    for i in range(300):
+        objects = shapes.grid_scene(9, i)
+        assert objects == shapes.grid_scene(9, i) and 1 <= len(objects) <= 3
+        cells = [o.cell for o in objects]
+        assert cells == sorted(set(cells))  # distinct cells, in reading order
+        caption = shapes.grid_caption(objects)
+        assert caption.split(" and ") == [
+            f"a {o.size} {o.colour} {o.shape} at {shapes.CELLS[o.cell]}" for o in objects]
+        assert len(caption.split()) <= 23
+        seen.update((o.colour, o.shape, o.size) for o in objects)
+        seen.add(len(objects))
+    assert {1, 2, 3} <= seen and len(seen) == 3 + 6 * 3 * 2  # every attribute combination
+
+
+@pytest.mark.parametrize("side", [32, 48])
+def test_grid_render_puts_each_object_in_its_cell(side):
+    for i in range(100):
+        objects = shapes.grid_scene(4, i)
+        pixels = np.asarray(shapes.render_grid(objects, side))
+        cell = side / 3
+        for o in objects:
+            row, col = divmod(o.cell, 3)
+            box = pixels[int(row * cell) + 1:int((row + 1) * cell) - 1,
+                         int(col * cell) + 1:int((col + 1) * cell) - 1]
+            assert (box == shapes.COLOURS[o.colour]).all(-1).any(), (i, o)
+        coloured = (pixels != 255).any(-1)
+        empty = [c for c in range(9) if c not in {o.cell for o in objects}]
+        for c in empty:
+            row, col = divmod(c, 3)
+            assert not coloured[int(row * cell) + 1:int((row + 1) * cell) - 1,
+                                int(col * cell) + 1:int((col + 1) * cell) - 1].any()
+    png, caption = shapes.sample(4, 0, side, "grid")
+    assert caption == shapes.grid_caption(shapes.grid_scene(4, 0))
+    with pytest.raises(ValueError, match="scenes='maze' is not valid: expected one of single, grid"):
+        shapes.sample(4, 0, side, "maze")
+
+
 # ----------------------------------------------------------------------------- demo dataset
 def test_demo_dataset_is_deterministic_from_the_seed(demo, tmp_path):
     (tmp_path / "again").mkdir()  # an empty folder is fine to write into

@@ -45,7 +45,7 @@ def _write_shard(path: Path, samples: list[tuple[str, bytes, str]]) -> None:
 
 def prepare_demo_data(out: str | Path, seed: int = 0, train_samples: int = 4096,
                       val_samples: int = 256, image_size: int = 48,
-                      samples_per_shard: int = 512) -> Path:
+                      samples_per_shard: int = 512, scenes: str = "single") -> Path:
     """Writes (or reuses) the demo dataset at `out`; returns its path."""
     from megatron.energon import BaseWebdatasetFactory
 
@@ -55,10 +55,14 @@ def prepare_demo_data(out: str | Path, seed: int = 0, train_samples: int = 4096,
                              ("image_size", image_size, 8)):
         if value < low:
             raise ValueError(f"{name}={value} is not valid: expected >= {low}")
+    if scenes not in shapes.SCENES:
+        raise ValueError(f"scenes={scenes!r} is not valid: expected one of {', '.join(shapes.SCENES)}")
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"{out} is a file; --out must be a folder")
     params = dict(seed=seed, train_samples=train_samples, val_samples=val_samples,
                   image_size=image_size, samples_per_shard=samples_per_shard, version=3)
+    if scenes != "single":  # the demo's stamp stays as it was: its datasets are reused
+        params["scenes"] = scenes
     stamp = out / "demo.json"
     if stamp.is_file() and json.loads(stamp.read_text()) == params:
         return out
@@ -78,7 +82,7 @@ def prepare_demo_data(out: str | Path, seed: int = 0, train_samples: int = 4096,
         for start in range(0, n, samples_per_shard):
             rows = []
             for i in range(start, min(n, start + samples_per_shard)):
-                png, caption = shapes.sample(seed, offset[split] + i, image_size)
+                png, caption = shapes.sample(seed, offset[split] + i, image_size, scenes)
                 rows.append((f"{split}_{i:07d}", png, caption))
                 captions[split].append(caption)
             name = f"{split}/shard-{start // samples_per_shard:06d}.tar"
@@ -94,7 +98,7 @@ def prepare_demo_data(out: str | Path, seed: int = 0, train_samples: int = 4096,
     indexed = json.loads((tmp / ".nv-meta" / ".info.json").read_text())["shard_counts"]
     if indexed != counts:
         raise RuntimeError(f"energon indexed {indexed}, but {counts} samples were written")
-    train_tokenizer(captions["train"] + shapes.vocabulary_text(), tmp / "tokenizer.model")
+    train_tokenizer(captions["train"] + shapes.vocabulary_text(scenes), tmp / "tokenizer.model")
     (tmp / "text").mkdir()
     tokenizer = Tokenizer(tmp / "tokenizer.model")
     for split in SPLITS:
@@ -116,10 +120,13 @@ def main(argv=None) -> None:
     p.add_argument("--val-samples", type=int, default=256)
     p.add_argument("--image-size", type=int, default=48)
     p.add_argument("--samples-per-shard", type=int, default=512)
+    p.add_argument("--scenes", choices=shapes.SCENES, default="single",
+                   help="single: the demo's one-kind scenes; grid: up to three objects in a 3x3 "
+                        "grid with reading-order captions (the compute study's data)")
     a = p.parse_args(argv)
     try:
         path = prepare_demo_data(a.out, a.seed, a.train_samples, a.val_samples, a.image_size,
-                                 a.samples_per_shard)
+                                 a.samples_per_shard, a.scenes)
     except (ValueError, FileExistsError) as err:
         p.error(str(err))
     print(f"demo dataset ready at {path}")

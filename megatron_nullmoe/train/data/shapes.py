@@ -1,9 +1,15 @@
 """Demo images: simple shapes on a blank background, with captions that describe them.
 
-Each image holds one to three shapes of one kind and colour, small or large, placed in one region
-(a corner or the centre). The caption names all five attributes, e.g. "two large red circles in the
-top left". Most patches are blank: genuinely low-information vision tokens, the case null experts
-are for. Everything is a pure function of (seed, index), so a dataset is reproducible anywhere.
+Two kinds of scene, both pure functions of (seed, index), so a dataset is reproducible anywhere:
+
+- "single" (the demo): one to three shapes of one kind and colour, small or large, placed in one
+  region (a corner or the centre). The caption names all five attributes, e.g. "two large red
+  circles in the top left". Most patches are blank: genuinely low-information vision tokens, the
+  case null experts are for.
+- "grid" (the compute study): one to three objects in distinct cells of a 3x3 grid, each with its
+  own colour, shape and size, captioned in reading order, e.g. "a small red circle at top left and
+  a large blue square at centre" (up to 23 words). Every object is bound to its own attributes, so
+  the caption loss falls attribute by attribute as capacity grows instead of in one jump.
 """
 
 from __future__ import annotations
@@ -60,27 +66,82 @@ def render(s: Scene, side: int, seed: int, index: int) -> Image.Image:
     for fx, fy in spots[: s.count]:
         cx = x0 + (fx + rng.uniform(-0.05, 0.05)) * half
         cy = y0 + (fy + rng.uniform(-0.05, 0.05)) * half
-        box = (cx - radius, cy - radius, cx + radius, cy + radius)
-        colour = COLOURS[s.colour]
-        if s.shape == "circle":
-            draw.ellipse(box, fill=colour)
-        elif s.shape == "square":
-            draw.rectangle(box, fill=colour)
-        else:
-            draw.polygon([(cx, cy - radius), (cx - radius, cy + radius), (cx + radius, cy + radius)],
-                         fill=colour)
+        _draw(draw, s.shape, s.colour, cx, cy, radius)
     return img
 
 
-def sample(seed: int, index: int, side: int) -> tuple[bytes, str]:
+def sample(seed: int, index: int, side: int, scenes: str = "single") -> tuple[bytes, str]:
     """(PNG bytes, caption) of sample `index` of the dataset with this seed."""
-    s = scene(seed, index)
+    if scenes == "grid":
+        objects = grid_scene(seed, index)
+        image, caption = render_grid(objects, side), grid_caption(objects)
+    elif scenes == "single":
+        s = scene(seed, index)
+        image, caption = render(s, side, seed, index), s.caption
+    else:
+        raise ValueError(f"scenes={scenes!r} is not valid: expected one of {', '.join(SCENES)}")
     buf = io.BytesIO()
-    render(s, side, seed, index).save(buf, format="PNG")
-    return buf.getvalue(), s.caption
+    image.save(buf, format="PNG")
+    return buf.getvalue(), caption
 
 
-def vocabulary_text() -> list[str]:
+CELLS = ("top left", "top", "top right", "left", "centre", "right",
+         "bottom left", "bottom", "bottom right")  # reading order
+
+
+@dataclass(frozen=True)
+class GridObject:
+    cell: int
+    colour: str
+    shape: str
+    size: str
+
+    @property
+    def phrase(self) -> str:
+        return f"a {self.size} {self.colour} {self.shape} at {CELLS[self.cell]}"
+
+
+def grid_scene(seed: int, index: int) -> tuple[GridObject, ...]:
+    rng = random.Random(f"grid/{seed}/{index}")
+    cells = sorted(rng.sample(range(len(CELLS)), rng.randint(1, 3)))
+    return tuple(GridObject(cell, rng.choice(sorted(COLOURS)), rng.choice(SHAPES),
+                            rng.choice(sorted(SIZES))) for cell in cells)
+
+
+def grid_caption(objects: tuple[GridObject, ...]) -> str:
+    return " and ".join(o.phrase for o in objects)
+
+
+def _draw(draw: ImageDraw.ImageDraw, shape: str, colour: str, cx: float, cy: float,
+          radius: float) -> None:
+    box = (cx - radius, cy - radius, cx + radius, cy + radius)
+    if shape == "circle":
+        draw.ellipse(box, fill=COLOURS[colour])
+    elif shape == "square":
+        draw.rectangle(box, fill=COLOURS[colour])
+    else:
+        draw.polygon([(cx, cy - radius), (cx - radius, cy + radius), (cx + radius, cy + radius)],
+                     fill=COLOURS[colour])
+
+
+def render_grid(objects: tuple[GridObject, ...], side: int) -> Image.Image:
+    """Each object centred in its cell; large ones fill most of the cell, small ones half."""
+    img = Image.new("RGB", (side, side), (255, 255, 255))
+    draw = ImageDraw.Draw(img)
+    cell = side / 3
+    for o in objects:
+        row, col = divmod(o.cell, 3)
+        radius = max(1.5, cell * (0.42 if o.size == "large" else 0.22))
+        _draw(draw, o.shape, o.colour, (col + 0.5) * cell, (row + 0.5) * cell, radius)
+    return img
+
+
+SCENES = ("single", "grid")
+
+
+def vocabulary_text(scenes: str = "single") -> list[str]:
     """Every word a caption can use, so that a tokenizer trained on captions covers them all."""
     words = list(COLOURS) + list(SHAPES) + [s + "s" for s in SHAPES] + list(SIZES) + list(COUNTS)
+    if scenes == "grid":
+        return words + list(CELLS) + ["a", "at", "and"]
     return words + [r for r in REGIONS] + ["in the"]
