@@ -148,6 +148,14 @@ def test_example_sweeps_load_and_dry_run(name, capsys):
         assert len({r.cfg.model.hidden_size for r in runs}) == 2
         assert "#SBATCH --array=0-53" in out and not (ROOT / sweep.root).exists()
         assert total > 1000  # thousands of GPU-hours, not a toy
+    elif "study" in name:  # the CPU study: top-1 baseline, top-2 bound, nulls at 1 real/token
+        from megatron_nullmoe.sweep.checks import expected_real_per_token
+
+        rate = {r.variant: expected_real_per_token(r.cfg) for r in runs}
+        assert rate == {"top1": 1, "top2": 2, "null_renorm": 1, "null_keep": 1,
+                        "fixed_v0_t2": (16 * 0 + 24 * 2) / 40}  # 16 image + 24 text positions
+        assert {r.cfg.model.null_experts.target_real_per_token for r in runs
+                if r.variant.startswith("null")} == {1.0}
     else:  # the CPU controls, the modality-fixed ones bracketing the null runs' 2 real/token
         from megatron_nullmoe.sweep.checks import expected_real_per_token
 
@@ -383,6 +391,18 @@ def test_a_failing_run_is_reported_with_its_cause(tmp_path, capsys):
     assert "1 runs | 0 done | 0 running | 0 queued | 1 failed" in out
     state = json.loads((tmp_path / "runs/t/broken/seed1/sweep_state.json").read_text())
     assert state["state"] == "failed" and state["rc"] == 1
+
+
+def test_only_launches_the_named_variants(tmp_path, capsys):
+    path = write_sweep(tmp_path, overrides={"data.path": str(tmp_path / "no-data"),
+                                            "parallel.expert": 1},
+                       variants={"gate": {}, "later": {"model.router_topk": 1}})
+    code, out = cli_main(["run", str(path), "--only", "nope,gate"], capsys)
+    assert code != 0 and "--only 'nope,gate': nope is not a variant of this sweep" in out
+    assert "expected some of gate, later" in out
+    code, out = cli_main(["run", str(path), "--only", "gate"], capsys)
+    assert code == 1 and "FAILED gate/seed1" in out and "later/seed1" in out  # in the table
+    assert "started later" not in out and not (tmp_path / "runs/t/later/seed1").exists()
 
 
 def test_a_run_that_is_running_elsewhere_is_not_launched_twice(tmp_path, capsys):

@@ -32,6 +32,9 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--parallel", type=int, default=1, help="local: runs at once (default 1)")
     r.add_argument("--nproc-per-node", type=int,
                    help="local: processes per run (default: the sweep's launch.nproc_per_node, or 1)")
+    r.add_argument("--only", metavar="VARIANT[,VARIANT...]",
+                   help="launch only these variants (e.g. the validity gate first); the plan, "
+                        "status and report still cover the whole sweep")
     r.add_argument("--dry-run", action="store_true",
                    help="print the plan, its compute and (slurm) the array script; start nothing")
     r.add_argument("--gpu-tflops", type=float, default=400.0,
@@ -77,6 +80,19 @@ def _print_plan(sweep, runs, a, world: int, nproc_label: str) -> None:
     print("now: " + ", ".join(f"{n} {s}" for s, n in states.items()))
 
 
+def _select(runs, sweep, only):
+    from megatron_nullmoe.sweep.spec import SweepError
+
+    if only is None:
+        return runs
+    names = [n.strip() for n in only.split(",") if n.strip()]
+    unknown = [n for n in names if n not in sweep.variants]
+    if unknown or not names:
+        raise SweepError(f"--only {only!r}: {', '.join(unknown) or 'no variant named'} is not a "
+                         f"variant of this sweep; expected some of {', '.join(sweep.variants)}")
+    return [r for r in runs if r.variant in names]
+
+
 def _run(a) -> int:
     from megatron_nullmoe.sweep.checks import check_iso_flop, check_runtime
     from megatron_nullmoe.sweep.spec import SweepError, load_sweep, plan
@@ -89,13 +105,14 @@ def _run(a) -> int:
         sweep = load_sweep(a.sweep, a.overrides, a.dir)
         runs = plan(sweep)
         check_iso_flop(sweep, runs)
+        selected = _select(runs, sweep, a.only)
         nproc = a.nproc_per_node or sweep.launch.nproc_per_node
         if a.launcher == "slurm":
             world = sweep.launch.nodes * sweep.launch.gpus_per_node
             label = f"{sweep.launch.nodes} node(s) x {sweep.launch.gpus_per_node} GPUs per run"
         else:
             world, label = nproc, f"{nproc} process(es) per run, {a.parallel} run(s) at once"
-        check_runtime(runs, world)
+        check_runtime(selected, world)
     except SweepError as err:
         hint = ""
         if (a.launcher == "local" and sweep is not None and nproc is not None
@@ -109,7 +126,7 @@ def _run(a) -> int:
     if a.launcher == "slurm":
         from megatron_nullmoe.sweep.slurm import array_script, submit
 
-        todo = [r for r in runs if run_state(r.folder, r.cfg.steps)[0] not in
+        todo = [r for r in selected if run_state(r.folder, r.cfg.steps)[0] not in
                 ("done", "running", "queued")]
         if len(todo) < len(runs):
             print(f"leaving out {len(runs) - len(todo)} run(s) that are finished, running or queued")
@@ -133,7 +150,7 @@ def _run(a) -> int:
 
     write_plan(sweep.root, sweep.path, sweep.base, runs)
     try:
-        outcome = run_local(runs, sweep.base, a.parallel, nproc, a.status_every)
+        outcome = run_local(selected, sweep.base, a.parallel, nproc, a.status_every)
     except KeyboardInterrupt:
         return 130
     from megatron_nullmoe.sweep.state import read_plan
