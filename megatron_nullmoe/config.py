@@ -7,6 +7,7 @@ token (capacity, padding, fused permute, DeepEP metadata, static CUDA graphs) is
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -14,6 +15,10 @@ from megatron_nullmoe.routing.math import GATE_NORMALIZATIONS  # the math define
 
 NULL_LOGIT_MODES = ("shared", "per_expert")
 SUPPORTED_DISPATCHERS = ("alltoall", "allgather")
+
+
+# (id of a TransformerConfig, NullExpertConfig) -> that TransformerConfig, for `check_once`
+_CHECKED: dict[tuple[int, "NullExpertConfig"], weakref.ref] = {}
 
 
 class NullExpertConfigError(ValueError):
@@ -112,6 +117,16 @@ class NullExpertConfig:
         if self.num_null_experts == 0:
             return 0
         return 1 if self.null_logits == "shared" else self.num_null_experts
+
+    def check_once(self, config: Any) -> None:
+        """`check`, unless this pair was checked already: every router of a model is built with
+        the same TransformerConfig object, so a model's routers check it once between them."""
+        key = (id(config), self)
+        seen = _CHECKED.get(key)
+        if seen is not None and seen() is config:
+            return
+        self.check(config)
+        _CHECKED[key] = weakref.ref(config, lambda _, key=key: _CHECKED.pop(key, None))
 
     def check(self, config: Any) -> None:
         """Checks this config against a megatron-core TransformerConfig; raises on conflicts."""

@@ -28,7 +28,16 @@ from megatron.core.transformer.moe.router import TopKRouter
 from megatron_nullmoe import _mcore
 from megatron_nullmoe.config import NullExpertConfig
 from megatron_nullmoe.routing import math as rmath
-from megatron_nullmoe.routing.stats import RoutingStats, count_routing
+from megatron_nullmoe.routing.budget import BudgetControl
+from megatron_nullmoe.routing.stats import RoutingRecorder, RoutingStats
+
+def _home_device(config) -> torch.device:
+    """Where megatron-core's MoE modules live once built: the current GPU, unless there is none
+    or the model is initialised on the CPU (then `model.cuda()` moves it, router included)."""
+    if torch.cuda.is_available() and not getattr(config, "use_cpu_initialization", False):
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
 
 # (load-balancing type, name in megatron-core's tracker, group attribute, group includes DP)
 _BALANCING_LOSSES = (
@@ -49,7 +58,7 @@ class NullExpertRouter(TopKRouter):
 
     def __init__(self, config, pg_collection=None, *, null_config: NullExpertConfig,
                  is_mtp_layer: bool = False):
-        null_config.check(config)
+        null_config.check_once(config)
         if pg_collection is None:
             pg_collection = get_default_pg_collection()
         super().__init__(config=config, pg_collection=pg_collection,
@@ -59,7 +68,12 @@ class NullExpertRouter(TopKRouter):
         self.num_real = config.num_moe_experts
         self.num_null = null_config.num_null_experts
         self.num_slots = self.num_real + self.num_null
-        device = self.weight.device
+        # TopKRouter builds its weight on the CPU and moves it to the current GPU in its first
+        # gating(); this router puts everything it holds there now, so forward moves nothing.
+        device = _home_device(config)
+        self.weight.data = self.weight.data.to(device)
+        if self.bias is not None:
+            self.bias.data = self.bias.data.to(device)
 
         self.null_weight = None
         self.null_bias = None
@@ -79,16 +93,40 @@ class NullExpertRouter(TopKRouter):
         if self.global_tokens_per_expert is not None:
             self.register_buffer("global_tokens_per_expert", self._zeros(self.num_slots), False)
 
-        # Compute-budget control: a selection bias on null slots, checkpointed with the model.
-        self.budget_control = bool(self.num_null) and null_config.target_real_per_token is not None
-        if self.budget_control:
+        # Compute-budget control: a selection bias on null slots and the step's [real picks,
+        # tokens], in buffers so that they are checkpointed and moved with the model.
+        self.budget: Optional[BudgetControl] = None
+        if self.num_null and null_config.target_real_per_token is not None:
+            self.budget = BudgetControl(null_config.target_real_per_token,
+                                        null_config.budget_update_rate, self.topk, self.num_real,
+                                        self.num_slots)
             self.register_buffer("null_budget_bias", self._zeros(()))
         else:
             self.null_budget_bias = None
         self.register_buffer("budget_counts", self._zeros(2, torch.float64), False)
-        self._counts: Optional[dict[str, torch.Tensor]] = None
-        self.vision_mask: Optional[torch.Tensor] = None
-        self.stats_pad_mask: Optional[torch.Tensor] = None
+        self.recorder = RoutingRecorder(self.num_real, self.topk)
+
+    @property
+    def budget_control(self) -> bool:
+        return self.budget is not None
+
+    # The model hands these in before each forward (`set_vision_mask`); statistics use them, and
+    # the modality-fixed control reads the vision mask.
+    @property
+    def vision_mask(self) -> Optional[torch.Tensor]:
+        return self.recorder.vision_mask
+
+    @vision_mask.setter
+    def vision_mask(self, mask: Optional[torch.Tensor]) -> None:
+        self.recorder.vision_mask = mask
+
+    @property
+    def stats_pad_mask(self) -> Optional[torch.Tensor]:
+        return self.recorder.pad_mask
+
+    @stats_pad_mask.setter
+    def stats_pad_mask(self, mask: Optional[torch.Tensor]) -> None:
+        self.recorder.pad_mask = mask
 
     def _zeros(self, shape, dtype=torch.float32) -> torch.Tensor:
         return torch.zeros(shape, dtype=dtype, device=self.weight.device)
@@ -104,10 +142,7 @@ class NullExpertRouter(TopKRouter):
 
     # ----------------------------------------------------------------------------- logits
     def gating(self, input: torch.Tensor) -> torch.Tensor:
-        """Slot logits [..., S] in the router dtype. Parameters follow the input's device."""
-        for p in (self.weight, self.bias, self.null_weight, self.null_bias):
-            if p is not None and p.device != input.device:
-                p.data = p.data.to(input.device)
+        """Slot logits [..., S] in the router dtype."""
         dtype = {"fp32": torch.float32, "fp64": torch.float64}.get(
             self.config.moe_router_dtype, input.dtype
         )
@@ -126,9 +161,8 @@ class NullExpertRouter(TopKRouter):
     def _selection_bias(self) -> Optional[torch.Tensor]:
         """Bias on slot selection only: expert bias (sigmoid) plus the null budget bias."""
         bias = self.expert_bias if self.enable_expert_bias else None
-        if self.budget_control:
-            null_S = torch.zeros(self.num_slots, device=self.null_budget_bias.device)
-            null_S[self.num_real :] = self.null_budget_bias
+        if self.budget is not None:
+            null_S = self.budget.selection_bias_S(self.null_budget_bias)
             bias = null_S if bias is None else bias + null_S
         return bias
 
@@ -214,7 +248,7 @@ class NullExpertRouter(TopKRouter):
 
     def _modality_topk_T(self, num_tokens: int) -> torch.Tensor:
         """Real experts each token keeps under the modality-fixed control, from the vision mask."""
-        vision_T = self._token_mask_for(self.vision_mask, num_tokens)
+        vision_T = self.recorder.vision_T(num_tokens, self.weight.device)
         if vision_T is None:
             raise RuntimeError(
                 "vision_topk/text_topk (the modality-fixed control) need the batch's vision mask: "
@@ -236,80 +270,44 @@ class NullExpertRouter(TopKRouter):
 
     # ------------------------------------------------------------------------ statistics
     def _record(self, index_TK: torch.Tensor, pad_T: Optional[torch.Tensor]) -> None:
-        """Accumulates routing counts once per real forward (not in a recompute's no-grad pass)."""
+        """Counts a routing decision once per real forward (not in a recompute's no-grad pass):
+        statistics, the budget control's counts, and megatron-core's per-layer metrics."""
         if self.training and not torch.is_grad_enabled():
             return
+        counts = self.recorder.add(index_TK, pad_T)
+        if not self.training:
+            return
         with torch.no_grad():
-            extra_pad_T = self._token_mask_for(self.stats_pad_mask, index_TK.shape[0])
-            if extra_pad_T is not None:
-                pad_T = extra_pad_T if pad_T is None else pad_T | extra_pad_T
-            valid_T = None if pad_T is None else ~pad_T
-            vision_T = self._token_mask_for(self.vision_mask, index_TK.shape[0])
-            counts = count_routing(index_TK, self.num_real, valid_T, vision_T)
-            if self._counts is None:
-                self._counts = counts
-            else:
-                for key, value in counts.items():
-                    self._counts[key] += value
-            if self.training:
-                self.budget_counts += torch.stack(
-                    [counts["tokens"] * self.topk - counts["null_picks"], counts["tokens"]]
-                )
-            if self.training and self.layer_number is not None:
-                tokens = counts["tokens"].clamp(min=1.0)
-                # megatron-core files MTP layers after the decoder layers in its tracker
-                layer = self.layer_number + (self.config.num_layers if self.is_mtp_layer else 0)
-                for name, value in (
-                    ("null_slot_fraction", counts["null_picks"] / (tokens * self.topk)),
-                    ("real_experts_per_token", self.topk - counts["null_picks"] / tokens),
-                ):
-                    _mcore.record_metric(name, value.float(), layer, self.config,
-                                         self.tp_dp_cp_group)
-
-    def _token_mask_for(self, mask: Optional[torch.Tensor], num_tokens: int):
-        if mask is None:
-            return None
-        if mask.numel() != num_tokens:
-            raise ValueError(
-                f"vision/padding mask has {mask.numel()} entries but this MoE layer routes {num_tokens} "
-                "tokens; pass a [batch, seq] bool mask for the sequence this layer sees"
-            )
-        # Model code hands [batch, seq]; tokens reach the router flattened from [seq, batch].
-        return mask.to(device=self.weight.device).transpose(0, 1).reshape(-1)
+            self.budget_counts += torch.stack(
+                [counts["tokens"] * self.topk - counts["null_picks"], counts["tokens"]])
+            if self.layer_number is None:
+                return
+            tokens = counts["tokens"].clamp(min=1.0)
+            # megatron-core files MTP layers after the decoder layers in its tracker
+            layer = self.layer_number + (self.config.num_layers if self.is_mtp_layer else 0)
+            for name, value in (
+                ("null_slot_fraction", counts["null_picks"] / (tokens * self.topk)),
+                ("real_experts_per_token", self.topk - counts["null_picks"] / tokens),
+            ):
+                _mcore.record_metric(name, value.float(), layer, self.config, self.tp_dp_cp_group)
 
     def routing_stats(self, reset: bool = False) -> Optional[RoutingStats]:
         """Routing statistics accumulated since the last reset, on this rank only."""
-        if self._counts is None:
-            return None
-        stats = RoutingStats(self.topk, {k: v.clone() for k, v in self._counts.items()})
-        if reset:
-            self._counts = None
-        return stats
+        return self.recorder.read(reset)
 
     # -------------------------------------------------------------------- budget control
     @torch.no_grad()
     def update_budget(self, group=None) -> Optional[float]:
-        """One budget-control step: moves the null bias by the sign of (realised - target).
+        """One budget-control step (`BudgetControl.step`) over the counts since the last one.
 
         Call once per optimizer step on every rank of `group` (the ranks whose tokens differ,
         e.g. data-parallel x context-parallel). Returns the realised real-experts-per-token rate.
         """
-        target = self.null_config.target_real_per_token
         counts = self.budget_counts.clone()
         self.budget_counts.zero_()
-        if not self.budget_control:
+        if self.budget is None:
             return None
-        if group is not None and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(counts, group=group)
-        if counts[1] <= 0:
-            return None
-        realised = float(counts[0] / counts[1])
-        step = self.null_config.budget_update_rate
-        if realised > target:
-            self.null_budget_bias += step
-        elif realised < target:
-            self.null_budget_bias -= step
-        return realised
+        return self.budget.step(self.null_budget_bias, counts, group)
 
 
 def null_router(null_config: NullExpertConfig):

@@ -232,3 +232,50 @@ def test_modality_fixed_control_beyond_topk_is_refused():
 
     with pytest.raises(NullExpertConfigError, match="text_topk=3 .* at most moe_router_topk=2"):
         NullExpertConfig(vision_topk=1, text_topk=3).check(moe_config(num_experts=6, topk=2))
+
+
+# --------------------------------------------------------------- budget rule, checks, recorder
+def test_budget_control_rule_moves_the_null_bias_by_the_sign_of_the_error():
+    from megatron_nullmoe.routing.budget import BudgetControl
+
+    rule = BudgetControl(target=1.5, rate=0.25, topk=2, num_real=4, num_slots=6)
+    bias = torch.zeros(())
+    assert rule.step(bias, torch.tensor([200.0, 100.0])) == 2.0 and float(bias) == 0.25
+    assert rule.step(bias, torch.tensor([100.0, 100.0])) == 1.0 and float(bias) == 0.0
+    assert rule.step(bias, torch.tensor([150.0, 100.0])) == 1.5 and float(bias) == 0.0
+    assert rule.step(bias, torch.tensor([0.0, 0.0])) is None and float(bias) == 0.0
+    bias += 0.5
+    assert rule.selection_bias_S(bias).tolist() == [0, 0, 0, 0, 0.5, 0.5]  # null slots only
+
+
+def test_a_models_routers_check_their_config_once(monkeypatch):
+    calls = []
+    original = NullExpertConfig.check
+    monkeypatch.setattr(NullExpertConfig, "check",
+                        lambda self, config: calls.append(id(config)) or original(self, config))
+    config, nc = moe_config(num_experts=4, topk=2), NullExpertConfig(num_null_experts=4)
+    routers = [NullExpertRouter(config, null_config=nc) for _ in range(3)]
+    assert len(calls) == 1 and all(r.num_slots == 8 for r in routers)
+    NullExpertRouter(moe_config(num_experts=4, topk=2), null_config=nc)  # another config object
+    assert len(calls) == 2
+    bad = moe_config(num_experts=4, topk=2, moe_expert_capacity_factor=1.0, moe_token_drop_policy="probs")
+    for _ in range(2):  # a refused config is refused every time, not remembered as checked
+        with pytest.raises(ValueError, match="moe_expert_capacity_factor=1.0"):
+            NullExpertRouter(bad, null_config=nc)
+
+
+def test_router_holds_no_device_moves_in_forward():
+    router = NullExpertRouter(moe_config(num_experts=4, topk=2),
+                              null_config=NullExpertConfig(num_null_experts=4))
+    params = {n: p.data_ptr() for n, p in router.named_parameters()}
+    router(torch.randn(3, 2, HIDDEN))
+    assert {n: p.data_ptr() for n, p in router.named_parameters()} == params
+    assert {p.device for p in router.parameters()} == {torch.device("cpu")}
+
+
+def test_stats_mask_of_the_wrong_size_is_named():
+    router = NullExpertRouter(moe_config(num_experts=4, topk=2),
+                              null_config=NullExpertConfig(num_null_experts=4))
+    router.stats_pad_mask = torch.zeros(2, 4, dtype=torch.bool)  # the layer sees [3, 2]
+    with pytest.raises(ValueError, match="mask has 8 entries but this MoE layer routes 6 tokens"):
+        router(torch.randn(3, 2, HIDDEN))

@@ -55,7 +55,7 @@ def null_decoder_spec(args, config, vp_stage: Optional[int] = None):
             qk_l2_norm=getattr(args, "qk_l2_norm", False), vp_stage=vp_stage)
     if not null.num_null_experts:
         return spec
-    null.check(config)
+    null.check_once(config)  # its routers, built with this config, skip theirs
     try:
         return with_null_experts(spec, null)
     except ValueError:  # this pipeline stage holds only dense layers (or none at all)
@@ -103,7 +103,7 @@ def llava_specs(args, config):
         language = get_gpt_layer_local_spec(experts, grouped, normalization=args.normalization)
     null = null_config_from_args(args)
     if experts and null.num_null_experts:
-        null.check(config)
+        null.check_once(config)
         language = with_null_experts(language, null)
     projector = _mcore.dense_mlp_submodules(use_te)
     return language, projector

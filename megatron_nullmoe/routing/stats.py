@@ -2,6 +2,8 @@
 
 Counts (not ratios) are what is accumulated and reduced; ratios are derived at read time, so a sum
 over micro-batches and ranks gives exact global numbers whatever the token counts per rank.
+`RoutingRecorder` is a router's side of it: the masks the model hands in for the next forwards
+(vision tokens, padding) and the counts accumulated since the last read.
 
 Shape legend: T tokens, E real experts, K top-k, M modalities (0 = text, 1 = vision).
 """
@@ -124,3 +126,58 @@ class RoutingStats:
         return RoutingStats(self.topk, {k: self._get(k) + other._get(k) for k in keys} | {
             k: self._get(k) for k in set(self.counts) - keys
         })
+
+
+class RoutingRecorder:
+    """One router's statistics: the current vision and padding masks and the running counts.
+
+    The masks are [batch, seq] bool tensors from the model (`set_vision_mask`); tokens reach the
+    router flattened from [seq, batch], so they are transposed before use.
+    """
+
+    def __init__(self, num_real: int, topk: int):
+        self.num_real, self.topk = num_real, topk
+        self.vision_mask: Optional[torch.Tensor] = None
+        self.pad_mask: Optional[torch.Tensor] = None
+        self.counts: Optional[dict[str, torch.Tensor]] = None
+
+    @staticmethod
+    def token_mask(mask: Optional[torch.Tensor], num_tokens: int, device) -> Optional[torch.Tensor]:
+        """A [batch, seq] mask in the router's token order ([T] = [seq * batch]), or None."""
+        if mask is None:
+            return None
+        if mask.numel() != num_tokens:
+            raise ValueError(
+                f"vision/padding mask has {mask.numel()} entries but this MoE layer routes "
+                f"{num_tokens} tokens; pass a [batch, seq] bool mask for the sequence this layer "
+                "sees")
+        return mask.to(device=device).transpose(0, 1).reshape(-1)
+
+    def vision_T(self, num_tokens: int, device) -> Optional[torch.Tensor]:
+        return self.token_mask(self.vision_mask, num_tokens, device)
+
+    @torch.no_grad()
+    def add(self, index_TK: torch.Tensor, pad_T: Optional[torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Counts one routing decision (padding from the router's input and from the model's
+        mask left out), adds it to the running counts and returns it."""
+        num_tokens, device = index_TK.shape[0], index_TK.device
+        extra_pad_T = self.token_mask(self.pad_mask, num_tokens, device)
+        if extra_pad_T is not None:
+            pad_T = extra_pad_T if pad_T is None else pad_T | extra_pad_T
+        counts = count_routing(index_TK, self.num_real, None if pad_T is None else ~pad_T,
+                               self.vision_T(num_tokens, device))
+        if self.counts is None:
+            self.counts = {k: v.clone() for k, v in counts.items()}
+        else:
+            for key, value in counts.items():
+                self.counts[key] += value
+        return counts
+
+    def read(self, reset: bool = False) -> Optional[RoutingStats]:
+        """Statistics accumulated since the last reset (this rank only), or None."""
+        if self.counts is None:
+            return None
+        stats = RoutingStats(self.topk, {k: v.clone() for k, v in self.counts.items()})
+        if reset:
+            self.counts = None
+        return stats
