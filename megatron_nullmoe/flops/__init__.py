@@ -24,6 +24,14 @@ from fractions import Fraction
 from typing import Optional
 
 
+def moe_layer_pattern(num_layers: int, freq) -> list[int]:
+    """1 for a MoE layer, 0 for a dense one, per decoder layer, in megatron-core's convention:
+    an int n makes layers 0, n, 2n, ... MoE; a list is the pattern itself."""
+    if isinstance(freq, int):
+        return [1 if i % freq == 0 else 0 for i in range(num_layers)]
+    return list(freq)
+
+
 @dataclass(frozen=True)
 class DecoderShape:
     num_layers: int

@@ -129,12 +129,10 @@ class TrainingLoopHooks:
 def decoder_shape_from_args(args):
     """The FLOP formulas' DecoderShape of a Megatron-LM GPT config (GQA, SwiGLU, and MoE on the
     layers `--moe-layer-freq` marks, as Megatron-LM reads it)."""
-    from megatron_nullmoe.flops import DecoderShape
+    from megatron_nullmoe.flops import DecoderShape, moe_layer_pattern
 
     layers = args.num_layers
-    freq = getattr(args, "moe_layer_freq", 1)
-    pattern = ([1 if i % freq == 0 else 0 for i in range(layers)] if isinstance(freq, int)
-               else list(freq))
+    pattern = moe_layer_pattern(layers, getattr(args, "moe_layer_freq", 1))
     experts = getattr(args, "num_experts", None) or 0
     groups = (args.num_query_groups if getattr(args, "group_query_attention", False)
               else args.num_attention_heads)

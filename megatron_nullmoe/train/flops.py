@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from megatron_nullmoe.flops import DecoderShape, VisionShape
+from megatron_nullmoe.flops import DecoderShape, VisionShape, moe_layer_pattern
 from megatron_nullmoe.train.config import RunConfig
 from megatron_nullmoe.train.model import image_tokens, null_config
 
@@ -18,7 +18,7 @@ def shapes_from_config(cfg: RunConfig,
     """DecoderShape (and VisionShape for a VLM) of a training RunConfig."""
     m = cfg.model
     seq = image_tokens(cfg) + cfg.data.seq_length
-    moe_layers = sum(1 for i in range(m.num_layers) if i % m.moe_layer_freq == 0)
+    moe_layers = sum(moe_layer_pattern(m.num_layers, m.moe_layer_freq))
     null = null_config(cfg)
     decoder = DecoderShape(
         m.num_layers, m.hidden_size, m.ffn_hidden_size, seq, vocab_size, moe_layers, m.num_experts,

@@ -21,6 +21,7 @@ import torch
 
 from megatron_nullmoe import _mcore
 from megatron_nullmoe.config import NullExpertConfig, NullExpertConfigError
+from megatron_nullmoe.flops import moe_layer_pattern
 from megatron_nullmoe.spec import with_null_experts
 from megatron_nullmoe.train.config import ConfigError, RunConfig
 from megatron_nullmoe.train.data.tokenizer import IMAGE_TOKEN
@@ -32,7 +33,6 @@ class ModelInfo:
 
     image_tokens: int  # positions one image occupies in the decoder sequence (0 for GPT)
     decoder_seq_length: int  # image tokens + text tokens
-    num_moe_layers: int
 
 
 def null_config(cfg: RunConfig) -> NullExpertConfig:
@@ -86,8 +86,7 @@ def decoder_config(cfg: RunConfig, dtype: torch.dtype):
     if m.moe_layer_freq < 1:
         raise ConfigError(f"model.moe_layer_freq={m.moe_layer_freq} is not valid: layers 0, n, "
                           "2n, ... are MoE, so n must be an integer >= 1")
-    # megatron-core's convention for an int frequency: layers 0, n, 2n, ... are MoE
-    pattern = [1 if i % m.moe_layer_freq == 0 else 0 for i in range(m.num_layers)]
+    pattern = moe_layer_pattern(m.num_layers, m.moe_layer_freq)
     try:
         return TransformerConfig(
             num_layers=m.num_layers, hidden_size=m.hidden_size, ffn_hidden_size=m.ffn_hidden_size,
@@ -144,7 +143,7 @@ def build_model(cfg: RunConfig, vocab_size: int, pg_collection, dtype: torch.dty
         pass
     n_img = image_tokens(cfg)
     seq = n_img + cfg.data.seq_length
-    info = ModelInfo(n_img, seq, sum(config.moe_layer_freq))
+    info = ModelInfo(n_img, seq)
     if cfg.model.kind == "gpt":
         model = GPTModel(config, spec, vocab_size=vocab_size,
                          max_sequence_length=cfg.model.max_position_embeddings,
