@@ -13,6 +13,7 @@ real skip-and-resume through the trainer.
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import signal
@@ -84,6 +85,10 @@ TOP2 = {"model.router_topk": 2, "model.null_experts.num_null_experts": 0}
     ({"iso_flop": {"tolerence": 0.1}}, "unknown sweep key 'iso_flop.tolerence'; did you mean "
                                        "'iso_flop.tolerance'?"),
     ({"launch": {"nproc_per_node": 0}}, "launch.nproc_per_node=0: give an integer >= 1"),
+    ({"variants": {"top2": TOP2, "null": NULL}, "compare": {"gate": ["top2", "top4"]}},
+     "compare.gate: unknown variant 'top4'; the sweep's variants are top2, null"),
+    ({"variants": {"top2": TOP2, "null": NULL}, "compare": {"gate": ["top2"]}},
+     "compare.gate=['top2']: give two different variants, [A, B]"),
     ({"base": "nope.yaml"}, "base='nope.yaml': no such recipe"),
 ])
 def test_bad_sweep_files_name_the_key(tmp_path, fields, message):
@@ -303,7 +308,6 @@ def test_report_means_intervals_and_matched_flops_by_hand(tmp_path):
                    steps=[2, 4])
     (root / "b/seed4").mkdir()  # unfinished: no summary.json
     report(root)
-    import csv
 
     rows = {r["variant"]: r for r in csv.DictReader((root / "results.csv").open())}
     num = lambda v: float(v) if v else None  # noqa: E731
@@ -342,6 +346,35 @@ def test_report_means_intervals_and_matched_flops_by_hand(tmp_path):
     assert (root / "null_rate.png").stat().st_size > 10_000
     runs = list(csv.DictReader((root / "runs.csv").open()))
     assert len(runs) == 6 and {r["run"] for r in runs} >= {"b/seed3", "c/seed1"}
+
+
+def test_report_compares_pairs_by_seed_with_an_interval_and_a_verdict(tmp_path):
+    from megatron_nullmoe.sweep.report import report
+
+    root = tmp_path / "sweep"
+    finals = {"big": [1.0, 1.11, 0.89], "small": [1.3, 1.42, 1.18], "same": [1.2, 1.0, 1.4]}
+    runs = []
+    for variant, values in finals.items():
+        for seed, final in enumerate(values, start=1):
+            folder = f"{variant}/seed{seed}"
+            _synthetic_run(root / folder, [10, 20], [2.0, final], {2: final},
+                           {"real_experts_per_token": 1.0, "rows_dispatched": 100})
+            runs.append({"key": folder, "label": variant, "variant": variant, "point": [],
+                         "seed": seed, "folder": folder, "steps": 2})
+    (root / "sweep.json").write_text(json.dumps({"compare": {
+        "gate": ["big", "small"], "noise": ["same", "small"], "flip": ["small", "big"]}, "runs": runs}))
+    report(root)
+    rows = {(r["comparison"], r["metric"]): r for r in csv.DictReader((root / "comparisons.csv").open())}
+    # big - small = -0.3, -0.31, -0.29: mean -0.3, sd 0.01, half-width t(2) 4.303 * 0.01 / sqrt(3)
+    gate = rows["gate", "final_val_loss"]
+    assert float(gate["mean"]) == pytest.approx(-0.3) and int(gate["n"]) == 3
+    assert float(gate["ci95"]) == pytest.approx(4.3027 * 0.01 / 3 ** 0.5)  # t table: 4 digits
+    assert gate["verdict"] == "big lower" and rows["flip", "final_val_loss"]["verdict"] == "big lower"
+    # same - small = -0.1, -0.42, 0.22: the interval holds 0
+    assert rows["noise", "final_val_loss"]["verdict"] == "within noise"
+    assert rows["gate", "val_loss_at_budget"]["verdict"] == "big lower"  # same FLOPs: budget = end
+    md = (root / "results.md").read_text()
+    assert "| gate | big - small | final val loss | 3 | -0.3000 ± 0.0248 | big lower |" in md
 
 
 # ------------------------------------------------------------------------------ real runs

@@ -137,7 +137,7 @@ def _run(a) -> int:
         if a.dry_run:
             print(f"\n# sbatch script ({len(todo)} tasks):\n{script}")
             return 0
-        write_plan(sweep.root, sweep.path, sweep.base, runs)
+        write_plan(sweep.root, sweep.path, sweep.base, runs, sweep.compare)
         job = submit(script, sweep.root)
         for i, r in enumerate(todo):  # a second `run` must not submit or start them again
             write_state(r.folder, "queued", launcher="slurm", job=f"{job}_{i}")
@@ -148,7 +148,7 @@ def _run(a) -> int:
         return 0
     from megatron_nullmoe.sweep.local import run_local
 
-    write_plan(sweep.root, sweep.path, sweep.base, runs)
+    write_plan(sweep.root, sweep.path, sweep.base, runs, sweep.compare)
     try:
         outcome = run_local(selected, sweep.base, a.parallel, nproc, a.status_every)
     except KeyboardInterrupt:

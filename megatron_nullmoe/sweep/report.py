@@ -9,7 +9,9 @@ mean after its first interval); the realised FLOPs at the end. Only finished run
 summary.json that reaches the plan's steps, where sweep.json gives them); the others are listed
 as missing. Plots: loss against realised FLOPs per variant (the frontier; mean over seeds of the
 train curve, validation points as markers, the budget dashed), and null rate by modality
-against step.
+against step. With `compare` pairs in the sweep file, results.md and comparisons.csv give A - B
+per pair on the final and matched-FLOP validation losses, paired by seed, with a 95% interval and
+a verdict (a side is lower only when the interval excludes 0).
 """
 
 from __future__ import annotations
@@ -19,8 +21,15 @@ import json
 from pathlib import Path
 from typing import Optional
 
-from megatron_nullmoe.sweep.state import PLAN_FILE, read_plan
-from megatron_nullmoe.sweep.stats import interpolate, loss_curves, matched_budget, mean_interval
+from megatron_nullmoe.sweep.state import PLAN_FILE, read_compare, read_plan
+from megatron_nullmoe.sweep.stats import (
+    interpolate,
+    loss_curves,
+    matched_budget,
+    mean_interval,
+    paired_difference,
+    verdict,
+)
 
 # column -> (what results.md calls it, digits)
 METRICS = {
@@ -99,13 +108,31 @@ def aggregate(runs: list[dict], budgets: dict) -> list[dict]:
     return out
 
 
+COMPARED = ("final_val_loss", "val_loss_at_budget")  # the losses `compare` pairs are judged on
+
+
+def comparisons(runs: list[dict], compare: dict[str, tuple[str, str]]) -> list[dict]:
+    """Per compare pair, grid point and loss: A - B paired by seed, its interval and verdict."""
+    out = []
+    for name, (a, b) in compare.items():
+        for point in dict.fromkeys(r["point"] for r in runs):
+            by = {v: {r["seed"]: r for r in runs if r["variant"] == v and r["point"] == point}
+                  for v in (a, b)}
+            for key in COMPARED:
+                mean, half, n = paired_difference({s: r[key] for s, r in by[a].items()},
+                                                  {s: r[key] for s, r in by[b].items()})
+                out.append({"name": name, "a": a, "b": b, "point": point, "metric": key,
+                            "n": n, "mean": mean, "ci95": half, "verdict": verdict(mean, half, a, b)})
+    return out
+
+
 def _fmt(value: Optional[float], digits: Optional[int]) -> str:
     if value is None:
         return "-"
     return f"{value:.3e}" if digits is None else f"{value:.{digits}f}"
 
 
-def write_tables(root: Path, out: Path, runs, missing, groups, budgets) -> None:
+def write_tables(root: Path, out: Path, runs, missing, groups, budgets, compared=()) -> None:
     axes = list(dict.fromkeys(axis for g in groups for axis, _ in g["point"]))
     with (out / "results.csv").open("w", newline="") as f:
         w = csv.writer(f)
@@ -145,6 +172,27 @@ def write_tables(root: Path, out: Path, runs, missing, groups, budgets) -> None:
                 cells.append(_fmt(mean, digits) + ("" if half is None else f" ± {_fmt(half, digits)}"))
             lines.append(f"| {g['variant']} | {g['n']} | " + " | ".join(cells) + " |")
         lines.append("")
+        rows = [c for c in compared if c["point"] == point]
+        if rows:
+            lines += ["Comparisons: A - B paired by seed, mean ± 95% half-width; a side is lower "
+                      "only when the interval excludes 0.", "",
+                      "| comparison | A - B | loss | seeds | A - B (mean ± 95%) | verdict |",
+                      "|---|---|---|---:|---:|---|"]
+            for c in rows:
+                diff = _fmt(c["mean"], 4) + ("" if c["ci95"] is None else f" ± {_fmt(c['ci95'], 4)}")
+                lines.append(f"| {c['name']} | {c['a']} - {c['b']} | {METRICS[c['metric']][0]} | "
+                             f"{c['n']} | {diff} | {c['verdict']} |")
+            lines.append("")
+    if compared:
+        axes = list(dict.fromkeys(axis for c in compared for axis, _ in c["point"]))
+        with (out / "comparisons.csv").open("w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["comparison", "a", "b", *axes, "metric", "n", "mean", "ci95", "verdict"])
+            for c in compared:
+                point = dict(c["point"])
+                w.writerow([c["name"], c["a"], c["b"], *(point.get(x) for x in axes), c["metric"],
+                            c["n"], *("" if c[k] is None else c[k] for k in ("mean", "ci95")),
+                            c["verdict"]])
     (out / "results.md").write_text("\n".join(lines))
 
 
@@ -201,6 +249,6 @@ def report(root: Path, out: Optional[Path] = None) -> Path:
                          + (f"; unfinished: {', '.join(missing)}" if missing else ""))
     out.mkdir(parents=True, exist_ok=True)
     groups = aggregate(runs, budgets)
-    write_tables(root, out, runs, missing, groups, budgets)
+    write_tables(root, out, runs, missing, groups, budgets, comparisons(runs, read_compare(root)))
     plot(out, runs, budgets)
     return out

@@ -12,6 +12,8 @@
       size: {small: {model.num_layers: 12}, base: {model.num_layers: 24}}
     seeds: [1, 2, 3]
     iso_flop: {tolerance: 0.01, groups: {k2: [top2, null]}}   # optional, see checks.py
+    compare: {gate: [top4, top2], null: [null, top2]}  # optional: `report` gives A - B per pair,
+                                 #   paired by seed, with its 95% interval and a verdict
     launch: {nproc_per_node: 2}  # optional: processes per run (local); nodes, gpus_per_node,
                                  #   time, partition, account, sbatch (extra #SBATCH lines)
 
@@ -34,7 +36,8 @@ import yaml
 
 from megatron_nullmoe.train.config import ConfigError, RunConfig, load_config
 
-TOP_KEYS = ("name", "dir", "base", "overrides", "variants", "grid", "seeds", "iso_flop", "launch")
+TOP_KEYS = ("name", "dir", "base", "overrides", "variants", "grid", "seeds", "iso_flop", "compare",
+            "launch")
 LAUNCH_KEYS = {"nproc_per_node": int, "nodes": int, "gpus_per_node": int, "time": str,
                "partition": str, "account": str, "sbatch": list}
 RESERVED = ("seed", "dir", "name")  # set per run by the sweep
@@ -97,6 +100,7 @@ class Sweep:
     seeds: list[int]
     iso_flop: Optional[IsoFlop]
     launch: Launch
+    compare: dict[str, tuple[str, str]] = field(default_factory=dict)  # name -> (A, B)
     extra: tuple[str, ...] = ()  # command-line key=value, after the sweep's own
 
 
@@ -143,7 +147,7 @@ def load_sweep(path: str | Path, extra: list[str] | tuple[str, ...] = (),
                  overrides=_flatten("overrides", raw.get("overrides")), variants=variants,
                  grid=_grid(raw.get("grid")), seeds=seeds,
                  iso_flop=_iso_flop(raw.get("iso_flop"), variants), launch=_launch(raw.get("launch")),
-                 extra=extra)
+                 compare=_compare(raw.get("compare"), variants), extra=extra)
 
 
 def _known(where: str, raw: dict, valid) -> None:
@@ -244,6 +248,24 @@ def _iso_flop(raw: Any, variants: dict) -> Optional[IsoFlop]:
                                  + (f"; did you mean {close[0]!r}?" if close else "")
                                  + f" (variants: {', '.join(variants)})")
     return IsoFlop(float(tol), {str(g): list(n) for g, n in groups.items()})
+
+
+def _compare(raw: Any, variants: dict) -> dict[str, tuple[str, str]]:
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict) or not raw:
+        raise SweepError(f"compare={raw!r}: give a mapping of names to [A, B] variant pairs")
+    out = {}
+    for name, pair in raw.items():
+        _safe(f"compare.{name}", name)
+        if not isinstance(pair, list) or len(pair) != 2 or pair[0] == pair[1]:
+            raise SweepError(f"compare.{name}={pair!r}: give two different variants, [A, B]")
+        for v in pair:
+            if v not in variants:
+                raise SweepError(f"compare.{name}: unknown variant {v!r}; the sweep's variants are "
+                                 f"{', '.join(variants)}")
+        out[str(name)] = (pair[0], pair[1])
+    return out
 
 
 def _launch(raw: Any) -> Launch:

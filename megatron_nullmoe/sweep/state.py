@@ -98,10 +98,12 @@ def run_state(folder: Path, steps: int) -> tuple[str, str]:
 
 
 # ----------------------------------------------------------------------------- the plan file
-def write_plan(root: Path, sweep_file: Path, base: Path, runs) -> None:
-    """sweep.json in the sweep folder: what `status` and `report` read (folders relative to it)."""
+def write_plan(root: Path, sweep_file: Path, base: Path, runs, compare=None) -> None:
+    """sweep.json in the sweep folder: what `status` and `report` read (folders relative to it),
+    and the sweep's `compare` pairs for `report`."""
     root.mkdir(parents=True, exist_ok=True)
-    plan = {"sweep_file": str(sweep_file.resolve()), "base": str(base), "runs": [
+    plan = {"sweep_file": str(sweep_file.resolve()), "base": str(base),
+            "compare": {k: list(v) for k, v in (compare or {}).items()}, "runs": [
         {"key": r.key, "label": r.label, "variant": r.variant, "point": [list(p) for p in r.point],
          "seed": r.seed, "folder": str(r.folder.relative_to(root)), "steps": r.cfg.steps,
          "overrides": list(r.overrides)} for r in runs]}
@@ -114,6 +116,14 @@ def read_plan(root: Path) -> list[dict]:
         raise FileNotFoundError(f"{root} has no {PLAN_FILE}: give the sweep's folder <dir>/<name> "
                                 "(`run` writes the plan there)")
     return json.loads(path.read_text())["runs"]
+
+
+def read_compare(root: Path) -> dict[str, tuple[str, str]]:
+    """The `compare` pairs sweep.json holds ({} without a plan or pairs)."""
+    path = Path(root) / PLAN_FILE
+    if not path.is_file():
+        return {}
+    return {k: tuple(v) for k, v in json.loads(path.read_text()).get("compare", {}).items()}
 
 
 def status_table(root: Path, plan: list[dict]) -> str:

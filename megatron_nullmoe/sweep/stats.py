@@ -77,3 +77,23 @@ def loss_curves(records: list[dict]) -> dict[str, tuple[list[float], list[float]
 
 def matched_budget(final_flops: Sequence[float]) -> float:
     return min(final_flops)
+
+
+def paired_difference(a_by_seed: dict[int, Optional[float]], b_by_seed: dict[int, Optional[float]]
+                      ) -> tuple[Optional[float], Optional[float], int]:
+    """Mean of A - B over the seeds where both have a value, with its 95% half-width: the seed is
+    the unit (same data order, same seed), so seed-to-seed variation common to both cancels."""
+    diffs = [a_by_seed[s] - b_by_seed[s] for s in sorted(set(a_by_seed) & set(b_by_seed))
+             if a_by_seed[s] is not None and b_by_seed[s] is not None]
+    return mean_interval(diffs)
+
+
+def verdict(mean: Optional[float], half: Optional[float], a: str, b: str) -> str:
+    """Which side is lower beyond the 95% interval of A - B, or that the interval holds 0."""
+    if mean is None or half is None:
+        return "no interval (needs two seeds with both)"
+    if mean + half < 0:
+        return f"{a} lower"
+    if mean - half > 0:
+        return f"{b} lower"
+    return "within noise"
