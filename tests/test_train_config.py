@@ -313,6 +313,19 @@ def test_moe_layer_freq_pattern_follows_megatron_core():
     assert model.decoder_config(cfg, torch.float32).moe_layer_freq == [1, 0]
 
 
+@pytest.mark.parametrize("overrides,expected", [
+    (["model.router_topk=1"], True),  # default: a top-1 gate must not be 1 always
+    (["model.router_topk=2"], False),  # default: softmax over the k picks
+    (["model.router_topk=2", "model.router_pre_softmax=true"], True),
+])
+def test_router_pre_softmax_default_and_override(overrides, expected):
+    cfg = load_config(overrides=overrides)
+    assert model.decoder_config(cfg, torch.float32).moe_router_pre_softmax is expected
+    cfg = load_config(overrides=["model.router_topk=1", "model.router_pre_softmax=false"])
+    with pytest.raises(ConfigError, match="megatron-core rejects.*pre-softmax when topk is 1"):
+        model.decoder_config(cfg, torch.float32)
+
+
 @pytest.mark.parametrize("freq", [0, -1])
 def test_moe_layer_freq_below_one_is_refused(freq):
     cfg = load_config(overrides=[f"model.moe_layer_freq={freq}"])

@@ -65,6 +65,9 @@ class Model:
     moe_ffn_hidden_size: int = _at_least(64, 1)
     router_topk: int = _at_least(2, 1)
     router_score_function: str = _choices("softmax", "sigmoid", default="softmax")
+    # softmax over all slots, then top-k, gates not renormalised (megatron-core's
+    # moe_router_pre_softmax); None: on for top-1 (else its gate would always be 1), off otherwise
+    router_pre_softmax: Optional[bool] = None
     aux_loss_coeff: float = _at_least(1e-2, 0)
     z_loss_coeff: Optional[float] = None
     token_dispatcher: str = _choices("alltoall", "allgather", default="alltoall")

@@ -95,7 +95,8 @@ def decoder_config(cfg: RunConfig, dtype: torch.dtype):
             moe_layer_freq=pattern, moe_token_dispatcher_type=m.token_dispatcher,
             moe_router_load_balancing_type="aux_loss", moe_aux_loss_coeff=m.aux_loss_coeff,
             moe_z_loss_coeff=m.z_loss_coeff, moe_router_score_function=m.router_score_function,
-            moe_router_pre_softmax=m.router_topk == 1,
+            moe_router_pre_softmax=(m.router_topk == 1 if m.router_pre_softmax is None
+                                    else m.router_pre_softmax),
             expert_model_parallel_size=cfg.parallel.expert, expert_tensor_parallel_size=1,
             **_common(cfg, dtype),
         )
