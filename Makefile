@@ -12,7 +12,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 PIP    := $(PY) -m pip install -q
 
-.PHONY: setup test bench demo demo-data clean
+.PHONY: setup test bench demo demo-data study study-data clean
 
 setup: $(STAMP)
 
@@ -49,6 +49,17 @@ demo-data: $(STAMP)
 demo: demo-data
 	$(VENV)/bin/torchrun --standalone --nproc-per-node 2 \
 		-m megatron_nullmoe.train --config examples/demo_vlm.yaml $(ARGS)
+
+# The CPU compute study (issue 10, BENCHMARKS.md): the grid-shapes data, then the sweep
+# examples/sweeps/cpu_study.yaml (20 single-process runs, 2 at a time; ~35 min on 2 cores; run it
+# again to resume), then its report in runs/sweeps/cpu-study/results.md.
+study-data: $(STAMP)
+	$(PY) -m megatron_nullmoe.train.data.demo --out data/study --scenes grid --image-size 32 \
+		--train-samples 32768 --val-samples 512 --samples-per-shard 4096
+
+study: study-data
+	$(PY) -m megatron_nullmoe.sweep run examples/sweeps/cpu_study.yaml --parallel 2 $(ARGS)
+	$(PY) -m megatron_nullmoe.sweep report runs/sweeps/cpu-study
 
 clean:
 	rm -rf .venv .venv-mcore-*
