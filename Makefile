@@ -12,7 +12,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 PIP    := $(PY) -m pip install -q
 
-.PHONY: setup test bench demo demo-data study study-data clean
+.PHONY: setup test bench demo demo-data study study-data study-ablation clean
 
 setup: $(STAMP)
 
@@ -51,14 +51,21 @@ demo: demo-data
 		-m megatron_nullmoe.train --config examples/demo_vlm.yaml $(ARGS)
 
 # The CPU compute study (issue 10, BENCHMARKS.md): the grid-shapes data, then the sweep
-# examples/sweeps/cpu_study.yaml (20 single-process runs, 2 at a time; ~35 min on 2 cores; run it
-# again to resume), then its report in runs/sweeps/cpu-study/results.md.
+# examples/sweeps/cpu_study.yaml (its five main variants: 20 single-process runs, 2 at a time;
+# ~45 min on 2 cores; run it again to resume), then its report in
+# runs/sweeps/cpu-study/results.md. `make study-ablation` adds the three ablation variants.
+STUDY := top1,top2,null_renorm,null_keep,fixed_v0_t2
+STUDY_ABLATION := keep_no_budget,keep_aux_0.1,keep_per_expert
 study-data: $(STAMP)
 	$(PY) -m megatron_nullmoe.train.data.demo --out data/study --scenes grid --image-size 32 \
 		--train-samples 32768 --val-samples 512 --samples-per-shard 4096
 
 study: study-data
-	$(PY) -m megatron_nullmoe.sweep run examples/sweeps/cpu_study.yaml --parallel 2 $(ARGS)
+	$(PY) -m megatron_nullmoe.sweep run examples/sweeps/cpu_study.yaml --parallel 2 --only $(STUDY) $(ARGS)
+	$(PY) -m megatron_nullmoe.sweep report runs/sweeps/cpu-study
+
+study-ablation: study-data
+	$(PY) -m megatron_nullmoe.sweep run examples/sweeps/cpu_study.yaml --parallel 2 --only $(STUDY_ABLATION) $(ARGS)
 	$(PY) -m megatron_nullmoe.sweep report runs/sweeps/cpu-study
 
 clean:

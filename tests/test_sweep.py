@@ -158,9 +158,14 @@ def test_example_sweeps_load_and_dry_run(name, capsys):
 
         rate = {r.variant: expected_real_per_token(r.cfg) for r in runs}
         assert rate == {"top1": 1, "top2": 2, "null_renorm": 1, "null_keep": 1,
-                        "fixed_v0_t2": (16 * 0 + 24 * 2) / 40}  # 16 image + 24 text positions
+                        "fixed_v0_t2": (16 * 0 + 24 * 2) / 40,  # 16 image + 24 text positions
+                        "keep_no_budget": 1, "keep_aux_0.1": 1, "keep_per_expert": 1}
+        code, out = cli_main(argv + ["--only", "keep_no_budget,keep_aux_0.1"], capsys)
+        assert code == 0 and "--only keep_no_budget,keep_aux_0.1: 8 of these 32 runs" in out
         assert {r.cfg.model.null_experts.target_real_per_token for r in runs
                 if r.variant.startswith("null")} == {1.0}
+        assert {r.cfg.model.null_experts.target_real_per_token for r in runs
+                if r.variant == "keep_no_budget"} == {None}
     else:  # the CPU controls, the modality-fixed ones bracketing the null runs' 2 real/token
         from megatron_nullmoe.sweep.checks import expected_real_per_token
 

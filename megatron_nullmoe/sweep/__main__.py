@@ -123,6 +123,8 @@ def _run(a) -> int:
         sys.exit(f"sweep error: {err}{hint}")
     if a.dry_run:
         _print_plan(sweep, runs, a, world, label)
+        if a.only is not None:
+            print(f"--only {a.only}: {len(selected)} of these {len(runs)} runs would launch")
     if a.launcher == "slurm":
         from megatron_nullmoe.sweep.slurm import array_script, submit
 
