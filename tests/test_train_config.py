@@ -425,3 +425,18 @@ def test_null_expert_recipe_errors_name_the_key(override, message):
 
     with pytest.raises(ConfigError, match=message):
         load_config(None, [override])
+
+
+def test_validate_runs_each_check_once(monkeypatch, tmp_path):
+    from megatron_nullmoe.config import NullExpertConfig
+
+    calls = []
+    for name in ("check_pipeline", "check_model"):
+        original = getattr(model, name)
+        monkeypatch.setattr(model, name, lambda *a, _n=name, _f=original: calls.append(_n) or _f(*a))
+    original_check = NullExpertConfig.check
+    monkeypatch.setattr(NullExpertConfig, "check",
+                        lambda self, c: calls.append("null") or original_check(self, c))
+    cfg = load_config(overrides=[f"dir={tmp_path / 'run'}", "parallel.expert=1"])
+    assert checks.validate(cfg, 1)[:2] == (1, cfg.data.global_batch_size // cfg.data.micro_batch_size)
+    assert sorted(calls) == ["check_model", "check_pipeline", "null"]

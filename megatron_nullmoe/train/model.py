@@ -160,9 +160,9 @@ def build_model(cfg: RunConfig, vocab_size: int, pg_collection, dtype: torch.dty
 
 
 def check_model(cfg: RunConfig, dtype: torch.dtype) -> None:
-    """What the model build would refuse, checked before anything is built: the pipeline layout,
-    megatron-core's own decoder config checks, null experts against it, the sequence length."""
-    check_pipeline(cfg)
+    """What the model build would refuse, checked before anything is built: megatron-core's own
+    decoder config checks, null experts against it, the sequence length. (The pipeline layout is
+    `check_pipeline`'s, which `validate.check` runs first.)"""
     config = decoder_config(cfg, dtype)
     try:
         null_config(cfg).check(config)
