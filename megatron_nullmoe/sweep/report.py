@@ -212,6 +212,8 @@ def plot(out: Path, runs: list[dict], budgets: dict) -> None:
                 draw(ax, np, [r for r in members if r["variant"] == variant], variant, f"C{i}")
             if name == "frontier.png" and budgets[point]:
                 ax.axvline(budgets[point], color="grey", ls=":", label="FLOP budget")
+            if name == "frontier.png":  # losses span decades: the tail is where variants differ
+                ax.set_yscale("log")
             ax.set_title(", ".join(f"{a}={v}" for a, v in point) or "all runs")
             ax.legend(fontsize=7)
         fig.tight_layout()
