@@ -70,10 +70,13 @@ class NullExpertRouter(TopKRouter):
         self.num_slots = self.num_real + self.num_null
         # TopKRouter builds its weight on the CPU and moves it to the current GPU in its first
         # gating(); this router puts everything it holds there now, so forward moves nothing.
-        device = _home_device(config)
-        self.weight.data = self.weight.data.to(device)
-        if self.bias is not None:
-            self.bias.data = self.bias.data.to(device)
+        # (A weight built elsewhere, e.g. on the meta device for deferred init, stays there.)
+        if self.weight.device.type == "cpu":
+            home = _home_device(config)
+            self.weight.data = self.weight.data.to(home)
+            if self.bias is not None:
+                self.bias.data = self.bias.data.to(home)
+        device = self.weight.device
 
         self.null_weight = None
         self.null_bias = None
