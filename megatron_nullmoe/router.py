@@ -101,7 +101,7 @@ class NullExpertRouter(TopKRouter):
         self.budget: Optional[BudgetControl] = None
         if self.num_null and null_config.target_real_per_token is not None:
             self.budget = BudgetControl(null_config.target_real_per_token,
-                                        null_config.budget_update_rate, self.topk, self.num_real,
+                                        null_config.budget_update_rate, self.num_real,
                                         self.num_slots)
             self.register_buffer("null_budget_bias", self._zeros(()))
         else:

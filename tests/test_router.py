@@ -238,7 +238,7 @@ def test_modality_fixed_control_beyond_topk_is_refused():
 def test_budget_control_rule_moves_the_null_bias_by_the_sign_of_the_error():
     from megatron_nullmoe.routing.budget import BudgetControl
 
-    rule = BudgetControl(target=1.5, rate=0.25, topk=2, num_real=4, num_slots=6)
+    rule = BudgetControl(target=1.5, rate=0.25, num_real=4, num_slots=6)
     bias = torch.zeros(())
     assert rule.step(bias, torch.tensor([200.0, 100.0])) == 2.0 and float(bias) == 0.25
     assert rule.step(bias, torch.tensor([100.0, 100.0])) == 1.0 and float(bias) == 0.0

@@ -16,10 +16,10 @@ import torch.distributed as dist
 
 
 class BudgetControl:
-    """The sign-update rule of one router, for `target` real experts per token of its top-k."""
+    """The sign-update rule of one router: `target` real experts per token, steps of `rate`."""
 
-    def __init__(self, target: float, rate: float, topk: int, num_real: int, num_slots: int):
-        self.target, self.rate, self.topk = target, rate, topk
+    def __init__(self, target: float, rate: float, num_real: int, num_slots: int):
+        self.target, self.rate = target, rate
         self.num_real, self.num_slots = num_real, num_slots
 
     def selection_bias_S(self, null_bias: torch.Tensor) -> torch.Tensor:
