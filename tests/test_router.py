@@ -271,6 +271,11 @@ def test_router_holds_no_device_moves_in_forward():
     router(torch.randn(3, 2, HIDDEN))
     assert {n: p.data_ptr() for n, p in router.named_parameters()} == params
     assert {p.device for p in router.parameters()} == {torch.device("cpu")}
+    with torch.device("meta"):  # deferred init: built on meta, left there (a move would raise)
+        deferred = NullExpertRouter(moe_config(num_experts=4, topk=2),
+                                    null_config=NullExpertConfig(num_null_experts=4))
+    assert {p.device.type for p in deferred.parameters()} == {"meta"}
+    assert deferred.null_weight is not None
 
 
 def test_stats_mask_of_the_wrong_size_is_named():
