@@ -16,6 +16,7 @@ from megatron_nullmoe._mcore import MCORE_VERSION, MegatronCoreVersionError
 from megatron_nullmoe.config import NullExpertConfig, NullExpertConfigError
 from megatron_nullmoe.layer import NullExpertMoELayer, null_moe_layer, null_router
 from megatron_nullmoe.model_utils import (
+    check_routers,
     dispatch_stats,
     null_routers,
     routing_stats,
@@ -32,6 +33,7 @@ __all__ = [
     "NullExpertConfigError",
     "NullExpertMoELayer",
     "NullExpertRouter",
+    "check_routers",
     "null_moe_layer",
     "dispatch_stats",
     "null_router",

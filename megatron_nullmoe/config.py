@@ -144,6 +144,13 @@ class NullExpertConfig:
             )
         if self.target_real_per_token is not None and self.target_real_per_token > topk:
             _fail("target_real_per_token", self.target_real_per_token, f"in (0, top-k={topk}]")
+        if (self.target_real_per_token is not None and self.num_null_experts
+                and getattr(config, "moe_router_enable_expert_bias", False)):
+            _fail("target_real_per_token", self.target_real_per_token,
+                  "None with moe_router_enable_expert_bias=True: the expert bias and the "
+                  "compute-budget control would both steer the null slots toward different "
+                  "targets and drift without limit; use one of them (the expert bias balances "
+                  "slot use, budget control holds real experts per token)")
         if self.modality_topk is not None and max(self.modality_topk) > topk:
             name = "vision_topk" if self.vision_topk > topk else "text_topk"
             _fail(name, getattr(self, name), f"at most moe_router_topk={topk} (kept out of top-k)")

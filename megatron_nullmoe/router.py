@@ -29,7 +29,7 @@ from megatron_nullmoe import _mcore
 from megatron_nullmoe.config import NullExpertConfig
 from megatron_nullmoe.routing import math as rmath
 from megatron_nullmoe.routing.budget import BudgetControl
-from megatron_nullmoe.routing.stats import RoutingRecorder, RoutingStats
+from megatron_nullmoe.routing.stats import RoutingRecorder, RoutingStats, real_per_token
 
 def _home_device(config) -> torch.device:
     """Where megatron-core's MoE modules live once built: the current GPU, unless there is none
@@ -273,44 +273,52 @@ class NullExpertRouter(TopKRouter):
 
     # ------------------------------------------------------------------------ statistics
     def _record(self, index_TK: torch.Tensor, pad_T: Optional[torch.Tensor]) -> None:
-        """Counts a routing decision once per real forward (not in a recompute's no-grad pass):
-        statistics, the budget control's counts, and megatron-core's per-layer metrics."""
+        """Counts each training token's routing once: statistics, the budget control's counts and
+        megatron-core's per-layer metrics. Under activation recomputation the first forward of a
+        layer runs without grad and the recompute (in backward) with grad, so only the pass with
+        grad is counted, as it is where the balancing losses attach. In eval mode every forward
+        counts."""
         if self.training and not torch.is_grad_enabled():
             return
         counts = self.recorder.add(index_TK, pad_T)
         if not self.training:
             return
         with torch.no_grad():
-            self.budget_counts += torch.stack(
-                [counts["tokens"] * self.topk - counts["null_picks"], counts["tokens"]])
+            real_picks = counts["tokens"] * self.topk - counts["null_picks"]
+            self.budget_counts += torch.stack([real_picks, counts["tokens"]])
             if self.layer_number is None:
                 return
-            tokens = counts["tokens"].clamp(min=1.0)
             # megatron-core files MTP layers after the decoder layers in its tracker
             layer = self.layer_number + (self.config.num_layers if self.is_mtp_layer else 0)
-            for name, value in (
-                ("null_slot_fraction", counts["null_picks"] / (tokens * self.topk)),
-                ("real_experts_per_token", self.topk - counts["null_picks"] / tokens),
-            ):
+            real = real_per_token(real_picks, counts["tokens"])
+            null_share = counts["null_picks"] / (counts["tokens"].clamp(min=1.0) * self.topk)
+            for name, value in (("null_slot_fraction", null_share),
+                                ("real_experts_per_token", real)):
                 _mcore.record_metric(name, value.float(), layer, self.config, self.tp_dp_cp_group)
 
     def routing_stats(self, reset: bool = False) -> Optional[RoutingStats]:
         """Routing statistics accumulated since the last reset, on this rank only."""
         return self.recorder.read(reset)
 
-    # -------------------------------------------------------------------- budget control
-    @torch.no_grad()
-    def update_budget(self, group=None) -> Optional[float]:
-        """One budget-control step (`BudgetControl.step`) over the counts since the last one.
+    # -------------------------------------------------------------------- exact state
+    def _apply(self, fn, *args, **kwargs):
+        """Device moves apply to every tensor; dtype casts (`Float16Module` calls `.bfloat16()`
+        on the whole model, buffers included) skip the state that must stay exact: the budget
+        bias and counts and the expert-bias state keep their dtype and their exact values."""
+        exact = {name: buf for name, buf in self._buffers.items()
+                 if name in EXACT_BUFFERS and buf is not None}
+        out = super()._apply(fn, *args, **kwargs)
+        for name, before in exact.items():
+            after = self._buffers[name]
+            if after is not None and after.dtype != before.dtype:
+                self._buffers[name] = before.to(device=after.device)
+        return out
 
-        Call once per optimizer step on every rank of `group` (the ranks whose tokens differ,
-        e.g. data-parallel x context-parallel). Returns the realised real-experts-per-token rate.
-        """
-        counts = self.budget_counts.clone()
-        self.budget_counts.zero_()
-        if self.budget is None:
-            return None
-        return self.budget.step(self.null_budget_bias, counts, group)
+
+# Router buffers whose dtype no cast may change: counts must add exactly and a bias must still
+# move by a small step when it is large.
+EXACT_BUFFERS = ("null_budget_bias", "budget_counts", "expert_bias", "local_tokens_per_expert",
+                 "global_tokens_per_expert")
 
 
 def null_router(null_config: NullExpertConfig):

@@ -107,13 +107,38 @@ def test_installed_release_spec_form_is_understood():
 
 
 def test_permute_moves_exactly_the_real_rows_in_expert_order():
+    from megatron_nullmoe.dispatch.permute import permute
+
     x = torch.arange(4.0).unsqueeze(-1).expand(4, 3)
     rmap = torch.tensor([[1, 0, 1], [0, 0, 0], [0, 1, 1], [1, 0, 0]], dtype=torch.bool)
     probs = torch.rand(4, 3)
-    x_R, p_R, idx = _mcore.permute(x, rmap, probs=probs)
+    x_R, p_R, idx = permute(x, rmap, probs, 5)
     assert idx.tolist() == [0, 3, 2, 0, 2]  # expert 0: tokens 0, 3; expert 1: 2; expert 2: 0, 2
     assert x_R[:, 0].tolist() == [0.0, 3.0, 2.0, 0.0, 2.0]
     assert p_R.tolist() == [probs[0, 0], probs[3, 0], probs[2, 1], probs[0, 2], probs[2, 2]]
+
+
+def test_permute_equals_the_installed_releases_and_unpermute_undoes_it():
+    """The host-sized permute gives megatron-core's own unfused permute's rows, gates and
+    indices, so its unpermute (scatter-add by token) restores each token's sum of rows."""
+    from megatron.core.transformer.moe.moe_utils import permute as mcore_permute, unpermute
+
+    from megatron_nullmoe.dispatch.permute import permute
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(37, 5, generator=g)
+    rmap = torch.rand(37, 6, generator=g) < 0.3
+    rmap[:, 4] = False  # an expert with no rows
+    probs = torch.rand(37, 6, generator=g)
+    rows = int(rmap.sum())
+    kwargs = {"num_out_tokens": rows} if "num_out_tokens" in inspect.signature(
+        mcore_permute).parameters else {}
+    theirs = mcore_permute(x, rmap, probs=probs, **kwargs)
+    ours = permute(x, rmap, probs, rows)
+    for a, b in zip(ours, theirs[:3]):
+        assert torch.equal(a, b)
+    back = unpermute(ours[0], ours[2], restore_shape=x.shape, routing_map=rmap)
+    assert torch.allclose(back, x * rmap.sum(1, keepdim=True))
 
 
 def test_set_token_dispatcher_leaves_no_other_dispatcher_to_switch_to():

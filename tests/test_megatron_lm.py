@@ -192,7 +192,7 @@ def test_training_loop_hooks_step_budget_after_each_optimizer_step(single_rank):
                                   "--null-expert-target-real-per-token", "1.0"])
     model = gpt_builder(args, True, True, config=config_from_args(args))
     router = null_routers(model)[0]
-    hooks = TrainingLoopHooks(lambda: None)
+    hooks = TrainingLoopHooks()
     seen = []
 
     def forward_step(data_iterator, model):
@@ -227,7 +227,7 @@ def test_training_loop_hooks_count_megatron_lm_flops_at_the_realised_rate():
         args.num_query_groups = args.num_attention_heads
         return batch_size * (100 + 10 * args.moe_router_topk) + sum(rest)
 
-    hooks = TrainingLoopHooks(lambda: None)
+    hooks = TrainingLoopHooks()
     counted = hooks.flops(megatron_flops)
     moe = dict(num_experts=8, moe_router_topk=4, num_attention_heads=2)
     assert counted(argparse.Namespace(**moe), 2) == 2 * 140  # no step yet: Megatron-LM's figure

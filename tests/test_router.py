@@ -240,10 +240,14 @@ def test_budget_control_rule_moves_the_null_bias_by_the_sign_of_the_error():
 
     rule = BudgetControl(target=1.5, rate=0.25, num_real=4, num_slots=6)
     bias = torch.zeros(())
-    assert rule.step(bias, torch.tensor([200.0, 100.0])) == 2.0 and float(bias) == 0.25
-    assert rule.step(bias, torch.tensor([100.0, 100.0])) == 1.0 and float(bias) == 0.0
-    assert rule.step(bias, torch.tensor([150.0, 100.0])) == 1.5 and float(bias) == 0.0
-    assert rule.step(bias, torch.tensor([0.0, 0.0])) is None and float(bias) == 0.0
+    rule.step(bias, torch.tensor([200.0, 100.0], dtype=torch.float64))  # 2.0 > 1.5: more null
+    assert float(bias) == 0.25
+    rule.step(bias, torch.tensor([100.0, 100.0], dtype=torch.float64))  # 1.0 < 1.5: fewer
+    assert float(bias) == 0.0
+    rule.step(bias, torch.tensor([150.0, 100.0], dtype=torch.float64))  # on target: no move
+    assert float(bias) == 0.0
+    rule.step(bias, torch.tensor([0.0, 0.0], dtype=torch.float64))  # no tokens: no move
+    assert float(bias) == 0.0
     bias += 0.5
     assert rule.selection_bias_S(bias).tolist() == [0, 0, 0, 0, 0.5, 0.5]  # null slots only
 

@@ -25,7 +25,6 @@ from _common import cpu_if_no_cuda, require_megatron_lm, run_pretrain  # noqa: E
 def main() -> None:
     pretrain_gpt = require_megatron_lm("pretrain_gpt")
     cpu_if_no_cuda()
-    from megatron.core import parallel_state
     from megatron.training import training as megatron_training
     from model_provider import model_provider
 
@@ -39,8 +38,7 @@ def main() -> None:
     modelopt = getattr(pretrain_gpt, "add_modelopt_args", None)
     extra = chain_args_providers(
         add_null_moe_args, modelopt if getattr(pretrain_gpt, "has_nvidia_modelopt", False) else None)
-    hooks = TrainingLoopHooks(
-        lambda: parallel_state.get_data_parallel_group(with_context_parallel=True))
+    hooks = TrainingLoopHooks()
     hooks.install(megatron_training)
     pretrain_gpt.train_valid_test_datasets_provider.is_distributed = True
     run_pretrain(

@@ -62,7 +62,6 @@ def model_provider(pre_process=True, post_process=True, add_encoder=True, add_de
 def main() -> None:
     pretrain_vlm = require_megatron_lm("pretrain_vlm")
     cpu_if_no_cuda()
-    from megatron.core import parallel_state
     from megatron.training import training as megatron_training
 
     from megatron_nullmoe.megatron_lm import (
@@ -71,8 +70,7 @@ def main() -> None:
         chain_args_providers,
     )
 
-    hooks = TrainingLoopHooks(
-        lambda: parallel_state.get_data_parallel_group(with_context_parallel=True))
+    hooks = TrainingLoopHooks()
     hooks.install(megatron_training)
     pretrain_vlm.train_valid_test_datasets_provider.is_distributed = True
     run_pretrain(

@@ -7,7 +7,6 @@ only to refuse a release outside the tested range with one clear message at impo
 What differs, and where it is handled:
 - 0.16.1 calls `te_general_gemm` in its router gating even without Transformer Engine (a
   NameError): `gating_linear` and the stand-in defined at import.
-- 0.17+: the unfused `permute` needs `num_out_tokens` and returns 5 values: `permute`.
 - 0.17+: routers and MoE layers take `is_mtp_layer` (and 0.18+ layers `name`): `accepted_kwargs`.
 - 0.18+: MoE layers are specs of the form `partial(MoELayer, submodules=MoESubmodules(...))`, dense
   MLPs `partial(MLP.as_mlp_submodule, ...)`, where 0.16.1 had `ModuleSpec`s: `moe_parts`,
@@ -144,29 +143,32 @@ def clear_moe_metrics() -> None:
 
 
 # ----------------------------------------------------------------------------- dispatch
-_PERMUTE_NEEDS_COUNT = "num_out_tokens" in inspect.signature(moe_utils.permute).parameters
-
-
-def permute(x_TH: torch.Tensor, map_TE: torch.Tensor, probs: Optional[torch.Tensor] = None):
-    """Unfused permute of the rows `map_TE` selects, expert-major -> (x_RH, probs_R, sorted_R).
-
-    The row count R is passed explicitly (0.17+ sizes its argsort path by it; it is the number of
-    real assignments, never T * topk)."""
-    kwargs = {"probs": probs}
-    if _PERMUTE_NEEDS_COUNT:
-        kwargs["num_out_tokens"] = int(map_TE.sum())
-    out = moe_utils.permute(x_TH, map_TE, **kwargs)
-    return out[0], out[1], out[2]
+class DispatcherSwapError(RuntimeError):
+    """A MoE layer would still reach one of megatron-core's own dispatchers."""
 
 
 def set_token_dispatcher(moe_layer, dispatcher) -> None:
     """Makes `dispatcher` the layer's only dispatcher. 0.19's inference-optimized layers keep a
     training and an inference dispatcher and pick one at every forward; both become ours, so no
-    forward can bypass the null-aware path."""
+    forward can bypass the null-aware path.
+
+    Then checks that no dispatcher of megatron-core's is left on the layer under any attribute
+    name: a release that renamed these attributes would otherwise run its stock dispatcher
+    silently (sizing its permutation as T * top-k rows, null picks included)."""
+    from megatron.core.transformer.moe.token_dispatcher import MoETokenDispatcher
+
     moe_layer.token_dispatcher = dispatcher
     for attr in ("_training_token_dispatcher", "_inference_token_dispatcher"):
         if hasattr(moe_layer, attr):
             setattr(moe_layer, attr, dispatcher)
+    stale = sorted(name for name, value in vars(moe_layer).items()
+                   if isinstance(value, MoETokenDispatcher) and value is not dispatcher)
+    if stale:
+        raise DispatcherSwapError(
+            f"megatron-core {MCORE_VERSION}: {type(moe_layer).__name__} still holds megatron-core "
+            f"dispatcher(s) in {', '.join(stale)} after the null-aware dispatcher was installed; "
+            "this release keeps its dispatchers under names megatron-nullmoe does not know, so "
+            f"null slots would become rows. Supported releases: megatron-core {SUPPORTED_TEXT}")
 
 
 # -------------------------------------------------------------------------------- specs

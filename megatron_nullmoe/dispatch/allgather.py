@@ -12,9 +12,9 @@ from __future__ import annotations
 import torch
 from megatron.core.transformer.moe.moe_utils import unpermute
 
-from megatron_nullmoe import _mcore
 from megatron_nullmoe.dispatch import comm
 from megatron_nullmoe.dispatch.base import NullTokenDispatcher
+from megatron_nullmoe.dispatch.permute import permute
 
 
 class NullAllGatherDispatcher(NullTokenDispatcher):
@@ -27,7 +27,7 @@ class NullAllGatherDispatcher(NullTokenDispatcher):
 
     def token_dispatch(self, x_TH, probs_TE):
         self.num_tokens = x_TH.shape[0]
-        self.local_rows = int(self.routing_map.sum())
+        self.own_rows = self.routing_map.sum()  # on the device: read with the split sizes
         if self.ep_size > 1:
             with torch.no_grad():
                 self.routing_map = comm.all_gather(self.ep_group, self.routing_map.to(torch.uint8)).bool()
@@ -39,12 +39,14 @@ class NullAllGatherDispatcher(NullTokenDispatcher):
         first, last = self.local_expert_indices[0], self.local_expert_indices[-1] + 1
         self.local_map_GL = self.routing_map[:, first:last].contiguous()
         self.gathered_shape = x_GH.shape
-        tokens_per_expert = self.local_map_GL.sum(dim=0).long().cpu()
-        x_QH, probs_Q, self.sorted_indices_Q = _mcore.permute(
-            x_GH, self.local_map_GL, probs=probs_GE[:, first:last].contiguous()
-        )
+        # the dispatch's one device-to-host read: rows per local expert, and this rank's own rows
+        *per_expert, own_rows = torch.cat(
+            [self.local_map_GL.sum(dim=0), self.own_rows.view(1)]).tolist()
+        tokens_per_expert = torch.tensor(per_expert, dtype=torch.long)
+        x_QH, probs_Q, self.sorted_indices_Q = permute(
+            x_GH, self.local_map_GL, probs_GE[:, first:last], sum(per_expert))
         self._record(
-            rows_dispatched=self.local_rows,
+            rows_dispatched=own_rows,
             rows_computed=x_QH.shape[0],
             rows_sent_remote=self.num_tokens * (self.ep_size - 1),
             row_bytes=(x_GH.shape[-1] * x_GH.element_size()

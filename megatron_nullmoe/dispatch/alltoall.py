@@ -3,7 +3,8 @@ computed.
 
 The router's map holds real experts only, so the permutation has exactly R = number of real
 assignments rows (no `T * topk` static size, no padding, no zero-weight rows). Split sizes are
-exchanged as counts and moved to the host once per step (a dynamic row count needs them there).
+exchanged as counts and read to the host once per dispatch (a dynamic row count needs them
+there); that read is the dispatch's only device-to-host sync.
 A rank may send or receive zero rows; a token with zero real experts gets an exact zero output.
 
 Phases follow megatron-core's MoETokenDispatcher contract. NOTE numbers mark the row layout:
@@ -25,9 +26,9 @@ import torch
 import torch.distributed as dist
 from megatron.core.transformer.moe.moe_utils import unpermute
 
-from megatron_nullmoe import _mcore
 from megatron_nullmoe.dispatch import comm
 from megatron_nullmoe.dispatch.base import NullTokenDispatcher
+from megatron_nullmoe.dispatch.permute import permute
 
 
 def _reorder(x: torch.Tensor, sizes_AB: List[List[int]]) -> torch.Tensor:
@@ -48,25 +49,27 @@ class NullAlltoAllDispatcher(NullTokenDispatcher):
 
     # -------------------------------------------------------------------------- dispatch
     def dispatch_preprocess(self, tokens, routing_map, probs):
-        """NOTE 1: local permutation only; no collective here, so it can overlap other work."""
+        """Rows per expert, counted on the device; no collective and no host read here."""
         self.hidden_shape = tokens.shape
         x_TH = tokens.reshape(-1, self.hidden_shape[-1])
         self.hidden_shape_before_permute = x_TH.shape
         self.routing_map = routing_map
         self.counts_E = routing_map.sum(dim=0)
-        x_RH, probs_R, self.sorted_indices_R = _mcore.permute(x_TH, routing_map, probs=probs)
         self.num_tokens = x_TH.shape[0]
-        return x_RH, probs_R
+        return x_TH, probs
 
-    def token_dispatch(self, x_RH, probs_R):
-        """NOTE 2: exchange counts, then the real rows (and their gates) over the EP group."""
+    def token_dispatch(self, x_TH, probs_TE):
+        """Split sizes to the host (the dispatch's one device-to-host read: the counts of every
+        rank of the EP group, gathered first), NOTE 1 permute sized by them, then NOTE 2: the
+        real rows (and their gates) cross the EP group."""
         L, off = self.num_local_experts, self.local_expert_indices[0]
         if self.ep_size > 1:
-            counts_PE = comm.all_gather(self.ep_group, self.counts_E.unsqueeze(0))
-            counts = counts_PE.tolist()
+            counts = comm.all_gather(self.ep_group, self.counts_E.unsqueeze(0)).tolist()
         else:
             counts = [self.counts_E.tolist()]
         mine = counts[self.ep_rank]
+        x_RH, probs_R, self.sorted_indices_R = permute(x_TH, self.routing_map, probs_TE,
+                                                       sum(mine))
         self.input_splits = [sum(mine[p * L : (p + 1) * L]) for p in range(self.ep_size)]
         # recv_PL[p][l]: rows rank p sends to local expert l of this rank.
         self.recv_PL = [row[off : off + L] for row in counts]

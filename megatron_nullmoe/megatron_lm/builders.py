@@ -21,6 +21,7 @@ from typing import Optional
 from megatron_nullmoe import _mcore
 from megatron_nullmoe.config import NullExpertConfigError
 from megatron_nullmoe.megatron_lm.args import null_config_from_args
+from megatron_nullmoe.model_utils import check_routers
 from megatron_nullmoe.spec import with_null_experts
 
 
@@ -71,7 +72,7 @@ def gpt_builder(args, pre_process, post_process, vp_stage=None, config=None, pg_
 
         config = core_transformer_config_from_args(args)
     spec = null_decoder_spec(args, config, vp_stage)
-    return GPTModel(
+    return check_routers(GPTModel(
         config=config, transformer_layer_spec=spec, vocab_size=args.padded_vocab_size,
         max_sequence_length=args.max_position_embeddings, pre_process=pre_process,
         post_process=post_process, fp16_lm_cross_entropy=args.fp16_lm_cross_entropy,
@@ -80,7 +81,7 @@ def gpt_builder(args, pre_process, post_process, vp_stage=None, config=None, pg_
         position_embedding_type=args.position_embedding_type, rotary_percent=args.rotary_percent,
         rotary_base=args.rotary_base, rope_scaling=args.use_rope_scaling, vp_stage=vp_stage,
         pg_collection=pg_collection,
-    )
+    ))
 
 
 def llava_specs(args, config):
@@ -139,7 +140,7 @@ def llava_builder(args, language_config, pre_process=True, post_process=True, ad
     vision.first_pipeline_num_layers = vision.last_pipeline_num_layers = None
     vit = get_vit_layer_with_transformer_engine_spec() if _use_te(args) \
         else get_vit_layer_with_local_spec()
-    return LLaVAModel(
+    return check_routers(LLaVAModel(
         language_transformer_config=language_config, language_transformer_layer_spec=language,
         language_vocab_size=args.padded_vocab_size,
         language_max_sequence_length=args.decoder_seq_length,
@@ -152,4 +153,4 @@ def llava_builder(args, language_config, pre_process=True, post_process=True, ad
         pre_process=pre_process, post_process=post_process, add_encoder=add_encoder,
         add_decoder=add_decoder, img_h=args.img_h, img_w=args.img_w, patch_dim=args.patch_dim,
         pg_collection=pg_collection,
-    )
+    ))

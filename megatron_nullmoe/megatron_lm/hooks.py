@@ -5,7 +5,7 @@ config.finalize_model_grads_func), so `TrainingLoopHooks.install` rebinds two na
 `megatron.training.training` that train() looks up at each call (core_v0.16.1 to core_v0.19.0):
 
 - `train_step`: after every optimizer step, the step's realised real experts per token are
-  summed over all ranks, then budget control runs (a collective over the data-parallel group).
+  summed over all ranks, then budget control runs (one collective over the routers' own group).
   Running it after the step, not at the next step's first micro-batch, means a checkpoint saved
   after step N holds the bias updated for step N (the routers' step counts are not
   checkpointed), so a run resumed at N continues exactly as an uninterrupted one.
@@ -31,9 +31,10 @@ import os
 from typing import Callable, Optional
 
 import torch
-import torch.distributed as dist
 
+from megatron_nullmoe import collectives
 from megatron_nullmoe.model_utils import null_routers, update_null_budget
+from megatron_nullmoe.routing.stats import real_per_token
 
 NULL_METRICS = ("null_slot_fraction", "real_experts_per_token")  # recorded by NullExpertRouter
 
@@ -41,14 +42,13 @@ NULL_METRICS = ("null_slot_fraction", "real_experts_per_token")  # recorded by N
 class TrainingLoopHooks:
     """Budget control and realised-rate FLOPs for Megatron-LM's own training loop.
 
-    `group_fn()` returns the ranks whose tokens differ (data x context parallel); it is called
-    after parallel state exists. `real_per_token` is the last training step's realised real
-    experts per token over all ranks and MoE layers (None before the first step, and without
-    null experts).
+    Budget control sums each router's counts over the router's own group (its tp_dp_cp group,
+    the ranks whose tokens differ), as the project's trainer does. `real_per_token` is the last
+    training step's realised real experts per token over all ranks and MoE layers (None before
+    the first step, and without null experts).
     """
 
-    def __init__(self, group_fn: Callable):
-        self.group_fn = group_fn
+    def __init__(self):
         self.real_per_token: Optional[float] = None
         self._chunks: dict[int, torch.nn.Module] = {}
         self._said = False
@@ -64,17 +64,17 @@ class TrainingLoopHooks:
         return step
 
     def after_step(self) -> None:
-        """Once per optimizer step on every rank: realised rate of the step, then budget control."""
+        """Once per optimizer step on every rank: realised rate of the step over the world (every
+        pipeline stage's layers), then budget control."""
         chunks = list(self._chunks.values())
         routers = null_routers(chunks)
         if not routers:
             return
-        counts = torch.stack([r.budget_counts for r in routers]).sum(0)  # [real picks, tokens]
-        if dist.is_initialized():
-            dist.all_reduce(counts)
-        if counts[1] > 0:
-            self.real_per_token = float(counts[0] / counts[1])
-        update_null_budget(chunks, group=self.group_fn())
+        local = torch.stack([r.budget_counts for r in routers]).sum(0)  # [real picks, tokens]
+        real, tokens = collectives.reduce_tensor(local).tolist()
+        if tokens > 0:
+            self.real_per_token = real_per_token(real, tokens)
+        update_null_budget(chunks)
 
     def train_step(self, train_step: Callable) -> Callable:
         @functools.wraps(train_step)

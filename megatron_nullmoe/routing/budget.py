@@ -4,15 +4,15 @@ One scalar bias on the null slots' selection scores (selection only, like megatr
 aux-loss-free expert bias: gates never see it) moves by a fixed step after every optimizer step,
 up when the step ran more real experts per token than the target, down when fewer. The state
 (the bias and the step's [real picks, tokens] counts) lives in the router's buffers, so that it is
-checkpointed and moved with the model; this class is the rule that reads and updates them.
+checkpointed and moved with the model, and stays float32 / float64 under bf16 wrappers (a bf16
+bias stops moving by 0.01 once |bias| >= 4; bf16 counts are inexact above 256). This class is the
+rule that reads and updates them; the counts are summed over ranks by the caller, for all routers
+in one collective (`model_utils.update_null_budget`).
 """
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
-import torch.distributed as dist
 
 
 class BudgetControl:
@@ -29,17 +29,9 @@ class BudgetControl:
         return bias_S
 
     @torch.no_grad()
-    def step(self, null_bias: torch.Tensor, counts: torch.Tensor, group=None) -> Optional[float]:
-        """Moves `null_bias` in place by the sign of (realised - target) over `counts` ([real
-        picks, tokens] of this rank since the last step, summed over `group`); returns the
-        realised rate, or None when no token was counted."""
-        if group is not None and dist.is_initialized():
-            dist.all_reduce(counts, group=group)
-        if counts[1] <= 0:
-            return None
-        realised = float(counts[0] / counts[1])
-        if realised > self.target:
-            null_bias += self.rate
-        elif realised < self.target:
-            null_bias -= self.rate
-        return realised
+    def step(self, null_bias: torch.Tensor, counts: torch.Tensor) -> None:
+        """Moves `null_bias` in place by the sign of (realised - target), from `counts` ([real
+        picks, tokens] since the last step, already summed over the ranks whose tokens differ).
+        No step without tokens. Runs on the device, reading nothing back to the host."""
+        error = counts[0] - self.target * counts[1]
+        null_bias += (self.rate * torch.sign(error)).to(null_bias.dtype)

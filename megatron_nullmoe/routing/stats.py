@@ -57,6 +57,15 @@ def count_routing(
     }
 
 
+def real_per_token(real_picks, tokens):
+    """Mean number of real experts a token ran (the realised compute rate): real (token, expert)
+    picks over counted tokens, 0 without tokens. Tensors stay on their device (no host read);
+    the one definition the router's metrics, the statistics and Megatron-LM's FLOPs use."""
+    if isinstance(tokens, torch.Tensor):
+        return real_picks / tokens.clamp(min=1.0)
+    return real_picks / max(tokens, 1.0)
+
+
 @dataclass
 class RoutingStats:
     """Derived routing statistics of one layer (or summed over layers), from raw counts."""
@@ -79,7 +88,8 @@ class RoutingStats:
     @property
     def real_per_token(self) -> float:
         """Mean number of real experts a token ran: the realised compute rate."""
-        return self.topk * (1.0 - self.null_fraction)
+        return real_per_token(self.tokens * self.topk - float(self._get("null_picks")),
+                              self.tokens)
 
     @property
     def real_histogram(self) -> list[float]:
@@ -128,29 +138,91 @@ class RoutingStats:
         })
 
 
+@dataclass(frozen=True)
+class SequenceShard:
+    """The part of the decoder sequence that one rank's MoE layers route.
+
+    megatron-core splits the sequence first over context-parallel ranks, load-balanced for causal
+    attention: 2 * cp chunks, rank r holding chunks r and 2 * cp - 1 - r
+    (`get_batch_on_this_cp_rank`, also inside LLaVA's `_process_embedding_token_parallel`); then,
+    with sequence parallelism, the rank's part into tp contiguous pieces over tensor-parallel
+    ranks (`scatter_to_sequence_parallel_region`).
+    The default is the whole sequence.
+    """
+
+    tp_rank: int = 0
+    tp_size: int = 1
+    cp_rank: int = 0
+    cp_size: int = 1
+
+    @property
+    def parts(self) -> int:
+        return self.tp_size * self.cp_size
+
+    def where(self) -> str:
+        """For error messages: which part of the sequence this rank routes."""
+        if self.parts == 1:
+            return ""
+        return (f" on this rank, which holds 1/{self.parts} of the sequence (tensor-parallel "
+                f"rank {self.tp_rank} of {self.tp_size} with sequence parallelism, "
+                f"context-parallel rank {self.cp_rank} of {self.cp_size})")
+
+    def split_rule(self) -> str:
+        """For error messages: what the whole sequence length must divide into."""
+        rule = []
+        if self.cp_size > 1:
+            rule.append(f"{2 * self.cp_size} context-parallel chunks")
+        if self.tp_size > 1:
+            rule.append(f"{self.tp_size} sequence-parallel pieces")
+        return f", seq splitting into {', then '.join(rule)}" if rule else ""
+
+    def positions(self, seq_len: int, device=None) -> Optional[torch.Tensor]:
+        """Sequence positions this rank holds, in its order; None if seq_len does not split."""
+        cp_chunks = 2 * self.cp_size if self.cp_size > 1 else 1
+        if seq_len % cp_chunks or (seq_len // self.cp_size) % self.tp_size:
+            return None
+        chunk = seq_len // cp_chunks
+        pos = torch.arange(seq_len, device=device)
+        if self.cp_size > 1:
+            pos = pos.view(cp_chunks, chunk)[[self.cp_rank, cp_chunks - 1 - self.cp_rank]]
+        piece = seq_len // self.parts
+        return pos.reshape(-1)[self.tp_rank * piece : (self.tp_rank + 1) * piece]
+
+
 class RoutingRecorder:
     """One router's statistics: the current vision and padding masks and the running counts.
 
-    The masks are [batch, seq] bool tensors from the model (`set_vision_mask`); tokens reach the
-    router flattened from [seq, batch], so they are transposed before use.
+    The masks are [batch, seq] bool tensors over the whole decoder sequence, as the model's
+    caller knows them (`set_vision_mask`). Tokens reach the router flattened from [seq, batch],
+    and under sequence or context parallelism only this rank's `shard` of the sequence: masks
+    are cut to the shard and transposed before use, here and nowhere else.
     """
 
-    def __init__(self, num_real: int, topk: int):
+    def __init__(self, num_real: int, topk: int, shard: SequenceShard = SequenceShard()):
         self.num_real, self.topk = num_real, topk
+        self.shard = shard
         self.vision_mask: Optional[torch.Tensor] = None
         self.pad_mask: Optional[torch.Tensor] = None
         self.counts: Optional[dict[str, torch.Tensor]] = None
 
-    @staticmethod
-    def token_mask(mask: Optional[torch.Tensor], num_tokens: int, device) -> Optional[torch.Tensor]:
-        """A [batch, seq] mask in the router's token order ([T] = [seq * batch]), or None."""
+    def token_mask(self, mask: Optional[torch.Tensor], num_tokens: int, device
+                   ) -> Optional[torch.Tensor]:
+        """A [batch, seq] mask in the router's token order ([T] = this rank's [seq, batch]), or
+        None. Raises if the mask does not cover the sequence this layer's tokens come from."""
         if mask is None:
             return None
-        if mask.numel() != num_tokens:
+        shard = self.shard
+        pos = None
+        if mask.dim() == 2 and mask.numel() == num_tokens * shard.parts:
+            pos = shard.positions(mask.shape[1], device=mask.device)
+        if pos is None:
             raise ValueError(
                 f"vision/padding mask has {mask.numel()} entries but this MoE layer routes "
-                f"{num_tokens} tokens; pass a [batch, seq] bool mask for the sequence this layer "
-                "sees")
+                f"{num_tokens} tokens{shard.where()}; pass a [batch, seq] bool mask of the whole "
+                f"decoder sequence ({num_tokens * shard.parts} entries{shard.split_rule()}), not "
+                f"one of shape {list(mask.shape)}")
+        if shard.parts > 1:
+            mask = mask[:, pos]
         return mask.to(device=device).transpose(0, 1).reshape(-1)
 
     def vision_T(self, num_tokens: int, device) -> Optional[torch.Tensor]:

@@ -19,10 +19,11 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from megatron_nullmoe import dispatch_stats, routing_stats, set_vision_mask, update_null_budget
+from megatron_nullmoe import (check_routers, dispatch_stats, routing_stats, set_vision_mask,
+                              update_null_budget)
 from megatron_nullmoe.dispatch.stats import DispatchStats
 from megatron_nullmoe.routing.stats import RoutingStats
-from megatron_nullmoe import parallel
+from megatron_nullmoe import collectives, parallel
 from megatron_nullmoe.train import faults
 from megatron_nullmoe.train.checkpoint import CheckpointError, Checkpointer
 from megatron_nullmoe.train.config import ConfigError, RunConfig, save_config
@@ -113,10 +114,9 @@ class Trainer:
         p = self.cfg.parallel
         parallel.init_model_parallel(p.tensor, p.expert, p.pipeline, self.cfg.seed)
         self.group = ps.get_data_parallel_group(with_context_parallel=True)
-        # Ranks whose MoE layers see different tokens: with sequence parallelism (tensor > 1)
-        # every tensor-parallel rank routes its own slice of the sequence.
-        self.token_group = (ps.get_tensor_and_data_parallel_group(with_context_parallel=True)
-                            if p.tensor > 1 else self.group)
+        # Ranks whose MoE layers see different tokens, the routers' own tp_dp_cp group: with
+        # sequence parallelism every tensor-parallel rank routes its own slice of the sequence.
+        self.token_group = ps.get_tensor_and_data_parallel_group(with_context_parallel=True)
         self.pp_group = ps.get_pipeline_model_parallel_group() if p.pipeline > 1 else None
         self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
             else torch.device("cpu")
@@ -131,6 +131,7 @@ class Trainer:
         self.tokenizer = _tokenizer(self.cfg)
         model, self.info = build_model(self.cfg, self.tokenizer.vocab_size,
                                        ProcessGroupCollection.use_mpu_process_groups(), self.dtype)
+        check_routers(model)
         if self.dtype != torch.float32:
             from megatron.core.transformer.module import Float16Module
 
@@ -246,15 +247,14 @@ class Trainer:
             forward_step_func=self._forward_step, data_iterator=iter(batches), model=[self.ddp],
             num_microbatches=len(batches), seq_length=self.info.decoder_seq_length,
             micro_batch_size=self.cfg.data.micro_batch_size, forward_only=forward_only)
-        total = torch.zeros(2, dtype=torch.float64)
-        for r in reports:  # empty except on the last pipeline stage
-            total += r["lm loss"].double().cpu()
-        local = float(total[0])
-        dist.all_reduce(total, group=self.group)
+        # [loss sum, token count] of this rank, read once; empty except on the last stage
+        local = torch.stack([r["lm loss"].double() for r in reports]).sum(0).tolist() \
+            if reports else [0.0, 0.0]
+        total = collectives.reduce_values(local, self.group)
         if self.pp_group is not None:  # hand the last stage's loss to every stage
-            dist.all_reduce(total, group=self.pp_group)
+            total = collectives.reduce_values(total, self.pp_group)
         self._beat(2)
-        return float(total[0] / total[1].clamp(min=1)), local
+        return total[0] / max(total[1], 1.0), local[0]
 
     def _beat(self, phase: int) -> None:
         if self.watchdog is not None:
@@ -275,7 +275,7 @@ class Trainer:
         if not skipped:
             ok, grad_norm, _ = self.optimizer.step()
             self.scheduler.step(increment=1)
-        update_null_budget(self.model, group=self.token_group)
+        update_null_budget(self.model)
         self._beat(3)
         return {"train/loss": loss, "train/grad_norm": float(grad_norm or 0.0),
                 "train/lr": self.optimizer.param_groups[0]["lr"], "train/update_ok": bool(ok),
@@ -326,8 +326,7 @@ class Trainer:
             return stats
         mine = {k: (s.topk, {n: t.cpu() for n, t in s.counts.items()})
                 for k, s in stats.items() if k != "all"}
-        stages = [None] * dist.get_world_size(self.pp_group)
-        dist.all_gather_object(stages, mine, group=self.pp_group)
+        stages = collectives.gather_objects(mine, self.pp_group)
         merged = {k: RoutingStats(topk, counts) for stage in stages for k, (topk, counts) in stage.items()}
         if merged:
             merged["all"] = sum(list(merged.values())[1:], list(merged.values())[0])
@@ -336,8 +335,7 @@ class Trainer:
     def _dispatch_stats(self) -> DispatchStats:
         rows = dispatch_stats(self.model, self.token_group, reset=True)
         if self.pp_group is not None:
-            stages = [None] * dist.get_world_size(self.pp_group)
-            dist.all_gather_object(stages, rows.as_dict(), group=self.pp_group)
+            stages = collectives.gather_objects(rows.as_dict(), self.pp_group)
             rows = DispatchStats(**{k: sum(s[k] for s in stages) for k in stages[0]})
         return rows
 
@@ -357,7 +355,9 @@ class Trainer:
             by = total.null_fraction_by_modality()
             out.update({"null/all": total.null_fraction, "null/vision": by["vision"],
                         "null/text": by["text"], "moe/real_per_token": total.real_per_token,
-                        "moe/max_over_mean_load": total.max_over_mean_load})
+                        # the worst layer's imbalance (loads summed over layers describe none)
+                        "moe/max_over_mean_load": max(s.max_over_mean_load
+                                                      for s in stats.values())})
             out.update({f"null/layer_{n}": s.null_fraction for n, s in stats.items()})
         return out
 
