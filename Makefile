@@ -12,7 +12,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 PIP    := $(PY) -m pip install -q
 
-.PHONY: setup test bench demo demo-data study study-data study-ablation clean
+.PHONY: setup test bench demo demo-data study study-data study-ablation clean gpu-wheels gpu-check
 
 setup: $(STAMP)
 
@@ -67,6 +67,25 @@ study: study-data
 study-ablation: study-data
 	$(PY) -m megatron_nullmoe.sweep run examples/sweeps/cpu_study.yaml --parallel 2 --only $(STUDY_ABLATION) $(ARGS)
 	$(PY) -m megatron_nullmoe.sweep report runs/sweeps/cpu-study
+
+# The one-call GPU check (README "GPU check"). `make gpu-wheels` here (PyPI access) fills the
+# ignored gpu_bundle/ with the cp312 wheels and the Megatron-LM archive the GPU machine lacks,
+# with a manifest, and fails if the carried set passes 64 MiB. `make gpu-check` there installs
+# from it offline into .venv-gpu (over the machine's torch) and writes runs/gpu_check/
+# gpu_check.{json,md} ($$GPU_CHECK_OUT). `GPU_CHECK_DRY=1 make gpu-check` runs the same steps here
+# on CPU with the project's venv, installing nothing.
+GPU_PYTHON ?= python3
+
+gpu-wheels: $(STAMP)
+	$(PY) launch/gpu_check/bundle.py download
+
+ifeq ($(filter-out 0,$(GPU_CHECK_DRY)),)
+gpu-check:
+	$(GPU_PYTHON) launch/gpu_check/check.py
+else
+gpu-check: $(STAMP)
+	$(PY) launch/gpu_check/check.py
+endif
 
 clean:
 	rm -rf .venv .venv-mcore-*

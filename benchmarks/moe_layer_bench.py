@@ -7,13 +7,19 @@ Variants, measured side by side in one run (rounds interleave the variants, medi
       realised rate at k_b (so the match holds in fact, not only in expectation)
   (c) the same k as (b) with Z = 0 (plain top-k with our router and dispatcher)
 
+Also counted, per forward of each variant: device-to-host syncs by op
+(megatron_nullmoe.host_syncs.count_host_syncs, any device) and, on CUDA, the syncs
+torch.cuda.set_sync_debug_mode("warn") reports (the real ones).
+
 Usage:  python benchmarks/moe_layer_bench.py [--ranks 1|2] [--tokens 2048] [--hidden 256] ...
+        python benchmarks/moe_layer_bench.py --device cuda --dtype bf16 --json out.json \
+            --hidden 2048 --ffn 1024 --experts 64 --topk-base 4 --topk 8 --nulls 64 --tokens 16384
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
+import json
 import os
 import statistics
 import time
@@ -61,6 +67,34 @@ def step(layer, x):
     out.float().pow(2).mean().backward()
 
 
+def synced(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def count_syncs(layer, x) -> dict:
+    """Host syncs of one forward: by op name (any device) and, on CUDA, the real ones."""
+    from megatron_nullmoe.host_syncs import count_host_syncs
+
+    out = {}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if x.is_cuda:
+            torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with torch.no_grad(), count_host_syncs() as syncs:
+                layer(x)
+        finally:
+            if x.is_cuda:
+                torch.cuda.set_sync_debug_mode("default")
+    out["by_op"], out["total"] = dict(syncs.by_op), syncs.total
+    if x.is_cuda:
+        real = [str(w.message) for w in caught if "synchroniz" in str(w.message).lower()]
+        out["cuda_sync_warnings"] = len(real)
+        out["cuda_sync_examples"] = sorted(set(m.splitlines()[0][:160] for m in real))[:5]
+    return out
+
+
 def rows(layer):
     stats = getattr(layer.token_dispatcher, "stats", None)
     return (stats.rows_dispatched, stats.rows_computed, stats.steps) if stats else None
@@ -69,20 +103,23 @@ def rows(layer):
 def main(rank=0, world=1, args=None):
     from megatron_nullmoe import parallel, update_null_budget
 
+    device = torch.device(args.device)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     if world > 1 or not torch.distributed.is_initialized():
-        parallel.init_distributed(rank=rank, world_size=world, backend="gloo")
+        parallel.init_distributed(rank=rank, world_size=world,
+                                  backend="nccl" if device.type == "cuda" else "gloo")
     parallel.init_model_parallel(ep=world, seed=5)
     torch.manual_seed(5 + rank)
     seq = args.tokens // args.batch
-    x = torch.randn(seq, args.batch, args.hidden)
-    layers = {v: build(v, args, world)[0] for v in "abc"}
+    x = torch.randn(seq, args.batch, args.hidden, device=device, dtype=dtype)
+    layers = {v: build(v, args, world)[0].to(device=device, dtype=dtype) for v in "abc"}
 
     # Warm up; let (b)'s budget control settle its realised rate at k_b.
     for _ in range(args.warmup):
         for v, layer in layers.items():
             step(layer, x)
             if v == "b":
-                update_null_budget(layer, group=torch.distributed.group.WORLD)
+                update_null_budget(layer)
             layer.zero_grad(set_to_none=True)
     for layer in layers.values():
         if getattr(layer.token_dispatcher, "stats", None):
@@ -91,18 +128,22 @@ def main(rank=0, world=1, args=None):
     times = {v: [] for v in layers}
     for _ in range(args.rounds):
         for v, layer in layers.items():
+            synced(device)
             torch.distributed.barrier()
             t0 = time.perf_counter()
             step(layer, x)
+            synced(device)
             torch.distributed.barrier()
             times[v].append(time.perf_counter() - t0)
             layer.zero_grad(set_to_none=True)
+    syncs = {v: count_syncs(layer, x) for v, layer in layers.items()}
     if rank != 0:
-        return
+        return None
     med = {v: statistics.median(t) for v, t in times.items()}
     tokens = args.tokens
-    print(f"\nMoE layer fwd+bwd, CPU, {world} rank(s) (EP={world}), {tokens} tokens/rank, "
-          f"H={args.hidden}, FFN={args.ffn}, E={args.experts}, threads/rank={torch.get_num_threads()}")
+    print(f"\nMoE layer fwd+bwd, {device.type} {args.dtype}, {world} rank(s) (EP={world}), "
+          f"{tokens} tokens/rank, H={args.hidden}, FFN={args.ffn}, E={args.experts}, "
+          f"threads/rank={torch.get_num_threads()}")
     print(f"{'variant':44s} {'rows disp/step':>14s} {'rows comp/step':>14s} {'ms':>8s} {'vs (a)':>7s}")
     labels = {
         "a": f"(a) megatron TopKRouter k={args.topk_base}",
@@ -119,6 +160,23 @@ def main(rank=0, world=1, args=None):
     rb = rows(layers["b"])
     print(f"(b)/(c) time {med['b'] / med['c']:.2f}; ideal real-row ratio "
           f"{rb[0] / rb[2] / (tokens * args.topk):.2f}   (* stock dispatcher: T*k by construction)")
+    print("host syncs per forward: " + "; ".join(
+        f"({v}) {s['total']}" + (f", CUDA-reported {s['cuda_sync_warnings']}" if "cuda_sync_warnings" in s
+                                 else "") for v, s in syncs.items()))
+    result = {"device": device.type, "dtype": args.dtype, "ranks": world, "tokens": tokens,
+              "hidden": args.hidden, "ffn": args.ffn, "experts": args.experts, "variants": {}}
+    for v in "abc":
+        r = rows(layers[v])
+        result["variants"][v] = {
+            "label": labels[v], "ms_fwd_bwd": med[v] * 1e3,
+            "rows_dispatched_per_step": r[0] / r[2] if r else tokens * args.topk_base,
+            "rows_computed_per_step": r[1] / r[2] if r else tokens * args.topk_base,
+            "rows_from": "dispatcher stats" if r else "stock dispatcher: T*k_b by construction",
+            "host_syncs_per_forward": syncs[v]}
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+    return result
 
 
 def _spawned(rank, world, args):
@@ -139,6 +197,9 @@ if __name__ == "__main__":
     p.add_argument("--nulls", type=int, default=8)
     p.add_argument("--warmup", type=int, default=30)
     p.add_argument("--rounds", type=int, default=15)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
+    p.add_argument("--json", help="also write the results here")
     a = p.parse_args()
     from megatron_nullmoe.flops import expected_real
     from megatron_nullmoe.parallel import free_port

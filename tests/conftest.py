@@ -17,6 +17,11 @@ from megatron_nullmoe._mcore import cpu as cpu_compat  # noqa: E402
 cpu_compat.enable()
 
 
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "gpu: needs a CUDA device; skips without one (run alone: pytest -m gpu tests)")
+
+
 @pytest.fixture(scope="session")
 def single_rank():
     """torch.distributed with one gloo rank and megatron parallel state tp=ep=pp=1."""

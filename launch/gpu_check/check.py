@@ -1,0 +1,112 @@
+"""The prepared GPU check: everything this project has not yet run on a GPU, in one call.
+
+    make gpu-check                   # on the GPU machine: offline install from gpu_bundle/, then the steps
+    GPU_CHECK_DRY=1 make gpu-check   # here: the same steps on CPU (gloo, smaller sizes), nothing installed
+
+Steps (launch/gpu_check/steps.py), each run in its own process with a time limit, each recorded
+with its status (ok / failed / skipped), its numbers and, where it failed, the error text; a
+failed step never stops the next, and gpu_check.json and gpu_check.md are always written to
+$GPU_CHECK_OUT (default runs/gpu_check):
+  install         the bundle into .venv-gpu (a venv over the machine's torch); not under DRY
+  environment     torch, CUDA, device, megatron-core, Transformer Engine
+  demo_data       python -m megatron_nullmoe.train.data.demo, offline
+  train_gpt       the trainer on examples/gpt_null_moe.yaml: NCCL world 1, bf16, budget control,
+  train_vlm       and on examples/demo_vlm.yaml; finite losses, the budget bias, null statistics
+  megatron_lm     Megatron-LM's pretrain() through launch/megatron_lm/pretrain_gpt_nullmoe.py, --bf16
+  layer_bench     benchmarks/moe_layer_bench.py: top-k_b 4 vs null k=8, Z=64, time, rows, host syncs
+  gpu_tests       pytest -m gpu (tests/test_gpu.py), Transformer Engine tests where TE imports
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bundle  # noqa: E402
+import steps  # noqa: E402
+from megatron_lm_step import megatron_lm  # noqa: E402
+
+STEPS = {"install": steps.install, "environment": steps.environment, "demo_data": steps.demo_data,
+         "train_gpt": steps.train_gpt, "train_vlm": steps.train_vlm, "megatron_lm": megatron_lm,
+         "layer_bench": steps.layer_bench, "gpu_tests": steps.gpu_tests}
+
+ROOT = bundle.ROOT
+BUDGET_S = 8 * 60  # the whole check, on the GPU machine
+
+
+def run_step(name, fn, ctx) -> dict:
+    t0 = time.perf_counter()
+    try:
+        record = fn(ctx) or {}
+        record.setdefault("status", "ok")
+    except steps.Skip as why:
+        record = {"status": "skipped", "why": str(why)}
+    except Exception as err:  # noqa: BLE001 - recorded, and the next step runs
+        record = {"status": "failed", "error": f"{type(err).__name__}: {err}"[-4000:],
+                  "traceback": traceback.format_exc()[-3000:]}
+    record["seconds"] = round(time.perf_counter() - t0, 1)
+    print(f"[gpu-check] {name}: {record['status']} ({record['seconds']} s)"
+          + (f" - {record.get('error') or record.get('why')}"[:300]
+             if record["status"] != "ok" else ""), flush=True)
+    return record
+
+
+def markdown(report: dict) -> str:
+    lines = [f"# GPU check ({'DRY run on CPU' if report['dry'] else 'GPU'})", "",
+             f"{report['started']}, {report['seconds']} s in all. Per step: status, numbers, and "
+             "the error where one failed.", ""]
+    if report["dry"]:
+        lines += ["DRY: CPU and gloo, smaller sizes; the trainer on fp32 (it refuses bf16 on CPU), "
+                  "the layer benchmark in bf16. Nothing was installed.", ""]
+    lines += ["| step | status | seconds | summary |", "| --- | --- | --- | --- |"]
+    for name, rec in report["steps"].items():
+        summary = rec.get("summary") or rec.get("why") or rec.get("error", "")
+        lines.append(f"| {name} | {rec['status']} | {rec['seconds']} | "
+                     f"{str(summary).splitlines()[0][:200] if summary else ''} |")
+    for name, rec in report["steps"].items():
+        lines += ["", f"## {name}", "", "```json",
+                  json.dumps({k: v for k, v in rec.items() if k != "traceback"}, indent=1,
+                             default=str)[:6000], "```"]
+        if rec.get("traceback"):
+            lines += ["", "```", rec["traceback"], "```"]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    dry = os.environ.get("GPU_CHECK_DRY", "") not in ("", "0")
+    out = Path(os.environ.get("GPU_CHECK_OUT", ROOT / "runs" / "gpu_check")).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    only = [s for s in os.environ.get("GPU_CHECK_ONLY", "").split(",") if s]
+    ctx = steps.Context(dry=dry, out=out, python=sys.executable)
+    report = {"dry": dry, "started": time.strftime("%Y-%m-%d %H:%M:%S"), "out": str(out),
+              "steps": {}}
+    t0 = time.perf_counter()
+    for name, fn in STEPS.items():
+        if only and name not in only:
+            continue
+        if name == "install" and dry:
+            report["steps"][name] = {"status": "skipped", "seconds": 0.0,
+                                     "why": "DRY: uses the current environment, installs nothing"}
+            continue
+        left = BUDGET_S - (time.perf_counter() - t0)
+        ctx.time_left = left
+        report["steps"][name] = run_step(name, fn, ctx)
+        report["seconds"] = round(time.perf_counter() - t0, 1)
+        (out / "gpu_check.json").write_text(json.dumps(report, indent=1, default=str) + "\n")
+    report["seconds"] = round(time.perf_counter() - t0, 1)
+    (out / "gpu_check.json").write_text(json.dumps(report, indent=1, default=str) + "\n")
+    (out / "gpu_check.md").write_text(markdown(report))
+    failed = [n for n, r in report["steps"].items() if r["status"] == "failed"]
+    print(f"[gpu-check] {len(report['steps']) - len(failed)} of {len(report['steps'])} steps "
+          f"not failed; report: {out / 'gpu_check.md'}" + (f"; failed: {', '.join(failed)}"
+                                                            if failed else ""))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
