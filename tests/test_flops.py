@@ -55,10 +55,12 @@ def test_cli_partners_expected_and_recipe(capsys):
     assert "| 8 | 64 | 0.500 |" in capsys.readouterr().out
     main(["--expected", "--experts", "64", "--topk", "8", "--nulls", "64"])
     assert "= 4 (iso-FLOP with top-4)" in capsys.readouterr().out
-    main(["--config", str(ROOT / "examples/vlm_null_moe_gpu.yaml")])
+    from megatron_nullmoe.train.flops import main as recipe_main
+
+    recipe_main([str(ROOT / "examples/vlm_null_moe_gpu.yaml")])
     assert "expected real experts per token: 4.000" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="model.num_experts"):
-        main(["--config", str(ROOT / "examples/vlm_null_moe_gpu.yaml"), "model.num_expert=3"])
+        recipe_main([str(ROOT / "examples/vlm_null_moe_gpu.yaml"), "model.num_expert=3"])
     with pytest.raises(SystemExit):
         main(["--partners", "--experts", "64"])
     assert "--baseline-topk" in capsys.readouterr().err

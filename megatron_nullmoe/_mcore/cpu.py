@@ -1,7 +1,10 @@
 """Lets megatron-core (CUDA-first) run on a CPU-only machine, for the tests and the CPU demo.
 
-This is the one module that patches anything. It is active only after `enable()` is called and
-only when CUDA is absent (or `force=True`); it is never used on the GPU path. The null-expert
+It holds the CPU-only patches of torch and megatron-core (Megatron-LM's are in
+`cpu_megatron_lm.py`; the patches that also apply on GPU are `_mcore`'s `te_general_gemm`
+stand-in and the rebinding of Megatron-LM's loop functions in `megatron_lm.hooks`). It is active
+only after `enable()` is called and only when CUDA is absent (or `force=True`); it is never used
+on the GPU path. The null-expert
 router and dispatchers do not need it: they use their input's device and take process groups as
 arguments. What megatron-core itself needs on CPU:
 
