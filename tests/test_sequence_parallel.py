@@ -9,6 +9,8 @@ gradients, routing statistics (vision/text null fractions included) and dispatch
 Shape legend: B batch, S sequence, H hidden, T tokens.
 """
 
+import inspect
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -37,16 +39,25 @@ class _Group:
 
 
 @pytest.mark.parametrize("tp,cp", [(1, 1), (2, 1), (4, 1), (1, 2), (2, 2), (2, 3)])
-def test_mask_shard_is_megatron_cores_split(single_rank, tp, cp):
+def test_mask_shard_is_megatron_cores_split(single_rank, monkeypatch, tp, cp):
     """Token t of a rank's router is the token megatron-core hands that rank: CP chunks
     (get_batch_on_this_cp_rank), transposed to [seq, batch], then the SP scatter."""
     from megatron.core.tensor_parallel.mappings import scatter_to_sequence_parallel_region
     from megatron.core.utils import get_batch_on_this_cp_rank
 
+    # 0.19 asks torch.distributed for the group's rank and size
+    for name, method in (("get_rank", "rank"), ("get_world_size", "size")):
+        real = getattr(torch.distributed, name)
+        monkeypatch.setattr(torch.distributed, name, lambda group=None, real=real, method=method:
+                            getattr(group, method)() if isinstance(group, _Group) else real(group))
+    # 0.19 adds is_hybrid_cp and reads a cu_seqlens key (None: one sequence per row)
+    newer = "is_hybrid_cp" in inspect.signature(get_batch_on_this_cp_rank).parameters
+    hybrid, cu = ({"is_hybrid_cp": False}, {"cu_seqlens": None}) if newer else ({}, {})
     seq = 2 * cp * tp * 3
     ids_BS = torch.arange(BATCH * seq).view(BATCH, seq)
     for cp_rank in range(cp):
-        local_BS = get_batch_on_this_cp_rank({"x": ids_BS.clone()}, cp_group=_Group(cp_rank, cp))["x"]
+        local_BS = get_batch_on_this_cp_rank({"x": ids_BS.clone(), **cu}, cp_group=_Group(cp_rank, cp),
+                                             **hybrid)["x"]
         for tp_rank in range(tp):
             want_T = scatter_to_sequence_parallel_region(
                 local_BS.t().contiguous(), group=_Group(tp_rank, tp)).reshape(-1)
