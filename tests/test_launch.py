@@ -29,7 +29,8 @@ RECIPE = "examples/demo_vlm.yaml"
 
 def sh(script: Path, *args: str, env: dict | None = None, **kw) -> subprocess.CompletedProcess:
     full_env = {k: v for k, v in os.environ.items()
-                if not k.startswith(("SLURM_", "RDZV_", "NNODES", "NPROC_PER_NODE", "NODE_RANK"))}
+                if not k.startswith(("SLURM_", "RDZV_", "NNODES", "NPROC_PER_NODE", "NODE_RANK",
+                                     "MASTER_ADDR", "MASTER_PORT"))}  # in-process tests set these
     full_env.update(env or {})
     return subprocess.run(["bash", str(script), *args], cwd=ROOT, env=full_env,
                           capture_output=True, text=True, **kw)

@@ -6,6 +6,7 @@ entry); the product has no switch for them.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -29,11 +30,33 @@ def demo(tmp_path_factory) -> Path:
 
 
 def launch(args: list[str], ranks: int = 2, **fault_env: str) -> subprocess.Popen:
+    """torchrun in a session of its own (the test's signals reach it and its descendants only)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", **fault_env}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
            f"--nproc-per-node={ranks}", ENTRY, *args]
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def signal_job(root: int, sig: signal.Signals) -> list[int]:
+    """Sends `sig` to `root` and every process descended from it, as Slurm signals every process
+    of a job step (torchrun starts each worker in a session of its own, so one os.killpg cannot
+    reach them all). Returns the pids signalled."""
+    parent = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:  # "pid (comm) state ppid ...": comm may hold spaces and parentheses
+            parent[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue  # a process that ended while we looked
+    family, grew = {root}, True
+    while grew:
+        kids = {pid for pid, ppid in parent.items() if ppid in family} - family
+        family |= kids
+        grew = bool(kids)
+    for pid in family:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
+    return sorted(family)
 
 
 def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 240) -> None:
@@ -52,14 +75,33 @@ def summary(run_dir: Path) -> dict:
     return {k: v for k, v in out.items() if k not in TIMING}
 
 
-COMMON = ["steps=10", "parallel.expert=2", "checkpoint.save_every=4", "logging.log_every=3"]
+# One data-loader worker per rank: a stop signal to every process of the job reaches it too.
+COMMON = ["steps=10", "parallel.expert=2", "checkpoint.save_every=4", "logging.log_every=3",
+          "data.num_workers=1"]
 
 
-def test_sigterm_between_checkpoints_saves_that_step_and_resumes_exactly(demo, tmp_path):
+@pytest.fixture(scope="module")
+def full(demo, tmp_path_factory) -> Path:
+    """The uninterrupted run that every stopped-and-resumed run of COMMON must equal."""
+    run_dir = tmp_path_factory.mktemp("full") / "run"
+    run(vlm_args(demo, run_dir, *COMMON), ranks=2)
+    return run_dir
+
+
+def assert_resumes_exactly(demo, split: Path, latest: str, full: Path) -> None:
+    resumed = run(vlm_args(demo, split, *COMMON), ranks=2)
+    assert "resumed from" in resumed.stdout and latest in resumed.stdout
+    assert losses(split) == losses(full)
+    whole, mine = summary(full), summary(split)
+    assert math.isclose(mine.pop("model_flops_total"), whole.pop("model_flops_total"),
+                        rel_tol=1e-12)
+    assert mine == whole  # rows, tokens, null counts: every running total continued
+
+
+def test_sigterm_between_checkpoints_saves_that_step_and_resumes_exactly(demo, full, tmp_path):
     """SIGTERM reaches one rank only (as a node-local signal would), after the periodic checkpoint
     at step 4 and before the one at 8. Both ranks agree, save the step they reached, and exit;
     the resumed run ends with the uninterrupted run's losses and summary."""
-    run(vlm_args(demo, tmp_path / "full", *COMMON), ranks=2)
     split, pids = tmp_path / "split", tmp_path / "pids"
     proc = launch(vlm_args(demo, split, *COMMON), FAULT_SLOW_STEP_S="0.5",
                   FAULT_PID_DIR=str(pids))
@@ -72,14 +114,32 @@ def test_sigterm_between_checkpoints_saves_that_step_and_resumes_exactly(demo, t
     assert f"stopping at step {stopped_at} of 10 (a stop signal) with a checkpoint" in out
     assert "exitcode  : 75" in err or "exitcode: 75" in err.replace("  ", " ")
     assert not (split / "summary.json").exists()
+    assert_resumes_exactly(demo, split, latest, full)
 
-    resumed = run(vlm_args(demo, split, *COMMON), ranks=2)
-    assert "resumed from" in resumed.stdout and latest in resumed.stdout
-    assert losses(split) == losses(tmp_path / "full")
-    full, mine = summary(tmp_path / "full"), summary(split)
-    assert math.isclose(mine.pop("model_flops_total"), full.pop("model_flops_total"),
-                        rel_tol=1e-12)
-    assert mine == full  # rows, tokens, null counts: every running total continued
+
+@pytest.mark.parametrize("target", ["launcher", "job"])
+def test_sigterm_to_launcher_or_whole_job_still_saves_and_resumes_exactly(
+        demo, full, tmp_path, target):
+    """The signals of a cluster: SIGTERM to torchrun, which sends it to each worker's process
+    group, or SIGTERM to every process of the job, torchrun included (Slurm at pre-emption or
+    the time limit). Either way the workers' helpers get it too: megatron-core's checkpoint
+    writer (started by the periodic save at step 4) and the data-loader workers. The stop save
+    still completes, well before torchrun's SIGKILL 30 s later, and the run resumes exactly."""
+    split = tmp_path / "split"
+    proc = launch(vlm_args(demo, split, *COMMON), FAULT_SLOW_STEP_S="0.5")
+    wait_for(split / "checkpoints" / "iter_0000004", proc)
+    if target == "launcher":
+        os.kill(proc.pid, signal.SIGTERM)
+    else:
+        assert len(signal_job(proc.pid, signal.SIGTERM)) > 3  # torchrun, 2 ranks, helpers
+    out, err = proc.communicate(timeout=120)
+    latest = (split / "checkpoints" / "latest").read_text().strip()
+    assert 4 < int(latest.removeprefix("iter_")) < 8, (latest, out[-2000:], err[-4000:])
+    assert f"stopping at step {latest.removeprefix('iter_').lstrip('0')} of 10 (a stop signal)" \
+        in out
+    assert "forcefully exiting via SIGKILL" not in err  # the save beat torchrun's deadline
+    assert not list((split / "checkpoints").glob("*.tmp"))
+    assert_resumes_exactly(demo, split, latest, full)
 
 
 def test_one_rank_sigint_exit_code_and_exit_at_step(demo, tmp_path):
@@ -217,3 +277,44 @@ def test_watchdog_waits_out_long_phases_but_not_a_stall():
             in lines[0]
     finally:
         dog.close()
+
+
+HELPERS = """
+import multiprocessing as mp, os, signal, sys, time
+from megatron_nullmoe.train.faults import StopRequest
+
+def idle():
+    time.sleep(60)
+
+if __name__ == "__main__":
+    stop = StopRequest([signal.SIGTERM, signal.SIGUSR1])
+    queue = mp.get_context("spawn").Manager().Queue()  # what megatron-core's writer uses
+    worker = mp.get_context("fork").Process(target=idle, daemon=True)  # a data-loader worker
+    worker.start()
+    helpers = mp.active_children()
+    for sig in (signal.SIGTERM, signal.SIGUSR1):  # as to every process of the job
+        for pid in [os.getpid()] + [p.pid for p in helpers]:
+            os.kill(pid, sig)
+    time.sleep(0.5)
+    queue.put("alive")
+    print(stop.received is not None, len(helpers), all(p.is_alive() for p in helpers),
+          queue.get())
+    stop.restore()
+    print(sorted(signal.pthread_sigmask(signal.SIG_BLOCK, [])),
+          signal.getsignal(signal.SIGTERM) == signal.SIG_DFL)
+"""
+
+
+def test_stop_signals_reach_the_rank_flag_but_not_its_helpers(tmp_path):
+    """The mechanism behind the two tests above, in one process: the rank gets the flag, the
+    helpers it starts (a spawned manager, a forked daemon) survive TERM and USR1, restore()
+    gives the thread its mask and handlers back, and the process still exits at once although
+    its daemon child no longer sees the SIGTERM multiprocessing ends it with."""
+    script = tmp_path / "helpers.py"
+    script.write_text(HELPERS)
+    start = time.monotonic()
+    out = subprocess.run([sys.executable, str(script)], cwd=ROOT, capture_output=True, text=True,
+                         timeout=30)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.splitlines() == ["True 2 True alive", "[] True"]
+    assert time.monotonic() - start < 20  # not the daemon's 60 s sleep

@@ -26,6 +26,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from megatron_nullmoe import collectives
+
 MANIFEST = "nullmoe.json"
 
 
@@ -38,16 +40,12 @@ def _rank() -> int:
 
 
 def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
+    collectives.barrier()
 
 
 def _broadcast_text(text: Optional[str]) -> Optional[str]:
     """Rank 0's verdict to every rank."""
-    box = [text]
-    if dist.is_initialized():
-        dist.broadcast_object_list(box, src=0)
-    return box[0]
+    return collectives.broadcast_object(text, src=0)
 
 
 def _sha256(path: Path) -> str:

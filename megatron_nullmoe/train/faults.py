@@ -4,6 +4,8 @@
   boundary every rank agrees on it with one collective (a MAX over the world, together with the
   time budget), so all ranks save the same step and exit together, with `EXIT_STOPPED` (75,
   "temporary failure: run again"). A second signal while saving is ignored; the save completes.
+  Processes the rank starts afterwards (data-loader workers, the checkpoint writer's helpers)
+  never see those signals, so a signal sent to every process of the job cannot break the save.
 - `nonfinite_ranks`: which ranks saw a non-finite loss or gradient norm in a step (every rank gets
   the same answer, so every rank skips the same step).
 - `Watchdog`: each rank writes a heartbeat (step, phase, time) into torch.distributed's store at
@@ -16,6 +18,7 @@
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import math
 import os
@@ -27,6 +30,8 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
+
+from megatron_nullmoe import collectives
 
 EXIT_STOPPED = 75  # stopped on request (signal or time budget) with a checkpoint: run it again
 EXIT_STALLED = 76  # a rank stopped making progress
@@ -48,19 +53,52 @@ def parse_signals(text: str) -> list[signal.Signals]:
 
 
 class StopRequest:
-    """A flag set by signals and read, agreed on by all ranks, at step boundaries."""
+    """A flag set by signals and read, agreed on by all ranks, at step boundaries.
+
+    The save that follows a signal needs the rank's helper processes alive, but the signal
+    reaches them too: torchrun sends it to each worker's process group, Slurm to every process
+    of the job. megatron-core's checkpoint writer returns its results through a multiprocessing
+    manager's process (without it the save fails with BrokenPipeError); energon asks its
+    data-loader workers for their position, and torch's workers die of any SIGTERM but their
+    parent's. So the main thread blocks the signals: every process it starts from then on
+    inherits the mask, never sees them, and ends with the rank (or by SIGKILL). The rank still
+    gets them: a thread of its own waits for them, and any older thread that takes one runs the
+    Python handler (which also serves where signals cannot be masked)."""
 
     def __init__(self, signals: list[signal.Signals], deadline: Optional[float] = None):
         self.received: Optional[str] = None
         self.deadline = deadline  # time.monotonic() value after which the run stops
         self._previous = {}
-        if threading.current_thread() is threading.main_thread():
-            for sig in signals:
-                self._previous[sig] = signal.signal(sig, self._handle)
+        self._mask: Optional[set] = None  # the main thread's mask before ours
+        self._waiter: Optional[threading.Thread] = None
+        self._closing = False
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for sig in signals:
+            self._previous[sig] = signal.signal(sig, self._handle)
+        if signals and hasattr(signal, "pthread_sigmask"):
+            # Starting CPython's resource tracker unblocks TERM and INT in the starting thread
+            # (multiprocessing.resource_tracker.ensure_running): start it now, before the mask.
+            from multiprocessing import resource_tracker
+
+            resource_tracker.ensure_running()
+            self._mask = signal.pthread_sigmask(signal.SIG_BLOCK, signals)
+            self._waiter = threading.Thread(target=self._wait, args=(set(signals),),
+                                            name="nullmoe-stop-signals", daemon=True)
+            self._waiter.start()  # after the mask: it inherits it, as sigwait requires
+            # Registered after multiprocessing's and torch's own exit hooks, so it runs first.
+            atexit.register(_end_daemon_children)
 
     def _handle(self, signum, frame) -> None:
         if self.received is None:
             self.received = signal.Signals(signum).name
+
+    def _wait(self, signals: set) -> None:
+        while True:
+            signum = signal.sigwait(signals)
+            if self._closing:
+                return
+            self._handle(signum, None)
 
     def agreed(self, group=None) -> Optional[str]:
         """Why to stop now, the same on every rank (one collective), or None."""
@@ -69,27 +107,49 @@ class StopRequest:
             local = 2
         elif self.deadline is not None and time.monotonic() >= self.deadline:
             local = 1
-        flag = torch.tensor([local], dtype=torch.int32)
-        if dist.is_initialized():
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
-        return {0: None, 1: "exit_after_minutes", 2: "a stop signal"}[int(flag)]
+        flag = int(collectives.reduce_values([local], group, op="max")[0])
+        return {0: None, 1: "exit_after_minutes", 2: "a stop signal"}[flag]
 
     def restore(self) -> None:
+        if self._waiter is not None:
+            self._closing = True
+            signal.pthread_kill(self._waiter.ident, next(iter(self._previous)))  # wakes its sigwait
+            self._waiter.join(timeout=5)
+            self._waiter = None
+        if self._mask is not None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, self._mask)
+            self._mask = None
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous = {}
+
+
+def _end_daemon_children() -> None:
+    """At exit multiprocessing ends daemon children (data-loader workers) with SIGTERM, which
+    children started under StopRequest's mask never see: it would wait for them forever. End
+    them with SIGKILL first. torch's SIGCHLD handler would report that as a failed worker; the
+    run is over, so it is set aside meanwhile."""
+    import multiprocessing
+
+    children = [p for p in multiprocessing.active_children() if p.daemon]
+    if not children:
+        return
+    previous = signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    try:
+        for child in children:
+            child.kill()
+        for child in children:
+            child.join(timeout=5)
+    finally:
+        signal.signal(signal.SIGCHLD, previous)
 
 
 def nonfinite_ranks(local_values: list[float], group=None) -> list[int]:
     """Ranks (global numbers) whose local values include a non-finite one; every rank gets the
     same list (one all-gather of a flag)."""
     bad = not all(math.isfinite(v) for v in local_values)
-    if not dist.is_initialized():
-        return [0] if bad else []
-    flags = [torch.zeros(1, dtype=torch.int32) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(flags, torch.tensor([int(bad)], dtype=torch.int32), group=group)
-    ranks = dist.get_process_group_ranks(group) if group is not None else range(len(flags))
-    return [r for r, f in zip(ranks, flags) if int(f)]
+    flags = collectives.gather_values(float(bad), group)
+    return [r for r, f in zip(collectives.group_ranks(group), flags) if f]
 
 
 def params_finite(model, group=None) -> list[int]:
