@@ -19,12 +19,10 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from megatron_nullmoe import (check_routers, dispatch_stats, routing_stats, set_vision_mask,
+from megatron_nullmoe import (check_routers, collectives, parallel, set_vision_mask,
                               update_null_budget)
-from megatron_nullmoe.dispatch.stats import DispatchStats
-from megatron_nullmoe.routing.stats import RoutingStats
-from megatron_nullmoe import collectives, parallel
 from megatron_nullmoe.train import faults
+from megatron_nullmoe.train.accounting import RunAccounting
 from megatron_nullmoe.train.checkpoint import CheckpointError, Checkpointer
 from megatron_nullmoe.train.config import ConfigError, RunConfig, save_config
 from megatron_nullmoe.train.validate import validate
@@ -71,11 +69,6 @@ def _tokenizer(cfg: RunConfig) -> Tokenizer:
 
 class NonFiniteError(RuntimeError):
     """Too many steps in a row with a non-finite loss or gradient norm."""
-
-
-# Running totals a resumed run continues from (saved in every checkpoint).
-TOTALS = ("rows_dispatched", "rows_topk", "model_flops", "tokens", "null_picks", "slots",
-          "skipped_steps")
 
 
 class Trainer:
@@ -140,7 +133,10 @@ class Trainer:
         self.ddp = DistributedDataParallel(
             model.config, DistributedDataParallelConfig(grad_reduce_in_fp32=True), model)
         self.ddp.broadcast_params()
-        self.shapes = shapes_from_config(self.cfg, self.tokenizer.vocab_size)
+        self.accounting = RunAccounting(
+            model, shapes_from_config(self.cfg, self.tokenizer.vocab_size),
+            self.cfg.data.global_batch_size, self.token_group, self.pp_group)
+        self.totals = self.accounting.totals  # one dict: what checkpoints carry
 
     def _build_optimizer(self) -> None:
         """megatron-core's Adam and LR schedule, and the hooks its schedules call."""
@@ -180,8 +176,6 @@ class Trainer:
         ckpt_dir = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else self.run_dir / "checkpoints"
         self.ckpt = Checkpointer(ckpt_dir, cfg.checkpoint.keep_last, identity)
         self.step = 0
-        self.totals = dict.fromkeys(TOTALS, 0)
-        self.totals["model_flops"] = 0.0
         self.nonfinite_in_a_row = 0
         latest = self.ckpt.latest()
         if latest is not None and not cfg.checkpoint.resume:
@@ -308,77 +302,16 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict:
-        self._routing_stats()  # keep train stats out of val stats
+        self.accounting.routing()  # keep train stats out of val stats
         self.ddp.eval()
         loss, _ = self._run(self.data.val_batches(self.cfg.logging.eval_steps), True)
         self.ddp.train()
-        stats = self._routing_stats().get("all")
+        stats = self.accounting.routing().get("all")
         out = {"val/loss": loss}
         if stats is not None:
             by = stats.null_fraction_by_modality()
             out.update({"val/null_vision": by["vision"], "val/null_text": by["text"]})
         return out
-
-    def _routing_stats(self) -> dict:
-        """Routing statistics of all MoE layers, whichever pipeline stage holds them."""
-        stats = routing_stats(self.model, self.token_group, reset=True)
-        if self.pp_group is None:
-            return stats
-        mine = {k: (s.topk, {n: t.cpu() for n, t in s.counts.items()})
-                for k, s in stats.items() if k != "all"}
-        stages = collectives.gather_objects(mine, self.pp_group)
-        merged = {k: RoutingStats(topk, counts) for stage in stages for k, (topk, counts) in stage.items()}
-        if merged:
-            merged["all"] = sum(list(merged.values())[1:], list(merged.values())[0])
-        return merged
-
-    def _dispatch_stats(self) -> DispatchStats:
-        rows = dispatch_stats(self.model, self.token_group, reset=True)
-        if self.pp_group is not None:
-            stages = collectives.gather_objects(rows.as_dict(), self.pp_group)
-            rows = DispatchStats(**{k: sum(s[k] for s in stages) for k in stages[0]})
-        return rows
-
-    def interval_stats(self) -> dict:
-        stats = self._routing_stats()
-        rows = self._dispatch_stats()
-        self.totals["rows_dispatched"] += rows.rows_dispatched
-        self.totals["rows_topk"] += rows.rows_topk
-        out = {"moe/rows_dispatched_total": self.totals["rows_dispatched"],
-               "moe/rows_topk_total": self.totals["rows_topk"],
-               "moe/rows_over_topk": rows.rows_dispatched / max(rows.rows_topk, 1)}
-        if "all" in stats:
-            total = stats.pop("all")
-            self.totals["null_picks"] += int(total.counts["null_picks"])
-            self.totals["slots"] += int(total.counts["tokens"]) * total.topk
-            out["null/all_total"] = self.totals["null_picks"] / max(self.totals["slots"], 1)
-            by = total.null_fraction_by_modality()
-            out.update({"null/all": total.null_fraction, "null/vision": by["vision"],
-                        "null/text": by["text"], "moe/real_per_token": total.real_per_token,
-                        # the worst layer's imbalance (loads summed over layers describe none)
-                        "moe/max_over_mean_load": max(s.max_over_mean_load
-                                                      for s in stats.values())})
-            out.update({f"null/layer_{n}": s.null_fraction for n, s in stats.items()})
-        return out
-
-    def _flops(self, rows_dispatched: int, steps: int, elapsed: float) -> dict:
-        """Model FLOPs of `steps` steps from the expert rows actually computed, not from top-k
-        (Megatron-LM's counter uses top-k and would overstate a null-MoE's work by k / realised):
-        everything but the experts per sample, plus each real (token, expert) row's expert cost.
-        Counting rows keeps the total exact and additive: the same however the steps are split
-        into logging intervals (and so across a resume)."""
-        from megatron_nullmoe.flops import train_flops_per_sample
-
-        decoder, _ = self.shapes
-        if not steps or not decoder.num_moe_layers:
-            return {}
-        without_experts = train_flops_per_sample(*self.shapes, 0.0)
-        per_row = (train_flops_per_sample(*self.shapes, 1.0) - without_experts) / (
-            decoder.seq_length * decoder.num_moe_layers)
-        flops = steps * self.cfg.data.global_batch_size * without_experts + rows_dispatched * per_row
-        self.totals["model_flops"] += flops
-        return {"throughput/tflops_per_s": flops / elapsed / 1e12,
-                "throughput/model_flops_total": self.totals["model_flops"]}
 
     def _save(self) -> Path:
         """A checkpoint of this step, unless a rank holds non-finite weights (then the last good
@@ -407,10 +340,7 @@ class Trainer:
         elapsed = max(time.perf_counter() - self._tick, 1e-9)
         tokens_per_step = self.cfg.data.global_batch_size * self.info.decoder_seq_length
         out = {"throughput/tokens_per_s": tokens_per_step * self._steps_in_interval / elapsed}
-        rows_before = self.totals["rows_dispatched"]
-        out.update(self.interval_stats())
-        out.update(self._flops(self.totals["rows_dispatched"] - rows_before,
-                               self._steps_in_interval, elapsed))
+        out.update(self.accounting.close_interval(self._steps_in_interval, elapsed))
         self._tick, self._steps_in_interval = time.perf_counter(), 0
         return out
 
@@ -418,8 +348,8 @@ class Trainer:
         cfg, lg = self.cfg, self.cfg.logging
         tokens_per_step = cfg.data.global_batch_size * self.info.decoder_seq_length
         # Count the first interval from here: a resumed run has no rows logged before it.
-        routing_stats(self.model, self.token_group, reset=True)
-        dispatch_stats(self.model, self.token_group, reset=True)
+        self.accounting.routing()
+        self.accounting.dispatch()
         self._tick, self._steps_in_interval = time.perf_counter(), 0
         stop = cfg.steps if cfg.exit_after_steps is None else min(
             cfg.steps, self.step + cfg.exit_after_steps)
