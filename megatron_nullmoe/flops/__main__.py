@@ -11,13 +11,6 @@ import argparse
 from megatron_nullmoe import flops
 
 
-def _fmt(x: float) -> str:
-    for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("K", 1e3)):
-        if abs(x) >= scale:
-            return f"{x / scale:.3f} {unit}"
-    return f"{x:.1f} "
-
-
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="python -m megatron_nullmoe.flops",
                                 description=flops.__doc__.split("\n")[0])
