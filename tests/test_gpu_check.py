@@ -112,7 +112,9 @@ def test_dry_layer_bench_counts_rows_and_host_syncs(dry):
     assert a["rows_dispatched_per_step"] == T * 4 and c["rows_dispatched_per_step"] == T * 8
     assert 0 < b["rows_dispatched_per_step"] < c["rows_dispatched_per_step"]
     for v in (a, b, c):
-        assert v["ms_fwd_bwd"] > 0 and v["host_syncs_per_forward"]["total"] >= 0
+        assert v["ms_fwd_bwd"] > 0
+    # megatron-core's own router + dispatcher read the device several times; ours once
+    assert b["host_syncs_per_forward"]["total"] <= 1 < a["host_syncs_per_forward"]["total"]
 
 
 def test_dry_gpu_tests_are_collected_and_skip_without_cuda(dry):
