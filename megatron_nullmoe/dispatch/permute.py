@@ -1,8 +1,8 @@
 """The permutation of real (token, expert) rows, sized on the host so that nothing waits.
 
-megatron-core's unfused permute finds the selected rows with `masked_select` (0.16.1) or reads
-their count back from the device (`num_out_tokens`, 0.17+): each is a device-to-host sync per
-layer. Here the row count R comes from the split sizes the dispatcher already holds on the host,
+megatron-core's unfused permute finds the selected rows with `masked_select` (0.16.1, a
+device-to-host sync per call) or needs their count as `num_out_tokens` (0.17+), which a caller
+must read back from the device (another sync per layer). Here the row count R comes from the split sizes the dispatcher already holds on the host,
 and a stable sort puts the selected pairs first in expert-major order, the order megatron-core's
 `unpermute` (scatter-add by token index) undoes.
 
