@@ -109,6 +109,13 @@ class NullExpertRouter(TopKRouter):
         self.register_buffer("budget_counts", self._zeros(2, torch.float64), False)
         self.recorder = RoutingRecorder(self.num_real, self.topk)
 
+    def set_layer_number(self, layer_number: int) -> None:
+        """megatron-core numbers a router's layer after building it: the null rows are drawn
+        again from their layer's stream."""
+        super().set_layer_number(layer_number)
+        if self.null_weight is not None:
+            self._init_null_parameters()
+
     @property
     def budget_control(self) -> bool:
         return self.budget is not None
@@ -135,8 +142,15 @@ class NullExpertRouter(TopKRouter):
         return torch.zeros(shape, dtype=dtype, device=self.weight.device)
 
     def _init_null_parameters(self) -> None:
-        if self.config.perform_initialization:
-            self.config.init_method(self.null_weight)
+        """Null rows draw from a random stream of their own, seeded by the run's seed and the
+        layer number, and leave the model's stream untouched: with one seed, every parameter a
+        model without null slots has starts bit-equal in every variant (so paired comparisons
+        cancel the initialisation), and the null rows differ from layer to layer."""
+        if self.config.perform_initialization and self.null_weight.device.type != "meta":
+            devices = [self.null_weight.device] if self.null_weight.device.type == "cuda" else []
+            with torch.random.fork_rng(devices=devices):
+                torch.manual_seed(null_init_seed(torch.initial_seed(), self.layer_number))
+                self.config.init_method(self.null_weight)
         self.null_weight.data = self.null_weight.data.to(dtype=self.config.params_dtype)
         setattr(self.null_weight, "sequence_parallel", self.config.sequence_parallel)
         if self.null_bias is not None:
@@ -319,6 +333,11 @@ class NullExpertRouter(TopKRouter):
 # move by a small step when it is large.
 EXACT_BUFFERS = ("null_budget_bias", "budget_counts", "expert_bias", "local_tokens_per_expert",
                  "global_tokens_per_expert")
+
+
+def null_init_seed(run_seed: int, layer_number: Optional[int]) -> int:
+    """The seed of a layer's null rows: apart from the model's stream and from other layers'."""
+    return (run_seed * 1_000_003 + 7_919 * (layer_number or 0) + 0x6E756C6C) % (2**63)
 
 
 def null_router(null_config: NullExpertConfig):
