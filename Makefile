@@ -12,7 +12,8 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 PIP    := $(PY) -m pip install -q
 
-.PHONY: setup test bench demo demo-data study study-data study-ablation clean gpu-wheels gpu-check
+.PHONY: setup test bench demo demo-data study study-data study-ablation text-study text-study-data clean \
+	gpu-wheels gpu-check
 
 setup: $(STAMP)
 
@@ -67,6 +68,18 @@ study: study-data
 study-ablation: study-data
 	$(PY) -m megatron_nullmoe.sweep run examples/sweeps/cpu_study.yaml --parallel 2 --only $(STUDY_ABLATION) $(ARGS)
 	$(PY) -m megatron_nullmoe.sweep report runs/sweeps/cpu-study
+
+# The text study (issue 17, BENCHMARKS.md): torch 2.13.0's Python sources as a pinned corpus
+# (hash-checked) and a BPE tokenizer, then the sweep examples/sweeps/text_study.yaml (its three
+# main variants over 3 seeds: 9 single-process runs, 2 at a time; run it again to resume), then
+# runs/sweeps/text-study/results.md. `make text-study TEXT_STUDY=...` picks other variants.
+TEXT_STUDY := top1,top2,null_keep
+text-study-data: $(STAMP)
+	$(PY) -m megatron_nullmoe.train.data.corpus --out data/text_study
+
+text-study: text-study-data
+	$(PY) -m megatron_nullmoe.sweep run examples/sweeps/text_study.yaml --parallel 2 --only $(TEXT_STUDY) $(ARGS)
+	$(PY) -m megatron_nullmoe.sweep report runs/sweeps/text-study
 
 # The one-call GPU check (README "GPU check"). `make gpu-wheels` here (PyPI access) fills the
 # ignored gpu_bundle/ with the cp312 wheels and the Megatron-LM archive the GPU machine lacks,

@@ -153,6 +153,13 @@ def test_example_sweeps_load_and_dry_run(name, capsys):
         assert len({r.cfg.model.hidden_size for r in runs}) == 2
         assert "#SBATCH --array=0-53" in out and not (ROOT / sweep.root).exists()
         assert total > 1000  # thousands of GPU-hours, not a toy
+    elif name == "text_study.yaml":  # top-1 baseline, top-2 bound, every null variant at 1
+        from megatron_nullmoe.sweep.checks import expected_real_per_token
+
+        rate = {r.variant: expected_real_per_token(r.cfg) for r in runs}
+        assert rate == {"top1": 1, "top2": 2, **{v: 1 for v in rate if v not in ("top1", "top2")}}
+        assert len(rate) == 8 and len(runs) == 8 * 3
+        assert {r.cfg.model.moe_ffn_hidden_size for r in runs} == {512}
     elif "study" in name:  # the CPU study: top-1 baseline, top-2 bound, nulls at 1 real/token
         from megatron_nullmoe.sweep.checks import expected_real_per_token
 
@@ -346,7 +353,8 @@ def test_report_means_intervals_and_matched_flops_by_hand(tmp_path):
     assert c["train_loss_at_budget_ci95"] == "" and c["val_loss_at_budget_mean"] == ""
     md = (root / "results.md").read_text()
     assert "not finished (left out): b/seed4" in md
-    assert "| a | 2 | 1.7500 ± 3.17" in md and "| c | 1 | 1.5000 | - | 2.1200 | 4.000 |" in md
+    assert "| a | 2 | 1.7500 ± 3.17" in md and "| c | 1 | 1.5000 | - | - | 2.1200 | 4.000 |" in md
+    assert "val loss, last 4 evals" in md  # summary.json's tail_val_loss (absent here)
     assert (root / "frontier.png").stat().st_size > 10_000
     assert (root / "null_rate.png").stat().st_size > 10_000
     runs = list(csv.DictReader((root / "runs.csv").open()))

@@ -34,6 +34,7 @@ from megatron_nullmoe.sweep.stats import (
 # column -> (what results.md calls it, digits)
 METRICS = {
     "final_val_loss": ("final val loss", 4),
+    "tail_val_loss": ("val loss, last 4 evals", 4),
     "val_loss_at_budget": ("val loss @ FLOP budget", 4),
     "train_loss_at_budget": ("train loss @ FLOP budget", 4),
     "real_per_token": ("real experts / token", 3),
@@ -70,7 +71,8 @@ def _read(root: Path, run: dict) -> Optional[dict]:
     rows, topk = s.get("rows_dispatched"), s.get("rows_standard_topk")
     return {**run, "point": tuple(tuple(p) for p in run["point"]), "records": records,
             "curves": loss_curves(records),
-            "final_val_loss": s.get("final_val_loss"), "real_per_token": s.get("real_experts_per_token"),
+            "final_val_loss": s.get("final_val_loss"), "tail_val_loss": s.get("tail_val_loss"),
+            "real_per_token": s.get("real_experts_per_token"),
             "null_rate_vision": s.get("null_rate_vision"), "null_rate_text": s.get("null_rate_text"),
             "rows_over_topk": rows / topk if rows is not None and topk else None,
             "tokens_per_s": s.get("tokens_per_s"), "model_flops": s.get("model_flops_total")}
@@ -108,7 +110,7 @@ def aggregate(runs: list[dict], budgets: dict) -> list[dict]:
     return out
 
 
-COMPARED = ("final_val_loss", "val_loss_at_budget")  # the losses `compare` pairs are judged on
+COMPARED = ("final_val_loss", "tail_val_loss", "val_loss_at_budget")  # the losses `compare` pairs are judged on
 
 
 def comparisons(runs: list[dict], compare: dict[str, tuple[str, str]]) -> list[dict]:

@@ -17,6 +17,9 @@ from typing import Optional
 from megatron_nullmoe.train.config import RunConfig
 
 
+TAIL_EVALS = 4  # evaluations averaged into summary.json's tail_val_loss
+
+
 class RunLog:
     def __init__(self, cfg: RunConfig, run_dir: Path, start_step: int, enabled: bool):
         self.cfg, self.run_dir, self.enabled = cfg, run_dir, enabled
@@ -108,6 +111,8 @@ class RunLog:
             "initial_train_loss": train[0]["train/loss"] if train else None,
             "final_train_loss": last.get("train/loss"),
             "final_val_loss": val[-1]["val/loss"] if val else None,
+            # the mean of the last evaluations: a study's loss that is not one noisy point
+            "tail_val_loss": _mean([r["val/loss"] for r in val[-TAIL_EVALS:]]) if val else None,
             "null_rate_vision": last.get("null/vision"),
             "null_rate_text": last.get("null/text"),
             "real_experts_per_token": last.get("moe/real_per_token"),
