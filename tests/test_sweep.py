@@ -465,3 +465,15 @@ def test_a_run_that_is_running_elsewhere_is_not_launched_twice(tmp_path, capsys)
     code, out = cli_main(["run", str(path), "--launcher", "slurm"], capsys)
     assert code == 0 and "nothing to submit" in out, out
     assert not (tmp_path / "runs/t/sweep.sbatch").exists()
+
+
+def test_seeds_on_the_command_line_replace_the_files(tmp_path, capsys):
+    path = write_sweep(tmp_path, overrides={"data.path": str(tmp_path / "no-data"),
+                                            "parallel.expert": 1}, seeds=[1, 2])
+    assert [r.seed for r in plan(load_sweep(path, seeds=[1, 2, 7]))] == [1, 2, 7]
+    code, out = cli_main(["run", str(path), "--seeds", "1,2,7", "--dry-run"], capsys)
+    assert code == 0 and "x 3 seeds" in out
+    for bad, message in (("1,x", "--seeds '1,x': give integers separated by commas"),
+                         ("2,2", "seeds=[2, 2]: give distinct integers")):
+        code, out = cli_main(["run", str(path), "--seeds", bad, "--dry-run"], capsys)
+        assert code != 0 and message in out

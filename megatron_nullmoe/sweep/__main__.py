@@ -35,6 +35,9 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--only", metavar="VARIANT[,VARIANT...]",
                    help="launch only these variants (e.g. the validity gate first); the plan, "
                         "status and report still cover the whole sweep")
+    r.add_argument("--seeds", metavar="SEED[,SEED...]",
+                   help="run these seeds instead of the sweep file's (e.g. 1,2,3,4,5 to add two "
+                        "seeds to a finished 3-seed sweep: finished runs are kept)")
     r.add_argument("--dry-run", action="store_true",
                    help="print the plan, its compute and (slurm) the array script; start nothing")
     r.add_argument("--gpu-tflops", type=float, default=400.0,
@@ -93,6 +96,18 @@ def _select(runs, sweep, only):
     return [r for r in runs if r.variant in names]
 
 
+def _seeds(text):
+    from megatron_nullmoe.sweep.spec import SweepError
+
+    if text is None:
+        return None
+    try:
+        return [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise SweepError(f"--seeds {text!r}: give integers separated by commas, e.g. 1,2,3,4,5") \
+            from None
+
+
 def _run(a) -> int:
     from megatron_nullmoe.sweep.checks import check_iso_flop, check_runtime
     from megatron_nullmoe.sweep.spec import SweepError, load_sweep, plan
@@ -102,7 +117,7 @@ def _run(a) -> int:
         sys.exit("--parallel and --nproc-per-node must be >= 1")
     sweep = nproc = None
     try:
-        sweep = load_sweep(a.sweep, a.overrides, a.dir)
+        sweep = load_sweep(a.sweep, a.overrides, a.dir, _seeds(a.seeds))
         runs = plan(sweep)
         check_iso_flop(sweep, runs)
         selected = _select(runs, sweep, a.only)

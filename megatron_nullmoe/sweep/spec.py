@@ -106,9 +106,10 @@ class Sweep:
 
 # ----------------------------------------------------------------------------- reading
 def load_sweep(path: str | Path, extra: list[str] | tuple[str, ...] = (),
-               dir: Optional[str] = None) -> Sweep:
+               dir: Optional[str] = None, seeds: Optional[list[int]] = None) -> Sweep:
     """Reads and checks the sweep file's structure (not yet the configs: see `plan`); `dir`
-    replaces the file's dir (a smoke test of a real sweep somewhere else)."""
+    replaces the file's dir (a smoke test of a real sweep somewhere else), `seeds` its seeds
+    (more seeds for a study whose intervals are too wide, without editing the file)."""
     path = Path(path)
     if not path.is_file():
         raise SweepError(f"sweep file {str(path)!r} does not exist")
@@ -133,7 +134,7 @@ def load_sweep(path: str | Path, extra: list[str] | tuple[str, ...] = (),
     for vname, items in variants_raw.items():
         _safe(f"variants.{vname}", vname)
         variants[vname] = _flatten(f"variants.{vname}", items)
-    seeds = raw["seeds"]
+    seeds = raw["seeds"] if seeds is None else seeds
     if not isinstance(seeds, list) or not seeds:
         raise SweepError(f"seeds={seeds!r}: give a non-empty list of integers, e.g. [1, 2, 3]")
     if any(isinstance(s, bool) or not isinstance(s, int) for s in seeds) or len(set(seeds)) < len(seeds):
