@@ -175,7 +175,7 @@ class NullExpertRouter(TopKRouter):
             logits[..., : self.num_real], logits[..., self.num_real :], self.num_null
         )
 
-    def _selection_bias(self) -> Optional[torch.Tensor]:
+    def selection_bias(self) -> Optional[torch.Tensor]:
         """Bias on slot selection only: expert bias (sigmoid) plus the null budget bias."""
         bias = self.expert_bias if self.enable_expert_bias else None
         if self.budget is not None:
@@ -200,7 +200,7 @@ class NullExpertRouter(TopKRouter):
             self.topk,
             score_function=self.score_function,
             pre_softmax=self.config.moe_router_pre_softmax,
-            selection_bias_S=self._selection_bias(),
+            selection_bias_S=self.selection_bias(),
         )
         if self.null_config.modality_topk is not None:
             routing = routing._replace(index_TK=rmath.cap_picks(

@@ -178,13 +178,49 @@ class Checkpointer:
         if diffs:
             return (f"checkpoint {path} was saved with a different model config; resume needs the "
                     f"same one, or start a fresh run folder. Differences: {'; '.join(diffs)}")
-        for name, digest in manifest["files"].items():
-            file = path / name
-            if not file.is_file():
-                return f"checkpoint {path} is missing {name}"
-            if _sha256(file) != digest:
-                return f"checkpoint {path} is corrupt: {name} does not match its recorded sha256"
-        return None
+        return verify_files(path, manifest)
+
+
+def read_manifest(path: Path) -> dict:
+    """A checkpoint's manifest (step, identity, file hashes); CheckpointError if it has none."""
+    manifest_path = Path(path) / MANIFEST
+    if not manifest_path.is_file():
+        raise CheckpointError(f"checkpoint {path} has no {MANIFEST}: it is incomplete or not ours")
+    try:
+        return json.loads(manifest_path.read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"checkpoint {path}: {MANIFEST} is corrupt ({err})") from None
+
+
+def verify_files(path: Path, manifest: dict) -> Optional[str]:
+    """None if every file the manifest lists is there with its recorded sha256, else what is not."""
+    for name, digest in manifest["files"].items():
+        file = Path(path) / name
+        if not file.is_file():
+            return f"checkpoint {path} is missing {name}"
+        if _sha256(file) != digest:
+            return f"checkpoint {path} is corrupt: {name} does not match its recorded sha256"
+    return None
+
+
+def load_model_weights(path: Path, model) -> int:
+    """Only the model's weights from checkpoint `path` (verified first), into `model`, whatever
+    the parallel layout it was saved with (dist_checkpointing reshards); returns its step."""
+    from megatron.core import dist_checkpointing
+
+    manifest = read_manifest(path)
+    problem = verify_files(path, manifest)
+    if problem:
+        raise CheckpointError(problem)
+    try:
+        loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(path))
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as err:  # torch's CheckpointException is a BaseException
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"checkpoint {path} could not be loaded: {first}") from err
+    model.load_state_dict(loaded["model"])
+    return int(manifest["step"])
 
 
 def _state(model, optimizer, scheduler, step: int, is_loading: bool = False) -> dict:

@@ -59,6 +59,16 @@ class Model:
     ffn_hidden_size: int = _at_least(128, 1)
     num_attention_heads: int = _at_least(4, 1)
     max_position_embeddings: int = _at_least(256, 1)
+    # Decoder architecture; the vision tower and projector keep LayerNorm, GELU and learned
+    # positions. Mixtral-style: RMSNorm, rope, swiglu and num_query_groups < num_attention_heads.
+    normalization: str = _choices("LayerNorm", "RMSNorm", default="LayerNorm")  # every decoder norm
+    # learned_absolute: a learned position table; rope: rotary embeddings in every attention layer
+    position_embedding: str = _choices("learned_absolute", "rope", default="learned_absolute")
+    rotary_base: int = _at_least(10000, 1)  # RoPE's base (theta); read only with rope
+    # swiglu: silu(gate) * up, three matrices per MLP (the experts' too); gelu: two matrices
+    activation: str = _choices("gelu", "swiglu", default="gelu")
+    # key/value heads of grouped-query attention (a divisor of num_attention_heads); null: MHA
+    num_query_groups: Optional[int] = _at_least(None, 1)
     # MoE: decoder layers 0, n, 2n, ... are MoE for moe_layer_freq=n (megatron-core's convention).
     moe_layer_freq: int = 1
     num_experts: int = _at_least(8, 1)

@@ -24,9 +24,12 @@ def shapes_from_config(cfg: RunConfig,
     seq = image_tokens(cfg) + cfg.data.seq_length
     moe_layers = sum(moe_layer_pattern(m.num_layers, m.moe_layer_freq))
     null = null_config(cfg)
+    groups = m.num_attention_heads if m.num_query_groups is None else m.num_query_groups
     decoder = DecoderShape(
         m.num_layers, m.hidden_size, m.ffn_hidden_size, seq, vocab_size, moe_layers, m.num_experts,
-        m.moe_ffn_hidden_size, m.router_topk, null.num_null_experts, null.num_null_logits)
+        m.moe_ffn_hidden_size, m.router_topk, null.num_null_experts, null.num_null_logits,
+        kv_ratio=groups / m.num_attention_heads,  # grouped-query attention: narrower k and v
+        gated_mlp=m.activation == "swiglu")  # three matrices per MLP, the experts' too
     if m.kind != "vlm":
         return decoder, None
     v = m.vision

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -195,6 +196,9 @@ class Trainer:
         if self.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.run_dir / "config.yaml")
+            # the run folder alone is enough to export, generate and evaluate
+            if self.tokenizer.path.resolve() != (self.run_dir / "tokenizer.model").resolve():
+                shutil.copyfile(self.tokenizer.path, self.run_dir / "tokenizer.model")
         self.log = RunLog(cfg, self.run_dir, self.step, enabled=self.rank == 0)
         if latest is not None:
             self.log.message(f"resumed from {latest} at step {self.step}"

@@ -46,7 +46,13 @@ RECIPE_KEYS = {
     "moe_token_dispatcher_type": "model.token_dispatcher",
     **{f.name: f"model.null_experts.{f.name}" for f in dataclasses.fields(NullExpertConfig)},
     "expert_tensor_parallel_size": "parallel.tensor",
+    "num_query_groups": "model.num_query_groups",
 }
+
+# model.activation -> megatron-core's (gated_linear_unit, activation_func). With the gate, linear_fc1
+# holds the gate half then the up half, and the MLP computes silu(gate) * up (SwiGLU).
+ACTIVATIONS = {"gelu": (False, torch.nn.functional.gelu),
+               "swiglu": (True, torch.nn.functional.silu)}
 
 
 def _recipe_keys(message: str) -> str:
@@ -79,6 +85,34 @@ def _common(cfg: RunConfig, dtype: torch.dtype) -> dict:
     )
 
 
+def _check_architecture(cfg: RunConfig) -> None:
+    """The decoder's architecture keys against each other and the tensor-parallel size, refused
+    by recipe key (megatron-core would refuse some itself, without the key, or fail mid-forward)."""
+    m, tp = cfg.model, cfg.parallel.tensor
+    heads, groups = m.num_attention_heads, m.num_query_groups
+    if m.activation not in ACTIVATIONS:
+        raise ConfigError(f"model.activation={m.activation!r} is not valid: one of "
+                          f"{', '.join(ACTIVATIONS)}")
+    if groups is not None:
+        if groups < 1 or heads % groups:
+            divisors = [d for d in range(1, heads + 1) if heads % d == 0]
+            raise ConfigError(
+                f"model.num_query_groups={groups} does not divide model.num_attention_heads="
+                f"{heads}: each key/value head serves the same number of query heads; give one "
+                f"of {', '.join(map(str, divisors))}, or null for one group per head (MHA)")
+        if groups % tp and tp % groups:
+            raise ConfigError(
+                f"model.num_query_groups={groups} with parallel.tensor={tp}: megatron-core needs "
+                "the key/value groups to be a multiple or a divisor of the tensor-parallel size")
+    if m.position_embedding == "rope":
+        head_dim = m.hidden_size // heads  # megatron-core's kv_channels
+        if head_dim < 2 or head_dim % 2:
+            raise ConfigError(
+                f"model.position_embedding=rope rotates pairs of channels, so the head dimension "
+                f"model.hidden_size // model.num_attention_heads = {m.hidden_size} // {heads} = "
+                f"{head_dim} must be even; change either, or use learned_absolute")
+
+
 def decoder_config(cfg: RunConfig, dtype: torch.dtype):
     from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -86,11 +120,15 @@ def decoder_config(cfg: RunConfig, dtype: torch.dtype):
     if m.moe_layer_freq < 1:
         raise ConfigError(f"model.moe_layer_freq={m.moe_layer_freq} is not valid: layers 0, n, "
                           "2n, ... are MoE, so n must be an integer >= 1")
+    _check_architecture(cfg)
     pattern = moe_layer_pattern(m.num_layers, m.moe_layer_freq)
+    gated, activation = ACTIVATIONS[m.activation]
     try:
         return TransformerConfig(
             num_layers=m.num_layers, hidden_size=m.hidden_size, ffn_hidden_size=m.ffn_hidden_size,
-            num_attention_heads=m.num_attention_heads, num_moe_experts=m.num_experts,
+            num_attention_heads=m.num_attention_heads, num_query_groups=m.num_query_groups,
+            normalization=m.normalization, gated_linear_unit=gated, activation_func=activation,
+            num_moe_experts=m.num_experts,
             moe_ffn_hidden_size=m.moe_ffn_hidden_size, moe_router_topk=m.router_topk,
             moe_layer_freq=pattern, moe_token_dispatcher_type=m.token_dispatcher,
             moe_router_load_balancing_type="aux_loss", moe_aux_loss_coeff=m.aux_loss_coeff,
@@ -133,11 +171,13 @@ def build_model(cfg: RunConfig, vocab_size: int, pg_collection, dtype: torch.dty
     from megatron.core import parallel_state as ps
 
     if use_te is None:
-        use_te = _mcore.have_te() and torch.cuda.is_available()
+        use_te = _default_use_te()
     config = decoder_config(cfg, dtype)
     null = null_config(cfg)
-    # With pipeline parallelism the block spec holds this stage's layers only.
-    spec = get_gpt_decoder_block_spec(config, use_transformer_engine=use_te)
+    # With pipeline parallelism the block spec holds this stage's layers only. `normalization`
+    # as Megatron-LM passes it: the local spec then builds RMSNorm layers with torch's RMSNorm.
+    spec = get_gpt_decoder_block_spec(config, use_transformer_engine=use_te,
+                                      normalization=config.normalization)
     try:
         spec = with_null_experts(spec, null)
     except ValueError:  # a pipeline stage with dense layers only
@@ -148,6 +188,8 @@ def build_model(cfg: RunConfig, vocab_size: int, pg_collection, dtype: torch.dty
     if cfg.model.kind == "gpt":
         model = GPTModel(config, spec, vocab_size=vocab_size,
                          max_sequence_length=cfg.model.max_position_embeddings,
+                         position_embedding_type=cfg.model.position_embedding,
+                         rotary_base=cfg.model.rotary_base,
                          pre_process=ps.is_pipeline_first_stage(),
                          post_process=ps.is_pipeline_last_stage(), pg_collection=pg_collection)
         return model, info
@@ -164,6 +206,7 @@ def check_model(cfg: RunConfig, dtype: torch.dtype) -> None:
     decoder config checks, null experts against it, the sequence length. (The pipeline layout is
     `check_pipeline`'s, which `validate.check` runs first.)"""
     config = decoder_config(cfg, dtype)
+    _check_norm_builds(cfg)
     try:
         null_config(cfg).check(config)
     except NullExpertConfigError as err:
@@ -174,6 +217,27 @@ def check_model(cfg: RunConfig, dtype: torch.dtype) -> None:
             f"model.max_position_embeddings={cfg.model.max_position_embeddings} is below the "
             f"decoder sequence: {image_tokens(cfg)} image tokens + data.seq_length="
             f"{cfg.data.seq_length} = {seq}")
+
+
+def _default_use_te() -> bool:
+    return _mcore.have_te() and torch.cuda.is_available()
+
+
+def _check_norm_builds(cfg: RunConfig) -> None:
+    """RMSNorm needs a norm that has it: Transformer Engine's, or (local spec) torch's RMSNorm,
+    which megatron-core uses when apex is absent (the CPU case). With apex but no TE, the local
+    spec's final norm is apex's FusedLayerNorm, which refuses RMSNorm."""
+    if cfg.model.normalization != "RMSNorm" or _default_use_te():
+        return
+    from megatron.core.models.gpt import gpt_layer_specs
+    from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+    if gpt_layer_specs.LNImpl is not WrappedTorchNorm:
+        raise ConfigError(
+            f"model.normalization=RMSNorm: without Transformer Engine megatron-core's local spec "
+            f"uses {getattr(gpt_layer_specs.LNImpl, '__name__', gpt_layer_specs.LNImpl)} (apex) "
+            "for the final norm, which supports LayerNorm only; install Transformer Engine, or "
+            "use model.normalization=LayerNorm")
 
 
 def check_pipeline(cfg: RunConfig) -> None:
@@ -204,6 +268,8 @@ def _build_llava(cfg, config, spec, vocab_size, pg_collection, dtype, use_te):
         language_transformer_config=config, language_transformer_layer_spec=spec,
         language_vocab_size=vocab_size,
         language_max_sequence_length=cfg.model.max_position_embeddings,
+        language_position_embedding_type=cfg.model.position_embedding,
+        language_rotary_base=cfg.model.rotary_base,
         vision_transformer_config=vision, vision_transformer_layer_spec=vit_spec,
         drop_vision_class_token=v.drop_class_token, vision_projection_config=projection,
         vision_projection_layer_spec=projector_spec, img_h=v.image_size, img_w=v.image_size,

@@ -1,0 +1,76 @@
+"""`python -m megatron_nullmoe.export hf SOURCE --out DIR`: a trained model as a Hugging Face folder.
+
+    python -m megatron_nullmoe.export hf runs/gpt_null_moe --out exports/gpt_null_moe
+    python -m megatron_nullmoe.export hf runs/gpt_null_moe/checkpoints/iter_0000200 --out DIR \
+        [--dtype bfloat16] [--overwrite] [--config RUN/config.yaml] [--tokenizer X.model]
+
+SOURCE is a run folder (its newest checkpoint) or a checkpoint folder. The folder loads with
+    AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)
+    AutoTokenizer.from_pretrained(DIR, trust_remote_code=True)
+and with lm-evaluation-harness as `--model hf --model_args pretrained=DIR,trust_remote_code=True`.
+After writing, the export is loaded back and its logits are compared with the megatron-core
+model's on a few sequences (fp32); the maximum difference is printed and must stay below 1e-4.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from pathlib import Path
+
+DTYPES = ("float32", "bfloat16", "float16")
+TOLERANCE = 1e-4
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m megatron_nullmoe.export",
+                                description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="format", required=True)
+    hf = sub.add_parser("hf", help="a Hugging Face transformers folder (remote code)")
+    hf.add_argument("source", help="a run folder or a checkpoint folder (iter_NNNNNNN)")
+    hf.add_argument("--out", required=True, help="the folder to write (new or empty)")
+    hf.add_argument("--dtype", choices=DTYPES, default="float32",
+                    help="weights' dtype in model.safetensors (default float32)")
+    hf.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    hf.add_argument("--config", help="the run's config.yaml (default: the run folder's)")
+    hf.add_argument("--tokenizer", help="the run's sentencepiece .model (default: the run folder's)")
+    hf.add_argument("--no-check", action="store_true",
+                    help="skip loading the export back and comparing logits")
+    return p
+
+
+def main(argv=None) -> None:
+    a = _parser().parse_args(argv)
+    warnings.filterwarnings("ignore")
+    import torch
+
+    from megatron_nullmoe.export import hf
+    from megatron_nullmoe.export.source import SourceError, load_megatron, resolve
+
+    try:
+        source = resolve(a.source, a.config, a.tokenizer)
+        if source.kind != "checkpoint":
+            raise SourceError(f"{a.source} is an export already; give a run or checkpoint folder")
+        model = load_megatron(source)
+        provenance = {"source": str(source.path.resolve()), "step": source.step,
+                      "run": source.cfg.name}
+        out = hf.export_gpt(model, source.tokenizer, Path(a.out), provenance,
+                            getattr(torch, a.dtype), a.overwrite)
+    except (SourceError, hf.ExportError) as err:
+        sys.exit(f"export error: {err}")
+    print(f"wrote {out} (step {source.step} of {source.path})")
+    if a.no_check:
+        return
+    from megatron_nullmoe.export.check import max_logit_difference
+
+    diff = max_logit_difference(model, out)
+    limit = TOLERANCE if a.dtype == "float32" else 5e-2
+    print(f"check: max |logits(export) - logits(megatron-core)| = {diff:.2e} (limit {limit:g})")
+    if not diff <= limit:
+        sys.exit(f"export error: the export's logits differ from the megatron-core model's by "
+                 f"{diff:.3g} > {limit:g}; {out} is kept for inspection")
+
+
+if __name__ == "__main__":
+    main()

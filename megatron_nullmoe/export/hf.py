@@ -1,0 +1,279 @@
+"""A megatron-core GPT with null experts -> a Hugging Face folder (NullMoEForCausalLM).
+
+The folder holds config.json (model_type "nullmoe", `auto_map` to the remote code), the remote
+code (hf_code/, torch and transformers only), model.safetensors, the sentencepiece tokenizer with
+its remote-code class, generation_config.json and export.json (where it came from).
+
+Weights are renamed and split, never changed: megatron-core's fused QKV ([groups, (heads/groups
+q, k, v) x head_dim, H]) becomes q/k/v projections, a SwiGLU fc1 (gate half, then up half)
+becomes gate/up projections, and each MoE router's selection-only bias (budget control plus
+expert bias, as the router adds it at selection) is saved as the layer's `selection_bias`.
+Everything the architecture reads is taken from the built model's own TransformerConfig, so a
+setting the remote code cannot reproduce is refused here, by name, rather than exported wrong.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+HF_CODE = Path(__file__).parent / "hf_code"
+CODE_FILES = ("configuration_nullmoe.py", "modeling_nullmoe.py", "tokenization_nullmoe.py")
+AUTO_MAP = {"AutoConfig": "configuration_nullmoe.NullMoEConfig",
+            "AutoModel": "modeling_nullmoe.NullMoEModel",
+            "AutoModelForCausalLM": "modeling_nullmoe.NullMoEForCausalLM"}
+TOKENIZER_AUTO_MAP = {"AutoTokenizer": ["tokenization_nullmoe.NullMoETokenizer", None]}
+
+
+class ExportError(ValueError):
+    """A model this export cannot reproduce exactly, or an output folder it must not touch."""
+
+
+def _gpt(model):
+    from megatron.core.models.gpt import GPTModel
+
+    if not isinstance(model, GPTModel):
+        raise ExportError(f"the {type(model).__name__} export is not built yet: GPT models export "
+                          "today (the VLM export is issue 18's next step)")
+    return model
+
+
+def _refuse_unsupported(model) -> None:
+    c = model.config
+    checks = [
+        (c.add_bias_linear or getattr(c, "add_qkv_bias", False), "add_bias_linear/add_qkv_bias",
+         "linear layers without bias"),
+        (c.qk_layernorm, "qk_layernorm", "off"),
+        (getattr(c, "multi_latent_attention", False), "multi_latent_attention", "off"),
+        (c.layernorm_zero_centered_gamma, "layernorm_zero_centered_gamma", "off"),
+        (c.apply_residual_connection_post_layernorm, "apply_residual_connection_post_layernorm",
+         "off"),
+        (c.normalization not in ("LayerNorm", "RMSNorm"), f"normalization={c.normalization}",
+         "LayerNorm or RMSNorm"),
+        (model.position_embedding_type not in ("learned_absolute", "rope"),
+         f"position_embedding_type={model.position_embedding_type}", "learned_absolute or rope"),
+        (getattr(c, "moe_shared_expert_intermediate_size", None), "moe_shared_expert_intermediate_size",
+         "no shared experts"),
+        (getattr(c, "moe_router_num_groups", None), "moe_router_num_groups",
+         "no group-limited routing"),
+        (getattr(c, "mtp_num_layers", None), "mtp_num_layers", "no multi-token prediction layers"),
+    ]
+    for bad, name, valid in checks:
+        if bad:
+            raise ExportError(f"{name} cannot be exported to NullMoEForCausalLM yet (valid: {valid})")
+    _activation(c)
+    if getattr(model, "rotary_pos_emb", None) is not None:
+        rotary = model.rotary_pos_emb
+        if getattr(rotary, "seq_len_interpolation_factor", None) or getattr(
+                c, "rotary_interleaved", False):
+            raise ExportError("rotary embeddings with interleaving or sequence-length "
+                              "interpolation cannot be exported (valid: plain rotary)")
+
+
+def _activation(c) -> str:
+    if c.gated_linear_unit and c.activation_func is F.silu:
+        return "swiglu"
+    if not c.gated_linear_unit and c.activation_func is F.gelu:
+        return "gelu"
+    raise ExportError(f"activation {getattr(c.activation_func, '__name__', c.activation_func)} "
+                      f"with gated_linear_unit={c.gated_linear_unit} cannot be exported (valid: "
+                      "gelu, or silu with gated_linear_unit (SwiGLU))")
+
+
+def _routers(model) -> list:
+    from megatron_nullmoe.router import NullExpertRouter
+
+    return [layer.mlp.router if isinstance(getattr(getattr(layer, "mlp", None), "router", None),
+                                           NullExpertRouter) else None
+            for layer in model.decoder.layers]
+
+
+def hf_config(model, tokenizer_ids: Optional[dict] = None) -> dict:
+    """NullMoEConfig's fields for this megatron-core GPT."""
+    _gpt(model)
+    _refuse_unsupported(model)
+    c = model.config
+    routers = _routers(model)
+    moe = [r for r in routers if r is not None]
+    null = moe[0].null_config if moe else None
+    if null is not None and null.modality_topk is not None:
+        raise ExportError("vision_topk/text_topk (the modality-fixed control) cannot be exported: "
+                          "it needs a vision mask at every forward")
+    fields = dict(
+        vocab_size=model.vocab_size, hidden_size=c.hidden_size, num_hidden_layers=c.num_layers,
+        num_attention_heads=c.num_attention_heads,
+        num_key_value_heads=c.num_query_groups or c.num_attention_heads,
+        head_dim=c.kv_channels, ffn_hidden_size=c.ffn_hidden_size,
+        moe_ffn_hidden_size=c.moe_ffn_hidden_size or c.ffn_hidden_size,
+        moe_layers=[int(r is not None) for r in routers],
+        num_experts=c.num_moe_experts or 0,
+        num_null_experts=null.num_null_experts if null else 0,
+        null_logits=null.null_logits if null else "shared",
+        router_topk=c.moe_router_topk, router_score_function=c.moe_router_score_function,
+        router_pre_softmax=bool(c.moe_router_pre_softmax),
+        gate_normalization=null.gate_normalization if null else "renormalize",
+        router_topk_scaling_factor=c.moe_router_topk_scaling_factor,
+        normalization=c.normalization, norm_eps=c.layernorm_epsilon,
+        position_embedding_type=model.position_embedding_type,
+        rotary_base=int(getattr(model, "rotary_base", 10000)),
+        rotary_percent=float(getattr(c, "rotary_percent", 1.0)),
+        max_position_embeddings=model.max_sequence_length, activation=_activation(c),
+        tie_word_embeddings=bool(model.share_embeddings_and_output_weights),
+    )
+    fields.update(tokenizer_ids or {})
+    return fields
+
+
+def hf_state_dict(model) -> dict[str, torch.Tensor]:
+    """The NullMoEForCausalLM weights of this megatron-core GPT (fp32 copies, contiguous)."""
+    _gpt(model)
+    c = model.config
+    sd = {k: v for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
+    heads, groups = c.num_attention_heads, c.num_query_groups or c.num_attention_heads
+    hd = c.kv_channels
+    out: dict[str, torch.Tensor] = {"model.embed_tokens.weight": sd["embedding.word_embeddings.weight"]}
+    if "embedding.position_embeddings.weight" in sd:
+        out["model.embed_positions.weight"] = sd["embedding.position_embeddings.weight"]
+    if model.share_embeddings_and_output_weights:
+        out["lm_head.weight"] = sd["embedding.word_embeddings.weight"]
+    else:
+        out["lm_head.weight"] = sd["output_layer.weight"]
+    _norm(out, sd, "decoder.final_layernorm", "model.norm")
+    gated = c.gated_linear_unit
+    for i, (layer, router) in enumerate(zip(model.decoder.layers, _routers(model))):
+        src, dst = f"decoder.layers.{i}.", f"model.layers.{i}."
+        _norm(out, sd, src + "input_layernorm", dst + "input_layernorm")
+        _norm(out, sd, src + "pre_mlp_layernorm", dst + "post_attention_layernorm")
+        qkv = sd[src + "self_attention.linear_qkv.weight"].view(groups, (heads // groups + 2) * hd, -1)
+        q, k, v = torch.split(qkv, [heads // groups * hd, hd, hd], dim=1)
+        out[dst + "self_attn.q_proj.weight"] = q.reshape(heads * hd, -1)
+        out[dst + "self_attn.k_proj.weight"] = k.reshape(groups * hd, -1)
+        out[dst + "self_attn.v_proj.weight"] = v.reshape(groups * hd, -1)
+        out[dst + "self_attn.o_proj.weight"] = sd[src + "self_attention.linear_proj.weight"]
+        if router is None:
+            _mlp(out, sd, src + "mlp.", dst + "mlp.", gated)
+            continue
+        out[dst + "mlp.router.weight"] = sd[src + "mlp.router.weight"]
+        if router.null_weight is not None:
+            out[dst + "mlp.router.null_weight"] = sd[src + "mlp.router.null_weight"]
+        bias = router.selection_bias()
+        out[dst + "mlp.router.selection_bias"] = (
+            torch.zeros(router.num_slots) if bias is None else bias.detach().float().clone())
+        experts = layer.mlp.experts
+        if not hasattr(experts, "local_experts"):
+            raise ExportError(f"layer {i}: experts of type {type(experts).__name__}; the export "
+                              "reads the SequentialMLP a one-rank CPU build makes")
+        for j in range(len(experts.local_experts)):
+            _mlp(out, sd, f"{src}mlp.experts.local_experts.{j}.", f"{dst}mlp.experts.{j}.", gated)
+    return {k: v.detach().float().contiguous().clone() for k, v in out.items()}
+
+
+def _norm(out, sd, src, dst) -> None:
+    out[dst + ".weight"] = sd[src + ".weight"]
+    if src + ".bias" in sd:
+        out[dst + ".bias"] = sd[src + ".bias"]
+
+
+def _mlp(out, sd, src, dst, gated) -> None:
+    fc1 = sd[src + "linear_fc1.weight"]
+    if gated:
+        gate, up = torch.chunk(fc1, 2, dim=0)
+        out[dst + "gate_proj.weight"], out[dst + "up_proj.weight"] = gate, up
+    else:
+        out[dst + "up_proj.weight"] = fc1
+    out[dst + "down_proj.weight"] = sd[src + "linear_fc2.weight"]
+
+
+# ----------------------------------------------------------------------------- writing
+def prepare_out(out: Path, overwrite: bool) -> Path:
+    """A fresh temporary folder beside `out`; refuses an `out` that holds files unless
+    `overwrite` (then the old folder is replaced only once the new one is complete)."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"--out {out} is a file; give a folder")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise ExportError(f"--out {out} already holds files; give an empty or new folder, or "
+                          "--overwrite to replace it")
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def finish_out(tmp: Path, out: Path) -> None:
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+
+
+def write_tokenizer(tokenizer_model: Path, out: Path) -> dict:
+    """tokenizer.model and its remote-code class; returns the special token ids."""
+    from megatron_nullmoe.train.data.tokenizer import BOS, EOS, PAD, UNK
+
+    shutil.copyfile(tokenizer_model, out / "tokenizer.model")
+    specials = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>"}
+    config = {"tokenizer_class": "NullMoETokenizer", "auto_map": TOKENIZER_AUTO_MAP,
+              "add_bos_token": True, "add_eos_token": False, "model_max_length": 1 << 30,
+              "clean_up_tokenization_spaces": False, **specials}
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    (out / "special_tokens_map.json").write_text(json.dumps(specials, indent=2) + "\n")
+    return {"bos_token_id": BOS, "eos_token_id": EOS, "pad_token_id": PAD, "unk_token_id": UNK}
+
+
+def write_code(out: Path) -> None:
+    for name in CODE_FILES:
+        shutil.copyfile(HF_CODE / name, out / name)
+
+
+def write_config(fields: dict, out: Path, architecture: str = "NullMoEForCausalLM") -> None:
+    config = {"model_type": "nullmoe", "architectures": [architecture], "auto_map": AUTO_MAP,
+              "torch_dtype": "float32", **fields}
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    generation = {"bos_token_id": fields["bos_token_id"], "eos_token_id": fields["eos_token_id"],
+                  "pad_token_id": fields["pad_token_id"], "do_sample": False}
+    (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+
+
+def save_weights(tensors: dict[str, torch.Tensor], out: Path, dtype: torch.dtype) -> None:
+    from safetensors.torch import save_file
+
+    cast = {k: (v if k.endswith("selection_bias") else v.to(dtype)) for k, v in tensors.items()}
+    save_file(cast, str(out / "model.safetensors"), metadata={"format": "pt"})
+
+
+def export_gpt(model, tokenizer_model: Path, out: Path, provenance: dict,
+               dtype: torch.dtype = torch.float32, overwrite: bool = False) -> Path:
+    """Writes the NullMoEForCausalLM folder of `model` at `out`; returns `out`."""
+    fields = hf_config(model)  # refuses before anything is written
+    tensors = hf_state_dict(model)
+    tmp = prepare_out(out, overwrite)
+    try:
+        ids = write_tokenizer(Path(tokenizer_model), tmp)
+        fields.update(ids)
+        write_config(fields, tmp)
+        write_code(tmp)
+        save_weights(tensors, tmp, dtype)
+        (tmp / "export.json").write_text(json.dumps(
+            {**provenance, "format": "nullmoe", "dtype": str(dtype).replace("torch.", "")},
+            indent=2) + "\n")
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finish_out(tmp, Path(out))
+    return Path(out)
+
+
+def load_hf(path: str | Path, dtype: torch.dtype = torch.float32):
+    """(model, tokenizer) of an export folder, through transformers' Auto classes."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    model = AutoModelForCausalLM.from_pretrained(str(path), trust_remote_code=True, dtype=dtype)
+    tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=True)
+    return model.eval(), tokenizer

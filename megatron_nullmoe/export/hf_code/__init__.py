@@ -1,0 +1,1 @@
+"""The Hugging Face remote code an export carries (copied verbatim into the export folder)."""

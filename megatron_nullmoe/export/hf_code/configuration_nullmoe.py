@@ -1,0 +1,102 @@
+"""NullMoEConfig: a decoder whose MoE layers route top-k over E real experts plus Z null slots.
+
+Written by megatron_nullmoe.export; self-contained (torch and transformers only), loaded with
+`trust_remote_code=True`. Field names follow megatron-core's TransformerConfig where they have one.
+"""
+
+from transformers import PretrainedConfig
+
+
+class NullMoEConfig(PretrainedConfig):
+    model_type = "nullmoe"
+    keys_to_ignore_at_inference = ["past_key_values", "cache"]
+
+    def __init__(
+        self,
+        vocab_size=32000,
+        hidden_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=None,
+        head_dim=None,
+        ffn_hidden_size=1024,
+        moe_ffn_hidden_size=512,
+        moe_layers=None,
+        num_experts=8,
+        num_null_experts=0,
+        null_logits="shared",
+        router_topk=2,
+        router_score_function="softmax",
+        router_pre_softmax=False,
+        gate_normalization="renormalize",
+        router_topk_scaling_factor=None,
+        normalization="LayerNorm",
+        norm_eps=1e-5,
+        position_embedding_type="learned_absolute",
+        rotary_base=10000,
+        rotary_percent=1.0,
+        max_position_embeddings=2048,
+        activation="gelu",
+        tie_word_embeddings=False,
+        use_cache=True,
+        bos_token_id=2,
+        eos_token_id=3,
+        pad_token_id=0,
+        **kwargs,
+    ):
+        self.vocab_size = vocab_size
+        self.hidden_size = hidden_size
+        self.num_hidden_layers = num_hidden_layers
+        self.num_attention_heads = num_attention_heads
+        self.num_key_value_heads = num_key_value_heads or num_attention_heads
+        self.head_dim = head_dim or hidden_size // num_attention_heads
+        self.ffn_hidden_size = ffn_hidden_size
+        self.moe_ffn_hidden_size = moe_ffn_hidden_size
+        # 1 for a MoE layer, 0 for a dense one, per layer
+        self.moe_layers = list(moe_layers) if moe_layers is not None else [1] * num_hidden_layers
+        self.num_experts = num_experts
+        self.num_null_experts = num_null_experts
+        self.null_logits = null_logits
+        self.router_topk = router_topk
+        self.router_score_function = router_score_function
+        self.router_pre_softmax = router_pre_softmax
+        self.gate_normalization = gate_normalization
+        self.router_topk_scaling_factor = router_topk_scaling_factor
+        self.normalization = normalization
+        self.norm_eps = norm_eps
+        self.position_embedding_type = position_embedding_type
+        self.rotary_base = rotary_base
+        self.rotary_percent = rotary_percent
+        self.max_position_embeddings = max_position_embeddings
+        self.activation = activation
+        self.use_cache = use_cache
+        self._check()
+        super().__init__(tie_word_embeddings=tie_word_embeddings, bos_token_id=bos_token_id,
+                         eos_token_id=eos_token_id, pad_token_id=pad_token_id, **kwargs)
+
+    @property
+    def num_null_logits(self):
+        """Router rows of the null slots: 1 shared, Z per expert, 0 without nulls."""
+        if not self.num_null_experts:
+            return 0
+        return 1 if self.null_logits == "shared" else self.num_null_experts
+
+    def _check(self):
+        choices = {"null_logits": ("shared", "per_expert"),
+                   "router_score_function": ("softmax", "sigmoid"),
+                   "gate_normalization": ("renormalize", "keep_null_share"),
+                   "normalization": ("LayerNorm", "RMSNorm"),
+                   "position_embedding_type": ("learned_absolute", "rope"),
+                   "activation": ("gelu", "swiglu")}
+        for name, valid in choices.items():
+            if getattr(self, name) not in valid:
+                raise ValueError(f"{name}={getattr(self, name)!r} is not valid; expected one of {valid}")
+        if len(self.moe_layers) != self.num_hidden_layers:
+            raise ValueError(f"moe_layers has {len(self.moe_layers)} entries for "
+                             f"{self.num_hidden_layers} layers")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(f"num_attention_heads={self.num_attention_heads} is not a multiple of "
+                             f"num_key_value_heads={self.num_key_value_heads}")
+        if not 1 <= self.router_topk <= self.num_experts + self.num_null_experts:
+            raise ValueError(f"router_topk={self.router_topk} must be in [1, num_experts + "
+                             f"num_null_experts = {self.num_experts + self.num_null_experts}]")
