@@ -22,7 +22,7 @@ def sample_tokens(vocab_size: int, length: int, batch: int = 4, seed: int = 0) -
 
 @torch.no_grad()
 def max_logit_difference(model, export_dir: Path, length: int = 32) -> float:
-    from megatron_nullmoe.export.hf import load_hf
+    from megatron_nullmoe.export.source import load_hf
 
     hf_model, _ = load_hf(export_dir)
     ids = sample_tokens(hf_model.config.vocab_size,

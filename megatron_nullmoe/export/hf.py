@@ -266,14 +266,3 @@ def export_gpt(model, tokenizer_model: Path, out: Path, provenance: dict,
         raise
     finish_out(tmp, Path(out))
     return Path(out)
-
-
-def load_hf(path: str | Path, dtype: torch.dtype = torch.float32):
-    """(model, tokenizer) of an export folder, through transformers' Auto classes."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    model = AutoModelForCausalLM.from_pretrained(str(path), trust_remote_code=True, dtype=dtype)
-    tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=True)
-    return model.eval(), tokenizer

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+import torch
+
 from megatron_nullmoe.train.checkpoint import MANIFEST, CheckpointError, read_manifest
 from megatron_nullmoe.train.config import ConfigError, RunConfig, load_config
 
@@ -159,3 +161,32 @@ def load_megatron(source: Source):
     except CheckpointError as err:
         raise SourceError(str(err)) from None
     return model.eval()
+
+
+def load_hf(path: str | Path, dtype: torch.dtype = torch.float32):
+    """(model, tokenizer) of an export folder, through transformers' Auto classes (eval mode)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    model = AutoModelForCausalLM.from_pretrained(str(path), trust_remote_code=True, dtype=dtype)
+    tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=True)
+    return model.eval(), tokenizer
+
+
+def hf_from_megatron(model, tokenizer_model: Path):
+    """(NullMoEForCausalLM, tokenizer) built in memory from a megatron-core GPT: the export
+    without the folder (the same classes and weights an export writes)."""
+    from megatron_nullmoe.export.hf import hf_config, hf_state_dict
+    from megatron_nullmoe.export.hf_code.configuration_nullmoe import NullMoEConfig
+    from megatron_nullmoe.export.hf_code.modeling_nullmoe import NullMoEForCausalLM
+    from megatron_nullmoe.export.hf_code.tokenization_nullmoe import NullMoETokenizer
+    from megatron_nullmoe.train.data.tokenizer import BOS, EOS, PAD
+
+    config = NullMoEConfig(**hf_config(model), bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD)
+    hf_model = NullMoEForCausalLM(config)
+    missing, unexpected = hf_model.load_state_dict(hf_state_dict(model), strict=False)
+    if missing or unexpected:
+        raise SourceError(f"the converted weights do not fit NullMoEForCausalLM: missing "
+                          f"{missing[:4]}, unexpected {unexpected[:4]}")
+    return hf_model.eval(), NullMoETokenizer(str(tokenizer_model))
