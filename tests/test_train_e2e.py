@@ -128,6 +128,25 @@ def test_checkpoint_of_another_model_is_refused_with_the_difference(demo, saved,
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["iter_0000002", "latest"]
 
 
+def test_a_checkpoint_saved_before_a_model_key_existed_resumes_at_its_default(demo, saved,
+                                                                              tmp_path):
+    """A key added to the recipe later (e.g. model.activation) is absent from older manifests:
+    it reads as its default, so old checkpoints resume, and a non-default value is refused."""
+    run_dir = _copy(saved, tmp_path)
+    manifest_path = run_dir / "checkpoints/iter_0000002/nullmoe.json"
+    manifest = json.loads(manifest_path.read_text())
+    for key in ("normalization", "position_embedding", "rotary_base", "activation",
+                "num_query_groups"):
+        manifest["identity"]["model"].pop(key)
+    manifest_path.write_text(json.dumps(manifest))
+    out = run(vlm_args(demo, run_dir, "steps=4", "model.activation=swiglu"), check=False)
+    assert out.returncode != 0
+    assert "model.activation: checkpoint 'gelu', this run 'swiglu'" in out.stderr
+    out = run(vlm_args(demo, run_dir, "steps=3"))
+    assert "resumed from" in out.stdout + out.stderr
+    assert json.loads((run_dir / "summary.json").read_text())["steps"] == 3
+
+
 def test_interrupted_save_leaves_the_last_good_checkpoint(demo, saved, tmp_path):
     run_dir = _copy(saved, tmp_path)
     ckpt = run_dir / "checkpoints"

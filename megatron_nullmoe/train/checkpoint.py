@@ -78,9 +78,12 @@ def _set_rng_state(state: dict) -> None:
 
 
 class Checkpointer:
-    def __init__(self, root: Path, keep_last: int, identity: dict):
-        """identity: what must match for a checkpoint to load (model and null-expert config)."""
+    def __init__(self, root: Path, keep_last: int, identity: dict, defaults: Optional[dict] = None):
+        """identity: what must match for a checkpoint to load (model and null-expert config);
+        defaults: the value of each identity key for a checkpoint saved before that key existed
+        (its default then, so old checkpoints still resume; a key absent from both reads None)."""
         self.root, self.keep_last, self.identity = Path(root), keep_last, identity
+        self.defaults = _flatten(defaults or {})
         if _rank() == 0:
             self.root.mkdir(parents=True, exist_ok=True)
             for stale in self.root.glob("iter_*.tmp"):
@@ -171,8 +174,8 @@ class Checkpointer:
             manifest = json.loads(manifest_path.read_text())
         except json.JSONDecodeError as err:
             return f"checkpoint {path}: {MANIFEST} is corrupt ({err})"
-        saved = _flatten(manifest.get("identity") or {})
-        # A key the checkpoint lacks (saved before that setting existed) reads as None: its default.
+        saved = {**self.defaults, **_flatten(manifest.get("identity") or {})}
+        # A key the checkpoint lacks (saved before that setting existed) reads as its default.
         diffs = [f"{k}: checkpoint {saved.get(k)!r}, this run {v!r}"
                  for k, v in _flatten(self.identity).items() if saved.get(k) != v]
         if diffs:

@@ -22,10 +22,11 @@ import torch.distributed as dist
 
 from megatron_nullmoe import (check_routers, collectives, parallel, set_vision_mask,
                               update_null_budget)
+from megatron_nullmoe.config import NullExpertConfig
 from megatron_nullmoe.train import faults
 from megatron_nullmoe.train.accounting import RunAccounting
 from megatron_nullmoe.train.checkpoint import CheckpointError, Checkpointer
-from megatron_nullmoe.train.config import ConfigError, RunConfig, save_config
+from megatron_nullmoe.train.config import ConfigError, Model, RunConfig, save_config
 from megatron_nullmoe.train.validate import validate
 from megatron_nullmoe.train.data import DataSource
 from megatron_nullmoe.train.data.tokenizer import Tokenizer
@@ -175,7 +176,9 @@ class Trainer:
                     "parallel": {k: v for k, v in dataclasses.asdict(cfg.parallel).items()
                                  if k != "backend"}}
         ckpt_dir = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else self.run_dir / "checkpoints"
-        self.ckpt = Checkpointer(ckpt_dir, cfg.checkpoint.keep_last, identity)
+        defaults = {"model": dataclasses.asdict(Model()),
+                    "null": dataclasses.asdict(NullExpertConfig())}
+        self.ckpt = Checkpointer(ckpt_dir, cfg.checkpoint.keep_last, identity, defaults)
         self.step = 0
         self.nonfinite_in_a_row = 0
         latest = self.ckpt.latest()

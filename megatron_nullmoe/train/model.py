@@ -46,7 +46,6 @@ RECIPE_KEYS = {
     "moe_token_dispatcher_type": "model.token_dispatcher",
     **{f.name: f"model.null_experts.{f.name}" for f in dataclasses.fields(NullExpertConfig)},
     "expert_tensor_parallel_size": "parallel.tensor",
-    "num_query_groups": "model.num_query_groups",
 }
 
 # model.activation -> megatron-core's (gated_linear_unit, activation_func). With the gate, linear_fc1
