@@ -91,9 +91,12 @@ def run(a) -> tuple[str, dict]:
             hf_model, _ = hf_from_megatron(model, source.tokenizer)
     ids = prompt_ids(tokenizer, a.prompt, image=vlm)
     if backend == "hf":
-        hf_model.reset_routing_totals()
+        counts = hasattr(hf_model, "routing_totals")  # a --format mixtral export has none
+        if counts:
+            hf_model.reset_routing_totals()
         new = hf_generate(hf_model, ids, a.max_new_tokens, sampling)
-        info["real_experts_per_token"] = hf_model.routing_totals()["real_experts_per_token"]
+        if counts:
+            info["real_experts_per_token"] = hf_model.routing_totals()["real_experts_per_token"]
     else:
         from megatron_nullmoe.train.model import image_tokens
 

@@ -27,7 +27,8 @@ VOCAB = 96
 
 
 def build_gpt(null: NullExpertConfig, *, layers: int = 2, moe_freq=1, topk: int = 2,
-              experts: int = 4, seq: int = 16, position: str = "learned_absolute", **config):
+              experts: int = 4, seq: int = 16, position: str = "learned_absolute",
+              rotary_base: int = 10000, **config):
     """A megatron-core GPTModel with null-expert MoE layers (local spec, CPU, fp32)."""
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
@@ -49,7 +50,7 @@ def build_gpt(null: NullExpertConfig, *, layers: int = 2, moe_freq=1, topk: int 
     tc = TransformerConfig(**kw)
     spec = with_null_experts(get_gpt_decoder_block_spec(tc, use_transformer_engine=False), null)
     model = GPTModel(tc, spec, vocab_size=VOCAB, max_sequence_length=seq,
-                     position_embedding_type=position,
+                     position_embedding_type=position, rotary_base=rotary_base,
                      pg_collection=ProcessGroupCollection.use_mpu_process_groups())
     g = torch.Generator().manual_seed(7)
     with torch.no_grad():
@@ -314,3 +315,75 @@ def test_bad_sources_and_requests_are_refused_with_the_reason(trained_run, tmp_p
         victim.write_bytes(backup)
     assert out.returncode != 0 and "does not match its recorded sha256" in out.stderr
     assert not (tmp_path / "c").exists()
+
+
+# ----------------------------------------------------------------------------- --format mixtral
+MIXTRAL_ARCH = dict(normalization="RMSNorm", gated_linear_unit=True, activation_func=F.silu,
+                    num_query_groups=2, position="rope", rotary_base=500000)
+
+
+def _mixtral_model(null, **kw):
+    return build_gpt(null, **{**MIXTRAL_ARCH, **kw})
+
+
+@pytest.mark.parametrize("null,k", [
+    (NullExpertConfig(num_null_experts=4, gate_normalization="keep_null_share"), 2),  # 2 copies
+    (NullExpertConfig(num_null_experts=3, gate_normalization="keep_null_share",
+                      null_logits="per_expert"), 2),  # all 3 rows
+    (NullExpertConfig(num_null_experts=1, gate_normalization="keep_null_share"), 3),  # Z < k
+    (NullExpertConfig(), 2),  # plain top-2
+])
+def test_mixtral_export_loads_in_stock_transformers_and_equals(single_rank, tmp_path, null, k):
+    from transformers import AutoModelForCausalLM, MixtralForCausalLM
+
+    from megatron_nullmoe.export.check import mcore_logits
+    from megatron_nullmoe.export.mixtral import export_mixtral
+
+    model = _mixtral_model(null, topk=k)
+    ids = tokens()
+    ref = mcore_logits(model, ids)
+    out = export_mixtral(model, _tokenizer(tmp_path), tmp_path / "mixtral", {"source": "test"})
+    config = json.loads((out / "config.json").read_text())
+    assert "auto_map" not in config and not (out / "modeling_nullmoe.py").exists()
+    stock = AutoModelForCausalLM.from_pretrained(str(out), trust_remote_code=False).eval()
+    assert isinstance(stock, MixtralForCausalLM)
+    copies = 0 if not null.num_null_experts else (
+        min(null.num_null_experts, k) if null.null_logits == "shared" else null.num_null_experts)
+    assert stock.config.num_local_experts == 4 + copies
+    with torch.no_grad():
+        got = stock(ids).logits
+    assert float((got - ref).abs().max()) < 1e-4
+
+
+@pytest.mark.parametrize("null,extra,reason", [
+    (NullExpertConfig(num_null_experts=4), {}, "gate_normalization='renormalize'"),
+    (NullExpertConfig(num_null_experts=4, gate_normalization="keep_null_share",
+                      target_real_per_token=1.0), {}, "a selection-only router bias"),
+    (NullExpertConfig(num_null_experts=4, gate_normalization="keep_null_share"),
+     dict(moe_router_pre_softmax=True), "router_pre_softmax=True"),
+    (NullExpertConfig(), dict(normalization="LayerNorm"), "normalization='LayerNorm'"),
+    (NullExpertConfig(), dict(position="learned_absolute"), "position_embedding_type"),
+])
+def test_mixtral_export_is_refused_where_it_is_not_exact(single_rank, tmp_path, null, extra, reason):
+    from megatron_nullmoe.export.hf import ExportError
+    from megatron_nullmoe.export.mixtral import export_mixtral
+
+    if extra.get("position") == "learned_absolute":
+        model = build_gpt(null, normalization="RMSNorm", gated_linear_unit=True,
+                          activation_func=F.silu)
+    else:
+        model = _mixtral_model(null, **extra)
+    with pytest.raises(ExportError, match="--format mixtral would not compute") as err:
+        export_mixtral(model, _tokenizer(tmp_path), tmp_path / "m", {})
+    assert reason in str(err.value) and "Use the default format" in str(err.value)
+    assert not (tmp_path / "m").exists() and not (tmp_path / "m.tmp").exists()
+
+
+def _tokenizer(tmp_path):
+    from megatron_nullmoe.train.data.tokenizer import train_tokenizer
+
+    path = tmp_path / "tok.model"
+    if not path.exists():
+        train_tokenizer([f"word{i} and more words {i * 7}" for i in range(200)], path,
+                        vocab_size=VOCAB)
+    return path

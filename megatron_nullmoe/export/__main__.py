@@ -2,11 +2,12 @@
 
     python -m megatron_nullmoe.export hf runs/gpt_null_moe --out exports/gpt_null_moe
     python -m megatron_nullmoe.export hf runs/gpt_null_moe/checkpoints/iter_0000200 --out DIR \
-        [--dtype bfloat16] [--overwrite] [--config RUN/config.yaml] [--tokenizer X.model]
+        [--format nullmoe|mixtral] [--dtype bfloat16] [--overwrite] [--config RUN/config.yaml]
+        [--tokenizer X.model]
 
 SOURCE is a run folder (its newest checkpoint) or a checkpoint folder. The folder loads with
-    AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)
-    AutoTokenizer.from_pretrained(DIR, trust_remote_code=True)
+    AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)   (--format mixtral: without)
+    AutoTokenizer.from_pretrained(DIR, trust_remote_code=True)          (the exact sentencepiece ids)
 and with lm-evaluation-harness as `--model hf --model_args pretrained=DIR,trust_remote_code=True`.
 After writing, the export is loaded back and its logits are compared with the megatron-core
 model's on a few sequences (fp32); the maximum difference is printed and must stay below 1e-4.
@@ -30,6 +31,10 @@ def _parser() -> argparse.ArgumentParser:
     hf = sub.add_parser("hf", help="a Hugging Face transformers folder (remote code)")
     hf.add_argument("source", help="a run folder or a checkpoint folder (iter_NNNNNNN)")
     hf.add_argument("--out", required=True, help="the folder to write (new or empty)")
+    hf.add_argument("--format", choices=("nullmoe", "mixtral"), default="nullmoe",
+                    help="nullmoe (default): NullMoEForCausalLM, remote code, exact for every mode "
+                         "and skips null picks; mixtral: stock MixtralForCausalLM with the null "
+                         "slots as zero experts, where that is exact (refused otherwise, with why)")
     hf.add_argument("--dtype", choices=DTYPES, default="float32",
                     help="weights' dtype in model.safetensors (default float32)")
     hf.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
@@ -55,8 +60,11 @@ def main(argv=None) -> None:
         model = load_megatron(source)
         provenance = {"source": str(source.path.resolve()), "step": source.step,
                       "run": source.cfg.name}
-        out = hf.export_gpt(model, source.tokenizer, Path(a.out), provenance,
-                            getattr(torch, a.dtype), a.overwrite)
+        from megatron_nullmoe.export.mixtral import export_mixtral
+
+        write = export_mixtral if a.format == "mixtral" else hf.export_gpt
+        out = write(model, source.tokenizer, Path(a.out), provenance, getattr(torch, a.dtype),
+                    a.overwrite)
     except (SourceError, hf.ExportError) as err:
         sys.exit(f"export error: {err}")
     print(f"wrote {out} (step {source.step} of {source.path})")

@@ -24,7 +24,7 @@ def sample_tokens(vocab_size: int, length: int, batch: int = 4, seed: int = 0) -
 def max_logit_difference(model, export_dir: Path, length: int = 32) -> float:
     from megatron_nullmoe.export.source import load_hf
 
-    hf_model, _ = load_hf(export_dir)
+    hf_model, _ = load_hf(export_dir)  # remote code only where the folder has it
     ids = sample_tokens(hf_model.config.vocab_size,
                         min(length, hf_model.config.max_position_embeddings))
     ref = mcore_logits(model, ids)

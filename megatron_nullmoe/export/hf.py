@@ -225,8 +225,8 @@ def write_tokenizer(tokenizer_model: Path, out: Path) -> dict:
     return {"bos_token_id": BOS, "eos_token_id": EOS, "pad_token_id": PAD, "unk_token_id": UNK}
 
 
-def write_code(out: Path) -> None:
-    for name in CODE_FILES:
+def write_code(out: Path, names: tuple[str, ...] = CODE_FILES) -> None:
+    for name in names:
         shutil.copyfile(HF_CODE / name, out / name)
 
 

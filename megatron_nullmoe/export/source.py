@@ -30,7 +30,7 @@ class SourceError(ValueError):
 
 
 KINDS = ("a run folder (config.yaml and checkpoints/)", "a checkpoint folder (iter_NNNNNNN with "
-         f"{MANIFEST})", "an export folder (config.json of model_type nullmoe)")
+         f"{MANIFEST})", "an export folder (config.json and export.json)")
 
 
 @dataclass(frozen=True)
@@ -44,13 +44,15 @@ class Source:
 
 
 def is_export(path: Path) -> bool:
+    """A folder this project's export wrote (NullMoEForCausalLM, or --format mixtral)."""
     config = path / "config.json"
     if not config.is_file():
         return False
     try:
-        return json.loads(config.read_text()).get("model_type") == "nullmoe"
+        model_type = json.loads(config.read_text()).get("model_type")
     except (json.JSONDecodeError, AttributeError):
         return False
+    return model_type == "nullmoe" or (model_type == "mixtral" and (path / "export.json").is_file())
 
 
 def resolve(path: str | Path, config: Optional[str] = None,
@@ -63,7 +65,7 @@ def resolve(path: str | Path, config: Optional[str] = None,
         return Source("export", p)
     if p.is_dir() and (p / "config.json").is_file():
         raise SourceError(f"{p} holds a config.json that is not a nullmoe export (model_type is not "
-                          "'nullmoe'): export it from its run folder or checkpoint")
+                          "'nullmoe' and no export.json): export it from its run folder or checkpoint")
     if p.is_dir() and (p / MANIFEST).is_file():
         ckpt, run_dir = p, p.parent.parent
     elif p.is_dir() and (p / "config.yaml").is_file():
@@ -169,7 +171,8 @@ def load_hf(path: str | Path, dtype: torch.dtype = torch.float32):
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    model = AutoModelForCausalLM.from_pretrained(str(path), trust_remote_code=True, dtype=dtype)
+    remote = "auto_map" in json.loads((Path(path) / "config.json").read_text())
+    model = AutoModelForCausalLM.from_pretrained(str(path), trust_remote_code=remote, dtype=dtype)
     tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=True)
     return model.eval(), tokenizer
 
