@@ -21,48 +21,9 @@ import torch
 import torch.nn.functional as F
 
 from megatron_nullmoe import NullExpertConfig
+from tests._models import VOCAB, build_gpt
 
 ROOT = Path(__file__).resolve().parents[1]
-VOCAB = 96
-
-
-def build_gpt(null: NullExpertConfig, *, layers: int = 2, moe_freq=1, topk: int = 2,
-              experts: int = 4, seq: int = 16, position: str = "learned_absolute",
-              rotary_base: int = 10000, **config):
-    """A megatron-core GPTModel with null-expert MoE layers (local spec, CPU, fp32)."""
-    from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
-    from megatron.core.process_groups_config import ProcessGroupCollection
-    from megatron.core.transformer.transformer_config import TransformerConfig
-
-    from megatron_nullmoe.flops import moe_layer_pattern
-    from megatron_nullmoe.spec import with_null_experts
-
-    kw = dict(num_layers=layers, hidden_size=32, ffn_hidden_size=48, num_attention_heads=4,
-              num_moe_experts=experts, moe_ffn_hidden_size=24, moe_router_topk=topk,
-              moe_layer_freq=moe_layer_pattern(layers, moe_freq), moe_token_dispatcher_type="alltoall",
-              moe_router_load_balancing_type="aux_loss", moe_aux_loss_coeff=0.01,
-              add_bias_linear=False, use_cpu_initialization=True, hidden_dropout=0.0,
-              attention_dropout=0.0, bias_activation_fusion=False, masked_softmax_fusion=False,
-              bias_dropout_fusion=False, apply_rope_fusion=False, persist_layer_norm=False,
-              gradient_accumulation_fusion=False, init_method_std=0.2)
-    kw.update(config)
-    tc = TransformerConfig(**kw)
-    spec = with_null_experts(get_gpt_decoder_block_spec(tc, use_transformer_engine=False), null)
-    model = GPTModel(tc, spec, vocab_size=VOCAB, max_sequence_length=seq,
-                     position_embedding_type=position, rotary_base=rotary_base,
-                     pg_collection=ProcessGroupCollection.use_mpu_process_groups())
-    g = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        for layer in model.decoder.layers:
-            router = getattr(layer.mlp, "router", None)
-            if router is None:
-                continue
-            if router.null_budget_bias is not None:  # as trained: some null picks either way
-                router.null_budget_bias.fill_(0.15)
-            if router.enable_expert_bias:
-                router.expert_bias.copy_(torch.randn(router.num_slots, generator=g) * 0.05)
-    return model.eval()
 
 
 def routers(model):
