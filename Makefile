@@ -43,13 +43,15 @@ bench: $(STAMP)
 	$(PY) benchmarks/moe_layer_bench.py
 
 # The main job: prepare the shapes dataset (energon shards + tokenizer, cached), then pretrain
-# the demo VLM on 2 ranks (expert parallel 2) over gloo. Results land in runs/demo_vlm/.
+# the demo VLM on 2 ranks (expert parallel 2) over gloo, then caption 6 validation images with the
+# trained model (runs/demo_vlm/captions.png). Results land in runs/demo_vlm/.
 demo-data: $(STAMP)
 	$(PY) -m megatron_nullmoe.train.data.demo --out data/demo
 
 demo: demo-data
 	$(VENV)/bin/torchrun --standalone --nproc-per-node 2 \
 		-m megatron_nullmoe.train --config examples/demo_vlm.yaml $(ARGS)
+	$(PY) -m megatron_nullmoe.inference.captions runs/demo_vlm
 
 # The CPU compute study (issue 10, BENCHMARKS.md): the grid-shapes data, then the sweep
 # examples/sweeps/cpu_study.yaml (its five main variants: 20 single-process runs, 2 at a time;

@@ -13,6 +13,7 @@ we ask for a drop of at least 1.5 nats, well inside both.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -208,3 +209,40 @@ def test_modality_fixed_control_trains_with_its_fixed_split(demo, tmp_path):
     assert summary["null_rate_vision"] == pytest.approx(2 / 3)
     assert summary["null_rate_text"] == 0
     assert 1 < summary["real_experts_per_token"] < 3
+
+
+# ----------------------------------------------------------------------------- after training
+def test_a_vlm_run_captions_images_and_generate_takes_an_image(demo, saved, tmp_path):
+    """`make demo`'s picture: greedy captions of validation images by the run's own model, with
+    each image's null shares; and `generate --image` captions an image file, the same caption
+    the captions command gives for that image."""
+    import subprocess
+    import sys
+
+    import numpy as np
+    from PIL import Image
+
+    from megatron_nullmoe.inference.captions import caption_images
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    env.pop("MASTER_PORT", None)
+    out = subprocess.run([sys.executable, "-m", "megatron_nullmoe.inference.captions", str(saved),
+                          "--images", "3", "--max-new-tokens", "6", "--out",
+                          str(tmp_path / "c.png")], capture_output=True, text=True, env=env,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    lines = [l for l in out.stdout.splitlines() if "(reference:" in l]
+    assert len(lines) == 3 and (tmp_path / "c.png").stat().st_size > 10_000
+    results = caption_images(saved, 1, 6)
+    r = results[0]
+    assert 0 <= r["null_image"] <= 1 and 0 <= r["null_text"] <= 1 and r["reference"]
+    pixels = ((r["image"].permute(1, 2, 0) + 1) / 2 * 255).round().clamp(0, 255).byte().numpy()
+    Image.fromarray(np.ascontiguousarray(pixels)).save(tmp_path / "img.png")
+    gen = subprocess.run([sys.executable, "-m", "megatron_nullmoe.generate", str(saved), "--image",
+                          str(tmp_path / "img.png"), "--max-new-tokens", "6"],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert gen.returncode == 0, gen.stderr
+    assert gen.stdout.strip() == r["caption"].strip()
+    bad = subprocess.run([sys.executable, "-m", "megatron_nullmoe.generate", str(saved)],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert bad.returncode != 0 and "is a VLM: give --image PATH" in bad.stderr
