@@ -234,3 +234,19 @@ def test_rmsnorm_is_refused_where_the_local_norm_is_apex(monkeypatch):
     with pytest.raises(ConfigError, match="model.normalization=RMSNorm.*FusedLayerNorm"):
         model.check_model(cfg, torch.float32)
     model.check_model(load_config(GPT, SMALL), torch.float32)  # LayerNorm builds there
+
+
+def test_router_topk_scaling_factor_reaches_megatron_core_and_scales_every_gate():
+    from megatron_nullmoe.routing import math as rmath
+    from megatron_nullmoe.train.model import decoder_config
+
+    cfg = load_config(str(ROOT / "examples/gpt_null_moe.yaml"), ["model.router_topk_scaling_factor=2.5"])
+    assert decoder_config(cfg, torch.float32).moe_router_topk_scaling_factor == 2.5
+    assert decoder_config(load_config(str(ROOT / "examples/gpt_null_moe.yaml")),
+                          torch.float32).moe_router_topk_scaling_factor is None
+    routing = rmath.topk_over_slots(torch.randn(5, 12), 4)
+    plain = rmath.real_gates(routing, 8, gate_normalization="keep_null_share")
+    scaled = rmath.real_gates(routing, 8, gate_normalization="keep_null_share", scaling_factor=2.5)
+    assert torch.allclose(scaled, 2.5 * plain)
+    with pytest.raises(ConfigError, match="router_topk_scaling_factor"):
+        load_config(str(ROOT / "examples/gpt_null_moe.yaml"), ["model.router_topk_scaling_factor=0"])

@@ -78,6 +78,8 @@ class Model:
     # softmax over all slots, then top-k, gates not renormalised (megatron-core's
     # moe_router_pre_softmax); None: on for top-1 (else its gate would always be 1), off otherwise
     router_pre_softmax: Optional[bool] = None
+    # every gate times this factor (megatron-core's moe_router_topk_scaling_factor); None: 1
+    router_topk_scaling_factor: Optional[float] = _above(None, 0)
     aux_loss_coeff: float = _at_least(1e-2, 0)
     z_loss_coeff: Optional[float] = None
     token_dispatcher: str = _choices("alltoall", "allgather", default="alltoall")

@@ -134,6 +134,7 @@ def decoder_config(cfg: RunConfig, dtype: torch.dtype):
             moe_z_loss_coeff=m.z_loss_coeff, moe_router_score_function=m.router_score_function,
             moe_router_pre_softmax=(m.router_topk == 1 if m.router_pre_softmax is None
                                     else m.router_pre_softmax),
+            moe_router_topk_scaling_factor=m.router_topk_scaling_factor,
             expert_model_parallel_size=cfg.parallel.expert, expert_tensor_parallel_size=1,
             **_common(cfg, dtype),
         )
