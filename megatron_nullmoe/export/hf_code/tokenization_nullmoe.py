@@ -48,8 +48,18 @@ class NullMoETokenizer(PreTrainedTokenizer):
         return self.sp_model.IdToPiece(int(index))
 
     def convert_tokens_to_string(self, tokens):
-        ids = [self.sp_model.PieceToId(t) for t in tokens]
-        return self.sp_model.decode([i for i in ids if not self.sp_model.IsControl(i)])
+        """Pieces decode as sentencepiece decodes them; special control tokens (<s>, </s>, <pad>)
+        are written out as themselves (transformers 5 decodes them through here unless
+        skip_special_tokens, and lm-evaluation-harness checks that <s> decodes to "<s>")."""
+        special, out, pieces = set(self.all_special_tokens), [], []
+        for token in tokens:
+            if token in special and self.sp_model.IsControl(self.sp_model.PieceToId(token)):
+                out.append(self.sp_model.decode([self.sp_model.PieceToId(p) for p in pieces]) + token)
+                pieces = []
+            else:
+                pieces.append(token)
+        ids = [self.sp_model.PieceToId(p) for p in pieces]
+        return "".join(out) + self.sp_model.decode([i for i in ids if not self.sp_model.IsControl(i)])
 
     def build_inputs_with_special_tokens(self, token_ids_0, token_ids_1=None):
         bos = [self.bos_token_id] if self.add_bos_token else []
