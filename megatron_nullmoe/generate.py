@@ -26,6 +26,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", default="", help="the text to continue (a VLM: the caption's start)")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--image", help="an image file to caption (VLM runs)")
+    p.add_argument("--resize", action="store_true",
+                   help="resize an --image of another size to the model's (else it is refused)")
     p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0, help="with --sample: keep the k best (0: all)")
@@ -38,8 +40,9 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def load_image(path: str, size: int):
-    """[3, size, size] in [-1, 1], as the trainer feeds images."""
+def load_image(path: str, size: int, resize: bool = False):
+    """[3, size, size] in [-1, 1], as the trainer feeds images. An image of another size is
+    refused unless `resize` (bilinear), so that nothing is captioned other than what was given."""
     import numpy as np
     import torch
     from PIL import Image, UnidentifiedImageError
@@ -53,6 +56,10 @@ def load_image(path: str, size: int):
     except (UnidentifiedImageError, OSError) as err:
         raise GenerationError(f"--image {path!r} is not an image file: {err}") from None
     if image.size != (size, size):
+        if not resize:
+            raise GenerationError(f"--image {path!r} is {image.size[0]}x{image.size[1]}; the model "
+                                  f"takes {size}x{size} (model.vision.image_size): give an image "
+                                  "of that size, or --resize to resize it")
         image = image.resize((size, size), Image.BILINEAR)
     pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
     return pixels * 2 - 1
@@ -100,7 +107,8 @@ def run(a) -> tuple[str, dict]:
     else:
         from megatron_nullmoe.train.model import image_tokens
 
-        image = load_image(a.image, source.cfg.model.vision.image_size) if vlm else None
+        image = (load_image(a.image, source.cfg.model.vision.image_size, a.resize) if vlm
+                 else None)
         new = mcore_generate(model, ids, a.max_new_tokens, source.cfg.model.max_position_embeddings,
                              image=image, image_tokens=image_tokens(source.cfg),
                              sampling=sampling)

@@ -246,3 +246,11 @@ def test_a_vlm_run_captions_images_and_generate_takes_an_image(demo, saved, tmp_
     bad = subprocess.run([sys.executable, "-m", "megatron_nullmoe.generate", str(saved)],
                          capture_output=True, text=True, env=env, timeout=300)
     assert bad.returncode != 0 and "is a VLM: give --image PATH" in bad.stderr
+    Image.fromarray(np.zeros((20, 24, 3), dtype=np.uint8)).save(tmp_path / "small.png")
+    for extra, ok in (([], False), (["--resize"], True)):
+        out = subprocess.run([sys.executable, "-m", "megatron_nullmoe.generate", str(saved),
+                              "--image", str(tmp_path / "small.png"), "--max-new-tokens", "3",
+                              *extra], capture_output=True, text=True, env=env, timeout=300)
+        assert (out.returncode == 0) == ok, out.stderr
+        if not ok:
+            assert "is 24x20; the model takes 32x32 (model.vision.image_size)" in out.stderr
