@@ -259,6 +259,18 @@ def test_bad_sources_and_requests_are_refused_with_the_reason(trained_run, tmp_p
         (["-m", "megatron_nullmoe.generate", str(export), "--sample", "--temperature", "0"],
          "--temperature 0.0: give a number > 0"),
     ]
+    (tmp_path / "empty").mkdir()
+    hollow = tmp_path / "hollow" / "iter_0000008"  # a manifest, but no model files
+    hollow.mkdir(parents=True)
+    ckpt = next((run_dir / "checkpoints").glob("iter_*"))
+    (hollow / "nullmoe.json").write_text((ckpt / "nullmoe.json").read_text())
+    cases += [
+        (["-m", "megatron_nullmoe.export", "hf", str(tmp_path / "empty"), "--out", str(tmp_path / "o")],
+         "is none of: a run folder"),
+        (["-m", "megatron_nullmoe.export", "hf", str(hollow), "--out", str(tmp_path / "o"),
+          "--config", str(run_dir / "config.yaml"), "--tokenizer", str(run_dir / "tokenizer.model")],
+         f"checkpoint {hollow} is missing"),
+    ]
     for args, message in cases:
         out = cli(args)
         assert out.returncode != 0 and message in out.stderr, (args, out.stderr[-800:])
