@@ -56,3 +56,25 @@ def vlm_args(demo: Path, run_dir: Path, *extra: str) -> list[str]:
 def losses(run_dir: Path) -> dict[int, float]:
     records = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return {r["step"]: r["train/loss"] for r in records if "train/loss" in r}
+
+
+WORDS = ("the cat sat on a mat while dogs run far away from home and birds sing in trees over "
+         "the river").split()
+
+
+def tiny_text(root: Path, train_docs: int, val_docs: int, words_per_doc: int) -> Path:
+    """root/train.jsonl, root/val.jsonl of random sentences over a small vocabulary, and a
+    sentencepiece tokenizer root/tok.model trained on them; returns root."""
+    import torch
+
+    from megatron_nullmoe.train.data.tokenizer import train_tokenizer
+
+    g = torch.Generator().manual_seed(0)
+    for name, n in (("train", train_docs), ("val", val_docs)):
+        with (root / f"{name}.jsonl").open("w") as f:
+            for _ in range(n):
+                idx = torch.randint(len(WORDS), (words_per_doc,), generator=g).tolist()
+                f.write(json.dumps({"text": " ".join(WORDS[i] for i in idx)}) + "\n")
+    texts = [json.loads(l)["text"] for l in (root / "train.jsonl").read_text().splitlines()]
+    train_tokenizer(texts, root / "tok.model", vocab_size=80)
+    return root

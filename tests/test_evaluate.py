@@ -28,20 +28,10 @@ def _rel(a: float, b: float) -> float:
 def trained(tmp_path_factory):
     """(run folder, export folder, data folder) of a tiny budget-controlled keep-null-share run."""
     from megatron_nullmoe.export.__main__ import main as export_main
-    from megatron_nullmoe.train.data.tokenizer import train_tokenizer
-    from tests._train import ROOT, run
+    from tests._train import ROOT, run, tiny_text
 
     root = tmp_path_factory.mktemp("evaluate")
-    words = ("the cat sat on a mat while dogs run far away from home and birds sing in trees "
-             "over the river").split()
-    g = torch.Generator().manual_seed(0)
-    for name, n in (("train", 200), ("val", 24)):
-        with (root / f"{name}.jsonl").open("w") as f:
-            for _ in range(n):
-                idx = torch.randint(len(words), (12,), generator=g).tolist()
-                f.write(json.dumps({"text": " ".join(words[i] for i in idx)}) + "\n")
-    texts = [json.loads(l)["text"] for l in (root / "train.jsonl").read_text().splitlines()]
-    train_tokenizer(texts, root / "tok.model", vocab_size=80)
+    tiny_text(root, 200, 24, 12)
     run_dir = root / "run"
     run(["--config", str(ROOT / "examples/gpt_null_moe.yaml"), f"dir={run_dir}",
          f"data.path={root / 'train.jsonl'}", f"data.valid_path={root / 'val.jsonl'}",

@@ -157,20 +157,10 @@ def test_cached_decoding_equals_full_recompute(single_rank):
 def trained_run(tmp_path_factory):
     """A tiny GPT null-MoE run trained by the trainer (budget control, keep-null-share), and its
     export folder, written by the command line."""
-    from megatron_nullmoe.train.data.tokenizer import train_tokenizer
-    from tests._train import run
+    from tests._train import run, tiny_text
 
     root = tmp_path_factory.mktemp("export")
-    words = ("the cat sat on a mat while dogs run far away from home and birds sing in trees "
-             "over the river").split()
-    g = torch.Generator().manual_seed(0)
-    for name, n in (("train", 400), ("val", 40)):
-        with (root / f"{name}.jsonl").open("w") as f:
-            for _ in range(n):
-                idx = torch.randint(len(words), (16,), generator=g).tolist()
-                f.write(json.dumps({"text": " ".join(words[i] for i in idx)}) + "\n")
-    texts = [json.loads(l)["text"] for l in (root / "train.jsonl").read_text().splitlines()]
-    train_tokenizer(texts, root / "tok.model", vocab_size=80)
+    tiny_text(root, 400, 40, 16)
     run_dir = root / "run"
     run(["--config", str(ROOT / "examples/gpt_null_moe.yaml"), f"dir={run_dir}",
          f"data.path={root / 'train.jsonl'}", f"data.valid_path={root / 'val.jsonl'}",

@@ -139,21 +139,11 @@ class Checkpointer:
     def load(self, path: Path, model, optimizer, scheduler, data) -> tuple[int, dict]:
         """Restores everything saved at `path`; returns (its step, {"totals": running totals}).
         Raises CheckpointError."""
-        from megatron.core import dist_checkpointing
-
         problem = self._verify(path) if _rank() == 0 else None
         problem = _broadcast_text(problem)
         if problem:
             raise CheckpointError(problem)
-        try:
-            loaded = dist_checkpointing.load(
-                _state(model, optimizer, scheduler, 0, is_loading=True), str(path))
-        except (KeyboardInterrupt, SystemExit):
-            raise
-        except BaseException as err:  # torch's CheckpointException is a BaseException
-            # dist_checkpointing wraps per-rank tracebacks; keep the gist
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise CheckpointError(f"checkpoint {path} could not be loaded: {first}") from err
+        loaded = _dist_load(_state(model, optimizer, scheduler, 0, is_loading=True), path)
         model.load_state_dict(loaded["model"])
         optimizer.load_state_dict(loaded["optimizer"])
         scheduler.load_state_dict(loaded["opt_param_scheduler"])
@@ -209,21 +199,26 @@ def verify_files(path: Path, manifest: dict) -> Optional[str]:
 def load_model_weights(path: Path, model) -> int:
     """Only the model's weights from checkpoint `path` (verified first), into `model`, whatever
     the parallel layout it was saved with (dist_checkpointing reshards); returns its step."""
-    from megatron.core import dist_checkpointing
-
     manifest = read_manifest(path)
     problem = verify_files(path, manifest)
     if problem:
         raise CheckpointError(problem)
+    model.load_state_dict(_dist_load({"model": model.sharded_state_dict()}, path)["model"])
+    return int(manifest["step"])
+
+
+def _dist_load(state: dict, path: Path) -> dict:
+    """dist_checkpointing.load, its failures as a CheckpointError with the gist of the cause."""
+    from megatron.core import dist_checkpointing
+
     try:
-        loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(path))
+        return dist_checkpointing.load(state, str(path))
     except (KeyboardInterrupt, SystemExit):
         raise
     except BaseException as err:  # torch's CheckpointException is a BaseException
+        # dist_checkpointing wraps per-rank tracebacks; keep the gist
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise CheckpointError(f"checkpoint {path} could not be loaded: {first}") from err
-    model.load_state_dict(loaded["model"])
-    return int(manifest["step"])
 
 
 def _state(model, optimizer, scheduler, step: int, is_loading: bool = False) -> dict:
