@@ -67,7 +67,8 @@ def load_image(path: str, size: int, resize: bool = False):
 
 def run(a) -> tuple[str, dict]:
     """(the continuation's text, what it ran: backend, new tokens, real experts per token)."""
-    from megatron_nullmoe.export.source import hf_from_megatron, load_hf, load_megatron, resolve
+    from megatron_nullmoe.export.source import (hf_from_megatron, is_vlm_export, load_hf,
+                                                load_megatron, resolve)
     from megatron_nullmoe.inference.decode import (GenerationError, Sampling, hf_generate,
                                                    mcore_generate, prompt_ids)
     from megatron_nullmoe.train.data.tokenizer import Tokenizer
@@ -79,14 +80,13 @@ def run(a) -> tuple[str, dict]:
         backend = "hf" if source.kind == "export" else "megatron"
     if source.kind == "export" and backend == "megatron":
         raise GenerationError(f"--backend megatron needs a run or checkpoint; {a.source} is an export")
-    vlm = source.kind == "checkpoint" and source.cfg.model.kind == "vlm"
+    vlm = (source.cfg.model.kind == "vlm" if source.kind == "checkpoint"
+           else is_vlm_export(source.path))
     if a.image and not vlm:
         raise GenerationError(f"--image: {a.source} is a text-only model (GPT); captions need a "
                               "VLM run (model.kind: vlm)")
     if vlm and not a.image:
         raise GenerationError(f"{a.source} is a VLM: give --image PATH to caption")
-    if vlm and backend == "hf":
-        raise GenerationError("--backend hf: the VLM export is not built yet; use --backend megatron")
     info: dict = {"backend": backend}
     if source.kind == "export":
         hf_model, _ = load_hf(source.path)
@@ -101,7 +101,9 @@ def run(a) -> tuple[str, dict]:
         counts = hasattr(hf_model, "routing_totals")  # a --format mixtral export has none
         if counts:
             hf_model.reset_routing_totals()
-        new = hf_generate(hf_model, ids, a.max_new_tokens, sampling)
+        pixels = (load_image(a.image, hf_model.config.vision_config["image_size"], a.resize)[None]
+                  if vlm else None)
+        new = hf_generate(hf_model, ids, a.max_new_tokens, sampling, pixel_values=pixels)
         if counts:
             info["real_experts_per_token"] = hf_model.routing_totals()["real_experts_per_token"]
     else:

@@ -243,6 +243,16 @@ def test_a_vlm_run_captions_images_and_generate_takes_an_image(demo, saved, tmp_
                          capture_output=True, text=True, env=env, timeout=300)
     assert gen.returncode == 0, gen.stderr
     assert gen.stdout.strip() == r["caption"].strip()
+    # the VLM export (NullMoEForConditionalGeneration, KV cache) captions it the same
+    exported = subprocess.run([sys.executable, "-m", "megatron_nullmoe.export", "hf", str(saved),
+                               "--out", str(tmp_path / "hf")], capture_output=True, text=True,
+                              env=env, timeout=300)
+    assert exported.returncode == 0, exported.stderr
+    gen = subprocess.run([sys.executable, "-m", "megatron_nullmoe.generate", str(tmp_path / "hf"),
+                          "--image", str(tmp_path / "img.png"), "--max-new-tokens", "6"],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert gen.returncode == 0, gen.stderr
+    assert gen.stdout.strip() == r["caption"].strip() and "real experts per token" in gen.stderr
     bad = subprocess.run([sys.executable, "-m", "megatron_nullmoe.generate", str(saved)],
                          capture_output=True, text=True, env=env, timeout=300)
     assert bad.returncode != 0 and "is a VLM: give --image PATH" in bad.stderr

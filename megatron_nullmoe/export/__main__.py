@@ -8,6 +8,8 @@
 SOURCE is a run folder (its newest checkpoint) or a checkpoint folder. The folder loads with
     AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)   (--format mixtral: without)
     AutoTokenizer.from_pretrained(DIR, trust_remote_code=True)          (the exact sentencepiece ids)
+A VLM run exports NullMoEForConditionalGeneration (vision tower, projector, the same decoder) with
+a processor: AutoModelForImageTextToText and AutoProcessor, trust_remote_code=True.
 and with lm-evaluation-harness as `--model hf --model_args pretrained=DIR,trust_remote_code=True`.
 After writing, the export is loaded back and its logits are compared with the megatron-core
 model's on a few sequences (fp32); the maximum difference is printed and must stay below 1e-4.
@@ -61,8 +63,13 @@ def main(argv=None) -> None:
         provenance = {"source": str(source.path.resolve()), "step": source.step,
                       "run": source.cfg.name}
         from megatron_nullmoe.export.mixtral import export_mixtral
+        from megatron_nullmoe.export.vlm import export_vlm, is_llava
 
-        write = export_mixtral if a.format == "mixtral" else hf.export_gpt
+        vlm = is_llava(model)
+        if vlm and a.format == "mixtral":
+            raise hf.ExportError("--format mixtral is for GPT runs: a VLM exports as nullmoe "
+                                 "(NullMoEForConditionalGeneration, remote code)")
+        write = export_vlm if vlm else (export_mixtral if a.format == "mixtral" else hf.export_gpt)
         out = write(model, source.tokenizer, Path(a.out), provenance, getattr(torch, a.dtype),
                     a.overwrite)
     except (SourceError, hf.ExportError) as err:
@@ -71,8 +78,9 @@ def main(argv=None) -> None:
     if a.no_check:
         return
     from megatron_nullmoe.export.check import max_logit_difference
+    from megatron_nullmoe.export.vlm import max_logit_difference_vlm
 
-    diff = max_logit_difference(model, out)
+    diff = (max_logit_difference_vlm if vlm else max_logit_difference)(model, out)
     limit = TOLERANCE if a.dtype == "float32" else 5e-2
     print(f"check: max |logits(export) - logits(megatron-core)| = {diff:.2e} (limit {limit:g})")
     if not diff <= limit:

@@ -38,8 +38,8 @@ def _gpt(model):
     from megatron.core.models.gpt import GPTModel
 
     if not isinstance(model, GPTModel):
-        raise ExportError(f"the {type(model).__name__} export is not built yet: GPT models export "
-                          "today (the VLM export is issue 18's next step)")
+        raise ExportError(f"{type(model).__name__} is not a GPTModel: a LLaVAModel exports with "
+                          "megatron_nullmoe.export.vlm.export_vlm")
     return model
 
 

@@ -177,6 +177,14 @@ def load_hf(path: str | Path, dtype: torch.dtype = torch.float32):
     return model.eval(), tokenizer
 
 
+def is_vlm_export(path: Path) -> bool:
+    """An export folder of a VLM (its config has a vision_config)."""
+    try:
+        return bool(json.loads((Path(path) / "config.json").read_text()).get("vision_config"))
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return False
+
+
 def hf_from_megatron(model, tokenizer_model: Path):
     """(NullMoEForCausalLM, tokenizer) built in memory from a megatron-core GPT: the export
     without the folder (the same classes and weights an export writes)."""
@@ -184,8 +192,11 @@ def hf_from_megatron(model, tokenizer_model: Path):
     from megatron_nullmoe.export.hf_code.configuration_nullmoe import NullMoEConfig
     from megatron_nullmoe.export.hf_code.modeling_nullmoe import NullMoEForCausalLM
     from megatron_nullmoe.export.hf_code.tokenization_nullmoe import NullMoETokenizer
+    from megatron_nullmoe.export.vlm import hf_vlm_from_megatron, is_llava
     from megatron_nullmoe.train.data.tokenizer import BOS, EOS, PAD
 
+    if is_llava(model):
+        return hf_vlm_from_megatron(model)[0].eval(), NullMoETokenizer(str(tokenizer_model))
     config = NullMoEConfig(**hf_config(model), bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD)
     hf_model = NullMoEForCausalLM(config)
     missing, unexpected = hf_model.load_state_dict(hf_state_dict(model), strict=False)

@@ -87,9 +87,13 @@ def mcore_generate(model, ids: list[int], max_new_tokens: int, max_positions: in
 
 @torch.no_grad()
 def hf_generate(hf_model, ids: list[int], max_new_tokens: int,
-                sampling: Optional[Sampling] = None, stop_at_eos: bool = True) -> list[int]:
-    """New token ids after `ids` through transformers' generate (KV cache)."""
-    _check_length(len(ids), max_new_tokens, hf_model.config.max_position_embeddings)
+                sampling: Optional[Sampling] = None, stop_at_eos: bool = True,
+                pixel_values: Optional[torch.Tensor] = None) -> list[int]:
+    """New token ids after `ids` through transformers' generate (KV cache); `pixel_values`
+    [1, 3, H, W] in [-1, 1] for a VLM export, whose `ids` begin with the image placeholder."""
+    image_positions = hf_model.config.image_seq_length - 1 if pixel_values is not None else 0
+    _check_length(len(ids) + image_positions, max_new_tokens,
+                  hf_model.config.max_position_embeddings)
     kwargs = dict(max_new_tokens=max_new_tokens, do_sample=sampling is not None,
                   eos_token_id=EOS if stop_at_eos else None, pad_token_id=0)
     if sampling is not None:
@@ -98,6 +102,8 @@ def hf_generate(hf_model, ids: list[int], max_new_tokens: int,
                       top_p=sampling.top_p)
     else:
         kwargs.update(temperature=None, top_k=None, top_p=None)
+    if pixel_values is not None:
+        kwargs["pixel_values"] = pixel_values
     out = hf_model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids),
                                                                            dtype=torch.long),
                             **kwargs)

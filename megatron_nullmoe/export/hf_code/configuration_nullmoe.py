@@ -2,9 +2,30 @@
 
 Written by megatron_nullmoe.export; self-contained (torch and transformers only), loaded with
 `trust_remote_code=True`. Field names follow megatron-core's TransformerConfig where they have one.
+
+A vision-language export (megatron-core's LLaVAModel) is the same config with `vision_config`
+set: the CLIP ViT and its projector, as a plain dict (see VISION_DEFAULTS), and
+`image_token_index`, the placeholder id in `input_ids` that the image's embeddings replace.
+A text-only export has `vision_config=None`.
 """
 
 from transformers import PretrainedConfig
+
+
+# vision_config keys and their defaults. The ViT is megatron-core's CLIPViTModel: a patch
+# convolution without bias, `class_token_len` learned class tokens before the patches, learned
+# position embeddings over all positions, ln_pre, pre-norm layers (LayerNorm, GELU MLP, no bias),
+# attention "causal" (megatron-core's local ViT spec) or "bidirectional" (its TE spec); then the
+# class tokens are dropped or kept, and the projector (an MLP: up, GELU or SwiGLU, down) maps each
+# image position to the decoder's hidden size.
+VISION_DEFAULTS = {
+    "hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16,
+    "num_key_value_heads": None, "head_dim": None, "intermediate_size": 4096,
+    "image_size": 336, "patch_size": 14, "num_channels": 3, "class_token_len": 1,
+    "drop_class_token": True, "norm_eps": 1e-5, "normalization": "LayerNorm",
+    "activation": "gelu", "attention": "causal", "projector_hidden_size": None,
+    "projector_activation": "gelu",
+}
 
 
 class NullMoEConfig(PretrainedConfig):
@@ -42,6 +63,8 @@ class NullMoEConfig(PretrainedConfig):
         bos_token_id=2,
         eos_token_id=3,
         pad_token_id=0,
+        vision_config=None,
+        image_token_index=-200,
         **kwargs,
     ):
         self.vocab_size = vocab_size
@@ -70,9 +93,42 @@ class NullMoEConfig(PretrainedConfig):
         self.max_position_embeddings = max_position_embeddings
         self.activation = activation
         self.use_cache = use_cache
+        self.vision_config = self._vision(vision_config, ffn_hidden_size)
+        self.image_token_index = image_token_index
         self._check()
         super().__init__(tie_word_embeddings=tie_word_embeddings, bos_token_id=bos_token_id,
                          eos_token_id=eos_token_id, pad_token_id=pad_token_id, **kwargs)
+
+    @staticmethod
+    def _vision(vision_config, ffn_hidden_size):
+        """vision_config with every key filled in (None stays None: a text-only model)."""
+        if vision_config is None:
+            return None
+        if not isinstance(vision_config, dict):
+            vision_config = vision_config.to_dict()  # a config object, e.g. from a caller
+        unknown = sorted(set(vision_config) - set(VISION_DEFAULTS) - {"image_seq_length"})
+        if unknown:
+            raise ValueError(f"vision_config has unknown keys {unknown}; valid: "
+                             f"{sorted(VISION_DEFAULTS)}")
+        v = {**VISION_DEFAULTS, **vision_config}
+        v["num_key_value_heads"] = v["num_key_value_heads"] or v["num_attention_heads"]
+        v["head_dim"] = v["head_dim"] or v["hidden_size"] // v["num_attention_heads"]
+        v["projector_hidden_size"] = v["projector_hidden_size"] or ffn_hidden_size
+        if v["image_size"] % v["patch_size"]:
+            raise ValueError(f"vision_config: image_size={v['image_size']} is not a multiple of "
+                             f"patch_size={v['patch_size']}")
+        patches = (v["image_size"] // v["patch_size"]) ** 2
+        v["image_seq_length"] = patches + (0 if v["drop_class_token"] else v["class_token_len"])
+        if vision_config.get("image_seq_length", v["image_seq_length"]) != v["image_seq_length"]:
+            raise ValueError(f"vision_config: image_seq_length={vision_config['image_seq_length']} "
+                             f"does not match its image_size, patch_size and class tokens "
+                             f"({v['image_seq_length']})")
+        return v
+
+    @property
+    def image_seq_length(self):
+        """Decoder positions one image takes (0 for a text-only model)."""
+        return self.vision_config["image_seq_length"] if self.vision_config else 0
 
     @property
     def num_null_logits(self):
@@ -100,3 +156,19 @@ class NullMoEConfig(PretrainedConfig):
         if not 1 <= self.router_topk <= self.num_experts + self.num_null_experts:
             raise ValueError(f"router_topk={self.router_topk} must be in [1, num_experts + "
                              f"num_null_experts = {self.num_experts + self.num_null_experts}]")
+        v = self.vision_config
+        if v is None:
+            return
+        vision_choices = {"normalization": ("LayerNorm", "RMSNorm"), "activation": ("gelu",),
+                          "attention": ("causal", "bidirectional"),
+                          "projector_activation": ("gelu", "swiglu")}
+        for name, valid in vision_choices.items():
+            if v[name] not in valid:
+                raise ValueError(f"vision_config[{name!r}]={v[name]!r} is not valid; expected one "
+                                 f"of {valid}")
+        if v["num_attention_heads"] % v["num_key_value_heads"]:
+            raise ValueError(f"vision_config: num_attention_heads={v['num_attention_heads']} is "
+                             f"not a multiple of num_key_value_heads={v['num_key_value_heads']}")
+        if self.image_token_index >= 0:
+            raise ValueError(f"image_token_index={self.image_token_index}: the image placeholder "
+                             "must be negative (it is not a vocabulary entry)")
