@@ -10,8 +10,8 @@ NullMoEForCausalLM; max |logits difference| in fp32 on 3 x 16 tokens, and real e
 speed: the text study's trained models of one seed (`make text-study` makes them): null_keep
 (k = 2 over 8 + 8 slots, budget 1 real expert per token), top2 and top1 (the same shape: 4 layers
 of width 128, E = 8 experts of FFN 512), each exported to NullMoEForCausalLM in memory, on CPU with
-one thread. Prefill: a batch of 8 x 128 tokens, no cache; decode: 64 greedy tokens after a
-16-token prompt, KV cache. Rounds interleave the models (this machine is noisy) and the table
+one thread. Prefill: a batch of 8 x 128 tokens of the study's validation text, no cache; decode:
+64 greedy tokens after a 16-token prompt of it, KV cache. Rounds interleave the models (this machine is noisy) and the table
 gives medians and ratios to top-2. The budget-controlled null_keep model cannot be exported to
 Mixtral exactly (its selection bias has no place there), so its "zero experts computed" cost is
 top-2's: both run two expert FFNs per token.
@@ -75,10 +75,13 @@ def speed(runs: Path, seed: int, rounds: int) -> None:
         source = resolve(folder)
         models[variant] = hf_from_megatron(load_megatron(source), source.tokenizer)[0]
         print(f"{variant}: {folder} (step {source.step})", file=sys.stderr)
-    g = torch.Generator().manual_seed(0)
-    vocab = next(iter(models.values())).config.vocab_size
-    prefill_ids = torch.randint(4, vocab, (8, 128), generator=g)
-    prompt = torch.randint(4, vocab, (1, 16), generator=g)
+    from megatron_nullmoe.train.data.text import read_windows
+    from megatron_nullmoe.train.data.tokenizer import Tokenizer
+
+    # real text: the study's own validation windows (the budget bias was learnt on such text)
+    windows = read_windows(source.cfg.data.valid_path, Tokenizer(source.tokenizer), 128)
+    prefill_ids = windows[:8, :128]
+    prompt = windows[8:9, :16]
     times = {name: {"prefill": [], "decode": []} for name in models}
     real = {}
     with torch.no_grad():

@@ -218,14 +218,25 @@ class NullMoEBlock(nn.Module):
         x_TH = x_BLH.reshape(-1, H)
         index_TK, gates_TK = self.router(x_TH)
         out_TH = torch.zeros_like(x_TH)
-        for e, expert in enumerate(self.experts):
-            hit_TK = index_TK == e
-            rows = hit_TK.any(-1).nonzero().squeeze(-1)
-            if rows.numel() == 0:
-                continue
-            gate = (gates_TK[rows] * hit_TK[rows]).sum(-1, keepdim=True)
-            out_TH.index_add_(0, rows, (gate * expert(x_TH[rows]).float()).to(out_TH.dtype))
-        real_T = (index_TK < self.router.num_real).sum(-1)
+        # real picks only, grouped by expert: one read of the group sizes, then each expert runs
+        # on exactly the tokens that picked it (null picks never become rows)
+        num_real = self.router.num_real
+        is_real = index_TK.reshape(-1) < num_real
+        expert_P = index_TK.reshape(-1)[is_real]
+        token_P = torch.arange(index_TK.shape[0], device=x_TH.device).repeat_interleave(
+            index_TK.shape[1])[is_real]
+        gate_P = gates_TK.reshape(-1)[is_real]
+        order = torch.argsort(expert_P, stable=True)
+        token_P, gate_P = token_P[order], gate_P[order]
+        sizes = torch.bincount(expert_P, minlength=num_real).tolist()
+        start = 0
+        for expert, size in zip(self.experts, sizes):
+            if size:
+                rows = token_P[start:start + size]
+                out = gate_P[start:start + size, None] * expert(x_TH[rows]).float()
+                out_TH.index_add_(0, rows, out.to(out_TH.dtype))
+                start += size
+        real_T = (index_TK < num_real).sum(-1)
         counted = token_mask_BL.reshape(-1)
         return out_TH.view(B, L, H), real_T[counted].sum(), counted.sum()
 
