@@ -133,6 +133,17 @@ def test_mixtral_style_vlm_language_model(single_rank):
     assert vision.position_embeddings is not None  # the ViT's learned positions
     assert not projection.config.gated_linear_unit
     assert projection.encoder.linear_fc1.weight.shape[0] == cfg.model.ffn_hidden_size
+    # the ViT attends over all its patches on CPU too (megatron-core 0.16's local spec is causal)
+    from megatron.core.transformer.enums import AttnMaskType
+
+    masks = {layer.self_attention.attn_mask_type for layer in vision.decoder.layers}
+    assert masks == {AttnMaskType.no_mask}
+    image = torch.randn(1, 3, cfg.model.vision.image_size, cfg.model.vision.image_size)
+    changed = image.clone()
+    changed[..., -8:, -8:] += 1.0  # only the last patch
+    with torch.no_grad():
+        first = vision(image)[0, 0], vision(changed)[0, 0]
+    assert not torch.allclose(*first)  # the first patch sees the last one
 
 
 # ----------------------------------------------------------------------------- training

@@ -263,6 +263,7 @@ def _build_llava(cfg, config, spec, vocab_size, pg_collection, dtype, use_te):
     vision, projection = vision_configs(cfg, dtype)
     vit_spec = (get_vit_layer_with_transformer_engine_spec() if use_te
                 else get_vit_layer_with_local_spec())
+    _bidirectional(vit_spec)
     projector_spec = _mcore.dense_mlp_submodules(use_te)
     return LLaVAModel(
         language_transformer_config=config, language_transformer_layer_spec=spec,
@@ -283,3 +284,11 @@ def describe(model) -> dict:
     experts = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
     return {"parameters": total, "expert_parameters": experts}
 
+
+def _bidirectional(vit_spec) -> None:
+    """A ViT attends over all its patches. megatron-core 0.16's local ViT spec (the CPU build)
+    asks for a causal mask, unlike its Transformer Engine spec and 0.19's local spec: without this,
+    a model trained on GPU would run a different ViT when loaded on CPU (export, generate)."""
+    from megatron.core.transformer.enums import AttnMaskType
+
+    vit_spec.submodules.self_attention.params["attn_mask_type"] = AttnMaskType.no_mask
