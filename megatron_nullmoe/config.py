@@ -7,6 +7,7 @@ token (capacity, padding, fused permute, DeepEP metadata, static CUDA graphs) is
 
 from __future__ import annotations
 
+import math
 import weakref
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -14,6 +15,7 @@ from typing import Any, Optional
 from megatron_nullmoe.routing.math import GATE_NORMALIZATIONS  # the math defines the modes
 
 NULL_LOGIT_MODES = ("shared", "per_expert")
+TARGET_SCHEDULES = ("linear", "cosine")
 SUPPORTED_DISPATCHERS = ("alltoall", "allgather")
 
 
@@ -51,6 +53,11 @@ class NullExpertConfig:
         moved every step so that the realised mean number of real experts per token tracks this
         target (in (0, k]). Off by default.
     budget_update_rate: step size of that bias per update (sign update, as aux-loss-free bias).
+    target_start_real_per_token, target_schedule_steps, target_schedule: a compute schedule for
+        that target. With a start, the target moves from `target_start_real_per_token` (at
+        optimizer step 0) to `target_real_per_token` (reached at step `target_schedule_steps`,
+        constant after), linearly or along a half cosine (`target_at`). None (default): the
+        target is constant.
     vision_topk, text_topk: the modality-fixed control (no null slots): vision tokens keep their
         best `vision_topk` real experts and text tokens their best `text_topk`, out of the router's
         top-k. Needs the model's vision mask at every forward (`set_vision_mask`; the trainer
@@ -72,6 +79,16 @@ class NullExpertConfig:
         "(in (0, top-k]); off by default", above=0)
     budget_update_rate: float = _knob(
         1e-2, "step size of the budget-control bias per optimizer step", above=0)
+    target_start_real_per_token: Optional[float] = _knob(
+        None, "compute schedule: the budget target at step 0 (in (0, top-k]), moving to "
+        "target_real_per_token over target_schedule_steps optimizer steps; None: constant target",
+        above=0)
+    target_schedule_steps: int = _knob(
+        0, "compute schedule: optimizer steps from target_start_real_per_token to "
+        "target_real_per_token (constant after); needs a start when >= 1", min=0)
+    target_schedule: str = _knob(
+        "linear", "compute schedule's shape: linear, or cosine (a half cosine from the start to "
+        "the end)", choices=TARGET_SCHEDULES)
     vision_topk: Optional[int] = _knob(
         None, "modality-fixed control (no null slots): real experts each vision token keeps "
         "(with text_topk)", min=0)
@@ -92,6 +109,7 @@ class NullExpertConfig:
             _fail("target_real_per_token", self.target_real_per_token, "None or a number > 0")
         if not self.budget_update_rate > 0:
             _fail("budget_update_rate", self.budget_update_rate, "a number > 0")
+        self._check_schedule()
         for name in ("vision_topk", "text_topk"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int)
@@ -103,6 +121,72 @@ class NullExpertConfig:
         if self.modality_topk is not None and self.num_null_experts:
             _fail("num_null_experts", self.num_null_experts,
                   "0 with vision_topk/text_topk: the modality-fixed control has no null slots")
+
+    def _check_schedule(self) -> None:
+        start, steps = self.target_start_real_per_token, self.target_schedule_steps
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+            _fail("target_schedule_steps", steps, "an integer >= 0")
+        if self.target_schedule not in TARGET_SCHEDULES:
+            _fail("target_schedule", self.target_schedule, f"one of {TARGET_SCHEDULES}")
+        if start is None:
+            if steps:
+                _fail("target_schedule_steps", steps,
+                      "0 without target_start_real_per_token: a schedule needs its start (set "
+                      "target_start_real_per_token), or give 0 for a constant target")
+            if self.target_schedule != "linear":
+                _fail("target_schedule", self.target_schedule,
+                      "'linear' (the default) without target_start_real_per_token: the shape "
+                      "of a schedule needs its start (set target_start_real_per_token)")
+            return
+        if not start > 0:
+            _fail("target_start_real_per_token", start, "None or a number > 0")
+        if self.target_real_per_token is None:
+            _fail("target_start_real_per_token", start,
+                  "None without target_real_per_token: the schedule moves the budget target "
+                  "from this start to target_real_per_token (its end); set both, or neither")
+        if steps < 1:
+            _fail("target_schedule_steps", steps,
+                  "an integer >= 1 with target_start_real_per_token (the optimizer steps from "
+                  "the start to target_real_per_token)")
+
+    @property
+    def target_scheduled(self) -> bool:
+        """Whether the budget target follows a schedule (else it is constant)."""
+        return self.target_start_real_per_token is not None
+
+    def target_at(self, step: int) -> float:
+        """The budget target (real experts per token) of the optimizer step that follows `step`
+        steps done: the start at step 0, `target_real_per_token` from `target_schedule_steps` on
+        (and at every step without a schedule). Linear: start + (end - start) * step / steps;
+        cosine: start + (end - start) * (1 - cos(pi * step / steps)) / 2. The routers compute
+        the same on the device (`routing.budget.BudgetControl.target_for`)."""
+        end = self.target_real_per_token
+        if end is None:
+            _fail("target_real_per_token", None, "a number > 0 for a budget target")
+        if step < 0:
+            raise ValueError(f"step={step!r}: give the optimizer steps done so far (>= 0)")
+        if not self.target_scheduled or step >= self.target_schedule_steps:
+            return float(end)
+        start, frac = self.target_start_real_per_token, step / self.target_schedule_steps
+        if self.target_schedule == "linear":
+            weight = frac
+        else:
+            weight = 0.5 * (1.0 - math.cos(math.pi * frac))
+        return start + (end - start) * weight
+
+    def mean_target(self, total_steps: int, first_step: int = 0) -> float:
+        """The budget target averaged over optimizer steps first_step .. total_steps - 1 (each
+        step routes the same number of tokens): a run's planned real experts per token, for FLOP
+        planning (`mean_target(steps)`), or an interval's (`mean_target(b, first_step=a)`)."""
+        if total_steps <= first_step:
+            raise ValueError(f"mean_target(total_steps={total_steps!r}, first_step={first_step!r})"
+                             ": give at least one step (total_steps > first_step)")
+        if not self.target_scheduled:
+            return self.target_at(first_step)
+        ramp_end = min(total_steps, max(first_step, self.target_schedule_steps))
+        total = math.fsum(self.target_at(s) for s in range(first_step, ramp_end))
+        total += (total_steps - ramp_end) * self.target_at(ramp_end)
+        return total / (total_steps - first_step)
 
     @property
     def modality_topk(self) -> Optional[tuple[int, int]]:
@@ -144,6 +228,10 @@ class NullExpertConfig:
             )
         if self.target_real_per_token is not None and self.target_real_per_token > topk:
             _fail("target_real_per_token", self.target_real_per_token, f"in (0, top-k={topk}]")
+        start = self.target_start_real_per_token
+        if start is not None and start > topk:
+            _fail("target_start_real_per_token", start,
+                  f"in (0, top-k={topk}] (the schedule's start, like target_real_per_token)")
         if (self.target_real_per_token is not None and self.num_null_experts
                 and getattr(config, "moe_router_enable_expert_bias", False)):
             _fail("target_real_per_token", self.target_real_per_token,

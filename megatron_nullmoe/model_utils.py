@@ -156,9 +156,11 @@ def update_null_budget(model) -> list[Optional[float]]:
 
     Each router's [real picks, tokens] since the last call is summed over the router's own
     `tp_dp_cp_group` (the ranks whose tokens differ), for all routers sharing a group in one
-    collective, so every rank's bias moves identically; then the counts restart. Returns each
-    router's realised real experts per token over those ranks (None where no token was
-    counted), read to the host once.
+    collective, so every rank's bias moves identically; then the counts restart. Under a
+    compute schedule each router's target is that of its `budget_step` (the optimizer steps done
+    before the step counted: the same on every rank, and checkpointed), computed on the device,
+    and `budget_step` advances by one. Returns each router's realised real experts per token
+    over those ranks (None where no token was counted), read to the host once.
     """
     routers = null_routers(model)
     groups: dict[int, tuple] = {}
@@ -170,8 +172,8 @@ def update_null_budget(model) -> list[Optional[float]]:
                                               group)
         for router, counts in zip(members, counts_R2):
             router.budget_counts.zero_()
-            if router.budget is not None:
-                router.budget.step(router.null_budget_bias, counts)
+            if router.budget is not None:  # a scheduled target: that of router.budget_step
+                router.budget.step(router.null_budget_bias, counts, router.budget_step)
         for router, (real, tokens) in zip(members, counts_R2.tolist()):
             realised[id(router)] = real_per_token(real, tokens) if tokens > 0 else None
     return [realised[id(r)] for r in routers]

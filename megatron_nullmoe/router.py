@@ -28,7 +28,7 @@ from megatron.core.transformer.moe.router import TopKRouter
 from megatron_nullmoe import _mcore
 from megatron_nullmoe.config import NullExpertConfig
 from megatron_nullmoe.routing import math as rmath
-from megatron_nullmoe.routing.budget import BudgetControl
+from megatron_nullmoe.routing.budget import BudgetControl, TargetSchedule
 from megatron_nullmoe.routing.stats import RoutingRecorder, RoutingStats, real_per_token
 
 def _home_device(config) -> torch.device:
@@ -97,15 +97,28 @@ class NullExpertRouter(TopKRouter):
             self.register_buffer("global_tokens_per_expert", self._zeros(self.num_slots), False)
 
         # Compute-budget control: a selection bias on null slots and the step's [real picks,
-        # tokens], in buffers so that they are checkpointed and moved with the model.
+        # tokens], in buffers so that they are checkpointed and moved with the model. With a
+        # compute schedule, also the optimizer steps the control has taken (`budget_step`,
+        # checkpointed: the schedule's position on resume). Only scheduled routers have it, so
+        # that checkpoints of routers without a schedule keep exactly the keys they always had.
         self.budget: Optional[BudgetControl] = None
+        schedule = None
         if self.num_null and null_config.target_real_per_token is not None:
+            if null_config.target_scheduled:
+                schedule = TargetSchedule(null_config.target_start_real_per_token,
+                                          null_config.target_real_per_token,
+                                          null_config.target_schedule_steps,
+                                          null_config.target_schedule)
             self.budget = BudgetControl(null_config.target_real_per_token,
                                         null_config.budget_update_rate, self.num_real,
-                                        self.num_slots)
+                                        self.num_slots, schedule)
             self.register_buffer("null_budget_bias", self._zeros(()))
         else:
             self.null_budget_bias = None
+        if schedule is not None:
+            self.register_buffer("budget_step", self._zeros((), torch.float64))
+        else:
+            self.budget_step = None
         self.register_buffer("budget_counts", self._zeros(2, torch.float64), False)
         self.recorder = RoutingRecorder(self.num_real, self.topk)
 
@@ -119,6 +132,12 @@ class NullExpertRouter(TopKRouter):
     @property
     def budget_control(self) -> bool:
         return self.budget is not None
+
+    def budget_target(self):
+        """The budget target of the next optimizer step: a float64 scalar on the router's device
+        with a compute schedule (from `budget_step`, not read to the host), the constant target
+        (a float) without one, None without budget control."""
+        return None if self.budget is None else self.budget.target_for(self.budget_step)
 
     # The model hands these in before each forward (`set_vision_mask`); statistics use them, and
     # the modality-fixed control reads the vision mask.
@@ -318,7 +337,7 @@ class NullExpertRouter(TopKRouter):
     def _apply(self, fn, *args, **kwargs):
         """Device moves apply to every tensor; dtype casts (`Float16Module` calls `.bfloat16()`
         on the whole model, buffers included) skip the state that must stay exact: the budget
-        bias and counts and the expert-bias state keep their dtype and their exact values."""
+        bias, counts and step and the expert-bias state keep their dtype and their exact values."""
         exact = {name: buf for name, buf in self._buffers.items()
                  if name in EXACT_BUFFERS and buf is not None}
         out = super()._apply(fn, *args, **kwargs)
@@ -331,8 +350,8 @@ class NullExpertRouter(TopKRouter):
 
 # Router buffers whose dtype no cast may change: counts must add exactly and a bias must still
 # move by a small step when it is large.
-EXACT_BUFFERS = ("null_budget_bias", "budget_counts", "expert_bias", "local_tokens_per_expert",
-                 "global_tokens_per_expert")
+EXACT_BUFFERS = ("null_budget_bias", "budget_counts", "budget_step", "expert_bias",
+                 "local_tokens_per_expert", "global_tokens_per_expert")
 
 
 def null_init_seed(run_seed: int, layer_number: Optional[int]) -> int:

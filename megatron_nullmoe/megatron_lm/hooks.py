@@ -7,8 +7,9 @@ config.finalize_model_grads_func), so `TrainingLoopHooks.install` rebinds two na
 - `train_step`: after every optimizer step, the step's realised real experts per token are
   summed over all ranks, then budget control runs (one collective over the routers' own group).
   Running it after the step, not at the next step's first micro-batch, means a checkpoint saved
-  after step N holds the bias updated for step N (the routers' step counts are not
-  checkpointed), so a run resumed at N continues exactly as an uninterrupted one.
+  after step N holds the bias updated for step N (the routers' per-step counts are not
+  checkpointed) and, under a compute schedule (`--null-expert-target-start-real-per-token`),
+  the routers' `budget_step` = N, so a run resumed at N continues exactly as an uninterrupted one.
 - `num_floating_point_operations`: Megatron-LM multiplies its routed-expert term by
   moe_router_topk, overstating a null-MoE's work by k / realised. The wrapper evaluates the same
   formula with the last step's realised rate in place of top-k, so the TFLOP/s in Megatron-LM's

@@ -2,7 +2,8 @@
 
 - iso-FLOP: with `iso_flop:` in the sweep file, the variants of each group must spend the same
   expected real experts per token at every grid point: the budget target
-  (`model.null_experts.target_real_per_token`) where budget control is on, else the balanced
+  (`model.null_experts.target_real_per_token`; under a compute schedule its mean over the run's
+  steps, `NullExpertConfig.mean_target(steps)`) where budget control is on, else the balanced
   expectation k * E / (E + Z) (flops.expected_real). The first variant of a group is its reference;
   a variant more than `tolerance` (relative) away is refused with the keys that set its rate.
 - runtime: what the trainer would refuse only after start-up (top-k against E + Z, a budget target
@@ -27,7 +28,7 @@ from megatron_nullmoe.train.model import image_tokens
 def expected_real_per_token(cfg: RunConfig) -> float:
     null = cfg.model.null_experts
     if null.num_null_experts and null.target_real_per_token is not None:
-        return null.target_real_per_token
+        return null.mean_target(cfg.steps)  # the constant target without a schedule
     if null.modality_topk is not None:  # the modality-fixed control: exact, per position
         vision, text = image_tokens(cfg), cfg.data.seq_length
         return (vision * null.vision_topk + text * null.text_topk) / (vision + text)
@@ -37,6 +38,12 @@ def expected_real_per_token(cfg: RunConfig) -> float:
 
 def _why(cfg: RunConfig) -> str:
     null, m = cfg.model.null_experts, cfg.model
+    if null.num_null_experts and null.target_scheduled:
+        return (f"model.null_experts.target_start_real_per_token="
+                f"{null.target_start_real_per_token:g} -> target_real_per_token="
+                f"{null.target_real_per_token:g} over target_schedule_steps="
+                f"{null.target_schedule_steps} ({null.target_schedule}), mean over steps="
+                f"{cfg.steps} = {expected_real_per_token(cfg):g}")
     if null.num_null_experts and null.target_real_per_token is not None:
         return f"model.null_experts.target_real_per_token={null.target_real_per_token:g}"
     if null.modality_topk is not None:

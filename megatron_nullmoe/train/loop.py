@@ -348,6 +348,13 @@ class Trainer:
         tokens_per_step = self.cfg.data.global_batch_size * self.info.decoder_seq_length
         out = {"throughput/tokens_per_s": tokens_per_step * self._steps_in_interval / elapsed}
         out.update(self.accounting.close_interval(self._steps_in_interval, elapsed))
+        null = self.cfg.model.null_experts
+        if (self._steps_in_interval and null.num_null_experts
+                and null.target_real_per_token is not None):
+            # the budget target over the interval's steps, averaged as moe/real_per_token is (the
+            # routers' budget_step equals self.step: both advance once per step, both resume)
+            out["moe/target_real_per_token"] = null.mean_target(
+                self.step, first_step=self.step - self._steps_in_interval)
         self._tick, self._steps_in_interval = time.perf_counter(), 0
         return out
 

@@ -69,6 +69,9 @@ class RunLog:
             line = (f"loss {values['train/loss']:.3f} | {values['throughput/tokens_per_s']:.0f} tok/s"
                     f" | null vision {_fmt(values.get('null/vision'))} text "
                     f"{_fmt(values.get('null/text'))} | real/tok {values['moe/real_per_token']:.2f}")
+            if (self.cfg.model.null_experts.target_scheduled
+                    and values.get("moe/target_real_per_token") is not None):
+                line += f" (target {values['moe/target_real_per_token']:.2f})"
             self._show(step, line)
         if "val/loss" in values:
             self._show(step, f"validation loss {values['val/loss']:.3f}")
