@@ -1,5 +1,5 @@
-"""`python -m megatron_nullmoe.evaluate`: perplexity and real experts per token of a run or export,
-and the export scored by lm-evaluation-harness.
+"""`python -m megatron_nullmoe.evaluate`: perplexity and real experts per token of a run or export
+(GPT and VLM), and the export scored by lm-evaluation-harness.
 
 One tiny GPT null-MoE run is trained by the trainer (budget control, keep-null-share gates) and
 exported by the command line, in-process. The evaluate command must give the same perplexity on
@@ -7,6 +7,12 @@ the run (converted in memory) and on the export, equal to exp of megatron-core's
 loss on the same windows, and report the real experts per token that a hand count of
 megatron-core's routing on those windows finds. lm-evaluation-harness's HFLM must load the export
 offline and score (context, continuation) pairs with the log-probabilities the export's logits give.
+
+One tiny VLM (LLaVA) run is trained for two steps on the tiny demo data, validating once on the
+whole val split, and exported. Its caption perplexity on the run and on the export must agree, and
+equal exp of megatron-core's mean loss over the trainer's loss mask on the same samples (read by
+the trainer's own loader) and exp of the val loss the trainer logged; the real experts per token,
+overall and per image and text token, must be megatron-core's routing statistics.
 """
 
 from __future__ import annotations
@@ -144,6 +150,146 @@ def test_bad_inputs_are_refused_with_the_value_and_what_is_valid(trained, capsys
             main(args)
         text = str(exit_.value.code)
         assert text.startswith("evaluate error: ") and message in text, (args, text)
+
+
+# ----------------------------------------------------------------------------- d. VLM
+VLM_SEQ = 12  # the tiny VLM run's data.seq_length (tests/_train.py TINY)
+
+
+@pytest.fixture(scope="module")
+def vlm(tmp_path_factory):
+    """(run folder, export folder, energon demo dataset) of a tiny VLM trained for two steps,
+    validated by the trainer at step 2 on the whole val split (4 batches of 8 = 32 samples)."""
+    from megatron_nullmoe.export.__main__ import main as export_main
+    from tests._train import run, tiny_demo, vlm_args
+
+    root = tmp_path_factory.mktemp("evaluate_vlm")
+    demo = tiny_demo(root / "demo", train_samples=128)
+    run_dir = root / "run"
+    run(vlm_args(demo, run_dir, "steps=2", "logging.eval_every=2", "logging.eval_steps=4"))
+    export_main(["hf", str(run_dir), "--out", str(root / "hf")])
+    return run_dir, root / "hf", demo
+
+
+def test_vlm_run_and_export_give_the_trainers_caption_perplexity(vlm, capsys):
+    from megatron_nullmoe.export.source import load_megatron, resolve
+    from megatron_nullmoe.inference.perplexity import mcore_vlm_mean_nll
+    from megatron_nullmoe.train.data.energon import EnergonData
+    from megatron_nullmoe.train.data.tokenizer import PAD, Tokenizer
+    from megatron_nullmoe.train.model import image_tokens
+
+    run_dir, export, demo = vlm
+    ours = evaluate_json(capsys, [str(run_dir)])  # data and seq-length: the run's
+    theirs = evaluate_json(capsys, [str(export), "--data", str(demo), "--seq-length",
+                                    str(VLM_SEQ), "--batch-size", "5"])
+    assert (ours["kind"], theirs["kind"]) == ("checkpoint", "export")
+    assert ours["model"] == theirs["model"] == "vlm"
+    assert ours["step"] == theirs["step"] == 2
+    assert ours["data"] == theirs["data"] == str(demo) and ours["seq_length"] == VLM_SEQ
+    assert ours["image_tokens"] == theirs["image_tokens"] == 16  # (32 / 8)^2 patches
+    assert ours["samples"] == theirs["samples"] == ours["samples_available"] == 32
+    assert ours["tokens"] == theirs["tokens"]
+    assert _rel(theirs["perplexity"], ours["perplexity"]) < 1e-5
+    assert ours["perplexity"] == pytest.approx(math.exp(ours["mean_nll"]), rel=1e-12)
+
+    # megatron-core's LLaVAModel on the samples the trainer's own loader reads
+    source = resolve(run_dir)
+    cfg = source.cfg
+    data = EnergonData(cfg.data.path, Tokenizer(source.tokenizer), cfg.data.seq_length,
+                       cfg.model.vision.image_size, image_tokens(cfg), cfg.data.micro_batch_size,
+                       0, 1, cfg.seed)
+    batches = list(data.val_batches(100))
+    reference = mcore_vlm_mean_nll(load_megatron(source), batches)
+    assert reference["samples"] == 32
+    # the counted tokens: the caption and </s> of every sample (<s> is not predicted, padding
+    # is masked), none cut off at this seq-length
+    labels = torch.cat([b["labels"] for b in batches])
+    assert bool((labels[:, -1] == PAD).all())
+    assert reference["tokens"] == ours["tokens"] == int((labels[:, 1:] != PAD).sum())
+    assert _rel(ours["perplexity"], math.exp(reference["mean_nll"])) < 1e-4
+    # ... which is the trainer's validation loss at step 2, on the same 32 samples
+    logged = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    val_loss = next(r["val/loss"] for r in logged if r.get("step") == 2 and "val/loss" in r)
+    assert _rel(ours["perplexity"], math.exp(val_loss)) < 1e-4
+    # --max-windows: the first samples in the trainer's order
+    first = evaluate_json(capsys, [str(run_dir), "--max-windows", "5", "--batch-size", "3"])
+    five = mcore_vlm_mean_nll(load_megatron(source),
+                              [{k: v[:5] for k, v in batches[0].items()}])
+    assert first["samples"] == five["samples"] == 5 and first["tokens"] == five["tokens"]
+    assert _rel(first["perplexity"], five["perplexity"]) < 1e-4
+
+    # real experts per token: megatron-core's routing statistics (image + non-padding text tokens)
+    k = ours["router_topk"]
+    assert (k, ours["num_experts"], ours["num_null_experts"], ours["moe_layers"]) == (4, 8, 8, 2)
+    for key in ("real_experts_per_token", "real_experts_per_image_token",
+                "real_experts_per_text_token"):
+        assert 0 < ours[key] < k, key  # some picks null, some real
+        assert theirs[key] == pytest.approx(ours[key], abs=1e-12), key
+        assert ours[key] == pytest.approx(reference[key], abs=1e-9), key
+    text_tokens = int((torch.cat([b["input_ids"] for b in batches])[:, 1:] != PAD).sum())
+    assert ours["image_token_layers"] == 32 * 16 * 2
+    assert ours["token_layers"] == (32 * 16 + text_tokens) * 2
+
+
+def test_vlm_summary_sample_limit_and_padding(vlm, capsys):
+    """--max-windows takes the first samples; a longer --seq-length (the export's default, 48)
+    only adds padding, which changes nothing."""
+    run_dir, export, demo = vlm
+    out = evaluate_cli(capsys, [str(export), "--data", str(demo), "--max-windows", "5",
+                                "--batch-size", "2"])
+    lines = out.strip().splitlines()
+    assert lines[0] == f"export {export} step 2 on {demo} (val split)"
+    assert lines[1].startswith("caption perplexity ") and "nats/caption token" in lines[1]
+    assert " caption tokens in 5 samples (of 32) of 16 image + 48 text positions" in lines[2]
+    assert lines[3].startswith("real experts per token ") and "; image " in lines[3]
+    assert "top-4 over 8 real + 8 null" in lines[3]
+
+    short = evaluate_json(capsys, [str(run_dir), "--max-windows", "5"])
+    longer = evaluate_json(capsys, [str(export), "--data", str(demo), "--max-windows", "5"])
+    assert (short["seq_length"], longer["seq_length"]) == (VLM_SEQ, 48)
+    assert short["samples"] == longer["samples"] == 5
+    assert short["tokens"] == longer["tokens"] == int(lines[2].split()[0])
+    assert _rel(longer["perplexity"], short["perplexity"]) < 1e-5
+    assert longer["real_experts_per_token"] == pytest.approx(short["real_experts_per_token"],
+                                                             abs=1e-12)
+
+
+def test_vlm_bad_inputs_are_refused(vlm, capsys, tmp_path):
+    from megatron_nullmoe.evaluate import main
+
+    run_dir, export, demo = vlm
+    (tmp_path / "val.jsonl").write_text(json.dumps({"text": "the cat"}) + "\n")
+    (tmp_path / "empty").mkdir()
+    cases = [
+        ([str(export)], "is a VLM export, which names no validation data: give --data DIR (an "
+                        "energon image+caption dataset folder)"),
+        ([str(run_dir), "--data", str(tmp_path / "val.jsonl")],
+         "is a file: " + str(run_dir) + " is a VLM, which evaluates on an energon image+caption "
+         "dataset folder"),
+        ([str(export), "--data", str(tmp_path / "nope")], "does not exist: give an energon"),
+        ([str(export), "--data", str(tmp_path / "empty")], "is not an energon dataset"),
+        ([str(run_dir), "--seq-length", "49"],
+         "--seq-length 49: give 1 to 48 (the model's max_position_embeddings 64 less 16 image "
+         "positions)"),
+        ([str(export), "--data", str(demo), "--max-windows", "0"], "--max-windows 0: give 1"),
+    ]
+    for args, message in cases:
+        with pytest.raises(SystemExit) as exit_:
+            main(args)
+        text = str(exit_.value.code)
+        assert text.startswith("evaluate error: ") and message in text, (args, text)
+
+
+def test_a_gpt_export_refuses_an_energon_folder(trained, vlm):
+    from megatron_nullmoe.evaluate import main
+
+    _, gpt_export, _ = trained
+    _, _, demo = vlm
+    with pytest.raises(SystemExit) as exit_:
+        main([str(gpt_export), "--data", str(demo)])
+    text = str(exit_.value.code)
+    assert text.startswith(f"evaluate error: --data '{demo}' is a folder: give a jsonl file")
+    assert f"({gpt_export} is a GPT; energon image+caption dataset folders are for VLMs)" in text
 
 
 # ----------------------------------------------------------------------------- b. lm-eval

@@ -168,11 +168,21 @@ def load_megatron(source: Source):
 def load_hf(path: str | Path, dtype: torch.dtype = torch.float32):
     """(model, tokenizer) of an export folder, through transformers' Auto classes (eval mode)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.dynamic_module_utils import get_class_from_dynamic_module
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    remote = "auto_map" in json.loads((Path(path) / "config.json").read_text())
-    model = AutoModelForCausalLM.from_pretrained(str(path), trust_remote_code=remote, dtype=dtype)
+    config = json.loads((Path(path) / "config.json").read_text())
+    auto_map = config.get("auto_map")
+    if auto_map:
+        # the folder's own class: once a class of a remote module of the same name is registered,
+        # transformers 5's Auto mapping reuses it for a later folder (a GPT and a VLM export, each
+        # in a folder called `hf`, would load as one class)
+        key = "AutoModelForImageTextToText" if config.get("vision_config") else "AutoModelForCausalLM"
+        model = get_class_from_dynamic_module(auto_map[key], str(path)).from_pretrained(
+            str(path), dtype=dtype)
+    else:  # --format mixtral: stock transformers
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
     tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=True)
     return model.eval(), tokenizer
 
