@@ -5,7 +5,10 @@
         [--format nullmoe|mixtral] [--dtype bfloat16] [--overwrite] [--config RUN/config.yaml]
         [--tokenizer X.model]
 
-SOURCE is a run folder (its newest checkpoint) or a checkpoint folder. The folder loads with
+SOURCE is a run folder (its newest checkpoint) or a checkpoint folder of this project's trainer,
+or a Megatron-LM checkpoint written through launch/megatron_lm/pretrain_gpt_nullmoe.py (its --save
+folder: the newest iteration, or one iter_NNNNNNN folder; --tokenizer when the run's tokenizer
+model is not a sentencepiece file found at the path it was trained with). The folder loads with
     AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)   (--format mixtral: without)
     AutoTokenizer.from_pretrained(DIR, trust_remote_code=True)          (the exact sentencepiece ids)
 A VLM run exports NullMoEForConditionalGeneration (vision tower, projector, the same decoder) with
@@ -31,7 +34,8 @@ def _parser() -> argparse.ArgumentParser:
                                 description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="format", required=True)
     hf = sub.add_parser("hf", help="a Hugging Face transformers folder (remote code)")
-    hf.add_argument("source", help="a run folder or a checkpoint folder (iter_NNNNNNN)")
+    hf.add_argument("source", help="a run folder or a checkpoint folder (iter_NNNNNNN), or a "
+                                   "Megatron-LM --save folder or iter_NNNNNNN folder")
     hf.add_argument("--out", required=True, help="the folder to write (new or empty)")
     hf.add_argument("--format", choices=("nullmoe", "mixtral"), default="nullmoe",
                     help="nullmoe (default): NullMoEForCausalLM, remote code, exact for every mode "
@@ -56,12 +60,12 @@ def main(argv=None) -> None:
     from megatron_nullmoe.export.source import SourceError, load_megatron, resolve
 
     try:
-        source = resolve(a.source, a.config, a.tokenizer)
-        if source.kind != "checkpoint":
+        source = resolve(a.source, a.config, a.tokenizer, megatron_lm=True)
+        if source.kind == "export":
             raise SourceError(f"{a.source} is an export already; give a run or checkpoint folder")
         model = load_megatron(source)
-        provenance = {"source": str(source.path.resolve()), "step": source.step,
-                      "run": source.cfg.name}
+        run = source.cfg.name if source.cfg is not None else source.path.parent.name
+        provenance = {"source": str(source.path.resolve()), "step": source.step, "run": run}
         from megatron_nullmoe.export.mixtral import export_mixtral
         from megatron_nullmoe.export.vlm import export_vlm, is_llava
 

@@ -4,7 +4,9 @@ A source is one of:
 - a run folder of the trainer (config.yaml and checkpoints/): its newest complete checkpoint;
 - a checkpoint folder (iter_NNNNNNN, with nullmoe.json): that checkpoint, with the config.yaml
   of the run folder above it (or `config` given);
-- an export folder (config.json with model_type "nullmoe"): read by transformers directly.
+- an export folder (config.json with model_type "nullmoe"): read by transformers directly;
+- with `megatron_lm=True` (the export command), a Megatron-LM checkpoint written through the entry
+  scripts (a --save folder or one iter_NNNNNNN folder): see export/megatron_lm.py.
 
 `load_megatron` builds the run's megatron-core model on one CPU rank (every parallel size 1,
 fp32) and loads the checkpoint's weights into it, whatever layout they were saved with.
@@ -35,7 +37,7 @@ KINDS = ("a run folder (config.yaml and checkpoints/)", "a checkpoint folder (it
 
 @dataclass(frozen=True)
 class Source:
-    kind: str  # "checkpoint" or "export"
+    kind: str  # "checkpoint", "megatron-lm" or "export"
     path: Path  # the checkpoint folder, or the export folder
     cfg: Optional[RunConfig] = None  # the run's config (checkpoints only)
     tokenizer: Optional[Path] = None  # the sentencepiece model (checkpoints only)
@@ -56,8 +58,11 @@ def is_export(path: Path) -> bool:
 
 
 def resolve(path: str | Path, config: Optional[str] = None,
-            tokenizer: Optional[str] = None) -> Source:
-    """The source at `path` (see the module doc); SourceError names what is wrong."""
+            tokenizer: Optional[str] = None, megatron_lm: bool = False) -> Source:
+    """The source at `path` (see the module doc); SourceError names what is wrong.
+    `megatron_lm`: also a Megatron-LM checkpoint (kind "megatron-lm"; only the export reads it)."""
+    from megatron_nullmoe.export.megatron_lm import is_megatron_lm_checkpoint, megatron_lm_source
+
     p = Path(path)
     if not p.exists():
         raise SourceError(f"{str(p)!r} does not exist; give {', '.join(KINDS[:-1])} or {KINDS[-1]}")
@@ -74,6 +79,14 @@ def resolve(path: str | Path, config: Optional[str] = None,
         ckpt = _latest(Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else p / "checkpoints", p)
     elif p.is_dir() and ((p / "latest").is_file() or any(p.glob(f"iter_*/{MANIFEST}"))):
         ckpt, run_dir = _latest(p, p), p.parent
+    elif is_megatron_lm_checkpoint(p):
+        if not megatron_lm:
+            raise SourceError(f"{p} is a Megatron-LM checkpoint: export it first (python -m "
+                              f"megatron_nullmoe.export hf {p} --out DIR), then give the export")
+        if config is not None:
+            raise SourceError(f"--config {config}: a Megatron-LM checkpoint carries its own "
+                              "training arguments; leave --config out")
+        return megatron_lm_source(p, tokenizer)
     else:
         raise SourceError(f"{p} is none of: {'; '.join(KINDS)}")
     cfg = _config(config or run_dir / "config.yaml", ckpt)
@@ -150,6 +163,10 @@ def load_megatron(source: Source):
     from megatron_nullmoe.train.data.tokenizer import Tokenizer
     from megatron_nullmoe.train.model import build_model
 
+    if source.kind == "megatron-lm":
+        from megatron_nullmoe.export.megatron_lm import load_megatron_lm
+
+        return load_megatron_lm(source.path, source.tokenizer)[0]
     if source.kind != "checkpoint":
         raise SourceError(f"{source.path} is an export; the megatron-core model needs a run "
                           "folder or checkpoint")
