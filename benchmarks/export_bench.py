@@ -65,6 +65,45 @@ def exactness() -> None:
                       f"{float(out.real_experts_per_token):.2f} |")
 
 
+def vlm_exactness() -> None:
+    """The demo VLM at test size (tests/_train.TINY), random weights of std 0.1, budget bias 0.15:
+    NullMoEForConditionalGeneration against megatron-core's LLaVAModel on 3 random images."""
+    from megatron.core.process_groups_config import ProcessGroupCollection
+
+    from megatron_nullmoe.export.vlm import hf_vlm_from_megatron, mcore_vlm_logits, sample_inputs
+    from megatron_nullmoe.train.config import load_config
+    from megatron_nullmoe.train.model import build_model
+    from tests._train import ROOT, TINY
+
+    print("\n| VLM gates | null logits | decoder | max abs diff |")
+    print("|---|---|---|---:|")
+    mixtral = ["model.normalization=RMSNorm", "model.position_embedding=rope",
+               "model.activation=swiglu", "model.num_query_groups=2"]
+    for gate in ("renormalize", "keep_null_share"):
+        for logits, arch in (("shared", []), ("per_expert", []), ("shared", mixtral)):
+            cfg = load_config(str(ROOT / "examples" / "demo_vlm.yaml"), TINY + [
+                "model.null_experts.target_real_per_token=2.0",
+                f"model.null_experts.gate_normalization={gate}",
+                f"model.null_experts.null_logits={logits}", *arch])
+            model, _ = build_model(cfg, 96, ProcessGroupCollection.use_mpu_process_groups(),
+                                   torch.float32, use_te=False)
+            g = torch.Generator().manual_seed(11)
+            with torch.no_grad():
+                for p in model.parameters():
+                    if p.dim() >= 2:
+                        p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+                for layer in model.language_model.decoder.layers:
+                    layer.mlp.router.null_budget_bias.fill_(0.15)
+            model.eval()
+            hf = hf_vlm_from_megatron(model)[0].eval()
+            images, ids = sample_inputs(model, 10, 3)
+            with torch.no_grad():
+                got = hf(input_ids=ids, pixel_values=images, use_cache=False).logits
+            diff = float((got - mcore_vlm_logits(model, images, ids)).abs().max())
+            print(f"| {gate} | {logits} | {'RMSNorm rope SwiGLU GQA' if arch else 'LayerNorm learned GELU'} "
+                  f"| {diff:.1e} |")
+
+
 def speed(runs: Path, seed: int, rounds: int) -> None:
     from megatron_nullmoe.export.source import hf_from_megatron, load_megatron, resolve
 
@@ -121,6 +160,7 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     if a.what == "exactness":
         exactness()
+        vlm_exactness()
     else:
         speed(a.runs, a.seed, a.rounds)
 

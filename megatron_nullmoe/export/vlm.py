@@ -344,12 +344,9 @@ def sample_inputs(model, length: int = 12, batch: int = 2, seed: int = 0):
 def max_logit_difference_vlm(model, export_dir: Path, length: int = 12) -> float:
     """|logits(export folder) - logits(LLaVAModel)|, max over random images and tokens (the
     export command's check for a VLM)."""
-    from transformers import AutoModelForImageTextToText
-    from transformers.utils import logging as hf_logging
+    from megatron_nullmoe.export.source import load_hf
 
-    hf_logging.disable_progress_bar()
-    hf_model = AutoModelForImageTextToText.from_pretrained(str(export_dir), trust_remote_code=True,
-                                                           dtype=torch.float32).eval()
+    hf_model = load_hf(export_dir)[0]  # the folder's own class
     room = hf_model.config.max_position_embeddings - hf_model.config.image_seq_length + 1
     images, ids = sample_inputs(model, min(length, room))
     ref = mcore_vlm_logits(model, images, ids)
