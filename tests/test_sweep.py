@@ -388,6 +388,8 @@ def test_report_compares_pairs_by_seed_with_an_interval_and_a_verdict(tmp_path):
     assert rows["gate", "val_loss_at_budget"]["verdict"] == "big lower"  # same FLOPs: budget = end
     md = (root / "results.md").read_text()
     assert "| gate | big - small | final val loss | 3 | -0.3000 ± 0.0248 | big lower |" in md
+    # along training: the same paired difference at each evaluation step both sides logged
+    assert "Along training" in md and "| gate | big - small | 2 | 3 | -0.3000 ± 0.0248 | big lower |" in md
 
 
 # ------------------------------------------------------------------------------ real runs
@@ -477,3 +479,23 @@ def test_seeds_on_the_command_line_replace_the_files(tmp_path, capsys):
                          ("2,2", "seeds=[2, 2]: give distinct integers")):
         code, out = cli_main(["run", str(path), "--seeds", bad, "--dry-run"], capsys)
         assert code != 0 and message in out
+
+
+def test_along_training_pairs_each_evaluation_step_and_keeps_the_last():
+    from megatron_nullmoe.sweep.report import along_training
+
+    def run(variant, seed, losses):
+        return {"variant": variant, "seed": seed, "point": (),
+                "records": [{"step": 10 * (i + 1), "val/loss": v} for i, v in enumerate(losses)]
+                + [{"step": 5, "train/loss": 9.0}]}
+
+    gap = [0.3, 0.2, 0.1, 0.0, -0.1]  # A starts behind and ends ahead
+    runs = [run("a", s, [2 + g + 0.01 * s for g in gap]) for s in (1, 2, 3)]
+    runs += [run("b", s, [2 + 0.01 * s] * 5) for s in (1, 2, 3)]
+    rows = along_training(runs, {"ab": ("a", "b")})
+    assert [r["step"] for r in rows] == [10, 20, 30, 40, 50]
+    assert [round(r["mean"], 6) for r in rows] == gap and all(r["n"] == 3 for r in rows)
+    assert rows[0]["verdict"] == "b lower" and rows[-1]["verdict"] == "a lower"
+    few = along_training(runs, {"ab": ("a", "b")}, max_rows=2)
+    assert len(few) <= 2 and few[-1]["step"] == 50
+    assert along_training(runs[:1] + runs[3:4], {"ab": ("a", "b")}) == []  # one seed: no interval

@@ -11,7 +11,8 @@ as missing. Plots: loss against realised FLOPs per variant (the frontier; mean o
 train curve, validation points as markers, the budget dashed), and null rate by modality
 against step. With `compare` pairs in the sweep file, results.md and comparisons.csv give A - B
 per pair on the final and matched-FLOP validation losses, paired by seed, with a 95% interval and
-a verdict (a side is lower only when the interval excludes 0).
+a verdict (a side is lower only when the interval excludes 0), and "along training": the same
+paired difference in validation loss at each evaluation step (does a gap close, stay or grow).
 """
 
 from __future__ import annotations
@@ -128,13 +129,40 @@ def comparisons(runs: list[dict], compare: dict[str, tuple[str, str]]) -> list[d
     return out
 
 
+def along_training(runs: list[dict], compare: dict[str, tuple[str, str]],
+                   max_rows: int = 16) -> list[dict]:
+    """Per compare pair and grid point: A - B in validation loss at each evaluation step that
+    every paired run logged, paired by seed (does a gap close, stay or grow?). At most `max_rows`
+    steps, evenly spread, the last always kept."""
+    out = []
+    for name, (a, b) in compare.items():
+        for point in dict.fromkeys(r["point"] for r in runs):
+            val = {v: {r["seed"]: {rec["step"]: rec["val/loss"] for rec in r["records"]
+                                   if rec.get("val/loss") is not None}
+                       for r in runs if r["variant"] == v and r["point"] == point} for v in (a, b)}
+            seeds = sorted(set(val[a]) & set(val[b]))
+            if len(seeds) < 2:
+                continue
+            steps = sorted(set.intersection(*(set(val[v][s]) for v in (a, b) for s in seeds)))
+            if len(steps) > max_rows:
+                stride = -(-len(steps) // max_rows)
+                steps = sorted(set(steps[::-1][::stride]))
+            for step in steps:
+                mean, half, n = paired_difference({s: val[a][s][step] for s in seeds},
+                                                  {s: val[b][s][step] for s in seeds})
+                out.append({"name": name, "a": a, "b": b, "point": point, "step": step, "n": n,
+                            "mean": mean, "ci95": half, "verdict": verdict(mean, half, a, b)})
+    return out
+
+
 def _fmt(value: Optional[float], digits: Optional[int]) -> str:
     if value is None:
         return "-"
     return f"{value:.3e}" if digits is None else f"{value:.{digits}f}"
 
 
-def write_tables(root: Path, out: Path, runs, missing, groups, budgets, compared=()) -> None:
+def write_tables(root: Path, out: Path, runs, missing, groups, budgets, compared=(),
+                 along=()) -> None:
     axes = list(dict.fromkeys(axis for g in groups for axis, _ in g["point"]))
     with (out / "results.csv").open("w", newline="") as f:
         w = csv.writer(f)
@@ -184,6 +212,17 @@ def write_tables(root: Path, out: Path, runs, missing, groups, budgets, compared
                 diff = _fmt(c["mean"], 4) + ("" if c["ci95"] is None else f" ± {_fmt(c['ci95'], 4)}")
                 lines.append(f"| {c['name']} | {c['a']} - {c['b']} | {METRICS[c['metric']][0]} | "
                              f"{c['n']} | {diff} | {c['verdict']} |")
+            lines.append("")
+        rows = [c for c in along if c["point"] == point]
+        if rows:
+            lines += ["Along training: A - B in validation loss at each evaluation step, paired "
+                      "by seed (mean ± 95% half-width).", "",
+                      "| comparison | A - B | step | seeds | A - B (mean ± 95%) | verdict |",
+                      "|---|---|---:|---:|---:|---|"]
+            for c in rows:
+                diff = _fmt(c["mean"], 4) + ("" if c["ci95"] is None else f" ± {_fmt(c['ci95'], 4)}")
+                lines.append(f"| {c['name']} | {c['a']} - {c['b']} | {c['step']} | {c['n']} | "
+                             f"{diff} | {c['verdict']} |")
             lines.append("")
     if compared:
         axes = list(dict.fromkeys(axis for c in compared for axis, _ in c["point"]))
@@ -253,6 +292,8 @@ def report(root: Path, out: Optional[Path] = None) -> Path:
                          + (f"; unfinished: {', '.join(missing)}" if missing else ""))
     out.mkdir(parents=True, exist_ok=True)
     groups = aggregate(runs, budgets)
-    write_tables(root, out, runs, missing, groups, budgets, comparisons(runs, read_compare(root)))
+    compare = read_compare(root)
+    write_tables(root, out, runs, missing, groups, budgets, comparisons(runs, compare),
+                 along_training(runs, compare))
     plot(out, runs, budgets)
     return out
