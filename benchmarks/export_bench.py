@@ -33,9 +33,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 
 def _single_rank() -> None:
-    from megatron_nullmoe.export.source import _single_process
+    from megatron_nullmoe.export.base import single_process
 
-    _single_process()
+    single_process()
 
 
 def exactness() -> None:

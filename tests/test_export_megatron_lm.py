@@ -347,3 +347,19 @@ def test_corrupt_incomplete_or_unsupported_checkpoints_are_refused(trained, tmp_
         with pytest.raises(MegatronLMCheckpointError, match=match):
             transformer_config(changed)
     assert isinstance(args, argparse.Namespace)
+
+
+def test_megatron_lms_attention_switches_in_the_environment_do_not_stop_the_cpu_build(
+        trained, monkeypatch):
+    """Megatron-LM's initialize sets NVTE_FLASH_ATTN and friends in the process (an export run
+    after training in one process inherits them); the local CPU build ignores them."""
+    from megatron_nullmoe.export.megatron_lm import load_megatron_lm
+
+    save, tokenizer, _ = trained
+    monkeypatch.setenv("NVTE_FLASH_ATTN", "1")
+    monkeypatch.setenv("NVTE_FUSED_ATTN", "0")
+    model = load_megatron_lm(save, tokenizer)[0]
+    assert model is not None
+    import os
+
+    assert os.environ["NVTE_FLASH_ATTN"] == "1"  # left as it was

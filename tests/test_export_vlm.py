@@ -136,31 +136,28 @@ def test_the_vlm_export_equals_megatron_core_logits_and_greedy_captions(single_r
         assert gen[0, len(prompt):].tolist() == want
 
 
-def test_a_bidirectional_vit_as_the_te_spec_builds_it_exports_exactly(single_rank, monkeypatch,
-                                                                     tokenizer_model):
-    """megatron-core's local ViT spec (the CPU build) masks the ViT causally; its Transformer
-    Engine spec (GPU training) does not. The export follows the model it is given."""
-    from megatron.core.models.vision import vit_layer_specs
+def test_a_causal_vit_as_megatron_core_016s_local_spec_builds_it_exports_exactly(
+        single_rank, monkeypatch, tokenizer_model):
+    """The trainer builds a bidirectional ViT everywhere (megatron_nullmoe.train.model
+    `_bidirectional`), but megatron-core 0.16's own local ViT spec is causal: a model built that
+    way (e.g. a CPU checkpoint of an older release of this project) exports with its causal
+    mask. The export follows the model it is given."""
+    from megatron_nullmoe.export.vlm import hf_vlm_from_megatron, mcore_vlm_logits
+    from megatron_nullmoe.train import model as train_model
     from megatron.core.transformer.enums import AttnMaskType
 
-    from megatron_nullmoe.export.vlm import hf_vlm_from_megatron, mcore_vlm_logits
+    def causal(vit_spec):
+        vit_spec.submodules.self_attention.params["attn_mask_type"] = AttnMaskType.causal
 
-    local = vit_layer_specs.get_vit_layer_with_local_spec
-
-    def bidirectional():
-        spec = local()
-        spec.submodules.self_attention.params["attn_mask_type"] = AttnMaskType.no_mask
-        return spec
-
-    monkeypatch.setattr(vit_layer_specs, "get_vit_layer_with_local_spec", bidirectional)
+    monkeypatch.setattr(train_model, "_bidirectional", causal)
     model, _, _ = build_llava(tokenizer_model)
     hf_model, _ = hf_vlm_from_megatron(model)
-    assert hf_model.config.vision_config["attention"] == "bidirectional"
+    assert hf_model.config.vision_config["attention"] == "causal"
     images, ids = inputs(model)
     with torch.no_grad():
         got = hf_model(input_ids=ids, pixel_values=images, use_cache=False).logits
         assert float((got - mcore_vlm_logits(model, images, ids)).abs().max()) < 1e-4
-        hf_model.vision_tower.causal = True  # and the mask matters
+        hf_model.vision_tower.causal = False  # and the mask matters
         wrong = hf_model(input_ids=ids, pixel_values=images, use_cache=False).logits
     assert float((wrong - got).abs().max()) > 1e-2
 
@@ -244,7 +241,7 @@ def test_the_folder_auto_classes_processor_and_refusals(single_rank, tmp_path, t
     assert config["auto_map"]["AutoModelForImageTextToText"] == vlm_class
     assert config["auto_map"]["AutoModelForCausalLM"] == vlm_class
     assert config["auto_map"]["AutoProcessor"] == "processing_nullmoe.NullMoEProcessor"
-    assert config["vision_config"]["attention"] == "causal"  # megatron-core's local ViT spec
+    assert config["vision_config"]["attention"] == "bidirectional"  # as the trainer builds it
     assert (config["image_token_index"], config["vision_config"]["image_size"]) == (IMAGE_TOKEN, 32)
     imports = {line.split()[1].split(".")[0] for name in names if name.endswith(".py")
                for line in (out / name).read_text().splitlines()

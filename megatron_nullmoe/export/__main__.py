@@ -81,8 +81,7 @@ def main(argv=None) -> None:
     print(f"wrote {out} (step {source.step} of {source.path})")
     if a.no_check:
         return
-    from megatron_nullmoe.export.check import max_logit_difference
-    from megatron_nullmoe.export.vlm import max_logit_difference_vlm
+    from megatron_nullmoe.export.check import max_logit_difference, max_logit_difference_vlm
 
     diff = (max_logit_difference_vlm if vlm else max_logit_difference)(model, out)
     limit = TOLERANCE if a.dtype == "float32" else 5e-2

@@ -1,4 +1,5 @@
-"""The export's own check: its logits against the megatron-core model's, on the same tokens."""
+"""The export's own check: its logits against the megatron-core model's, on the same tokens
+(and for a VLM, the same images)."""
 
 from __future__ import annotations
 
@@ -29,4 +30,19 @@ def max_logit_difference(model, export_dir: Path, length: int = 32) -> float:
                         min(length, hf_model.config.max_position_embeddings))
     ref = mcore_logits(model, ids)
     got = hf_model(ids, use_cache=False).logits.float()
+    return float((got - ref).abs().max())
+
+
+@torch.no_grad()
+def max_logit_difference_vlm(model, export_dir: Path, length: int = 12) -> float:
+    """|logits(export folder) - logits(LLaVAModel)|, max over random images and tokens (the
+    export command's check for a VLM)."""
+    from megatron_nullmoe.export.source import load_hf
+    from megatron_nullmoe.export.vlm import mcore_vlm_logits, sample_inputs
+
+    hf_model = load_hf(export_dir)[0]  # the folder's own class
+    room = hf_model.config.max_position_embeddings - hf_model.config.image_seq_length + 1
+    images, ids = sample_inputs(model, min(length, room))
+    ref = mcore_vlm_logits(model, images, ids)
+    got = hf_model(input_ids=ids, pixel_values=images, use_cache=False).logits.float()
     return float((got - ref).abs().max())

@@ -33,16 +33,18 @@ must be used and every weight of the model found, or the load is refused with th
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import json
+import os
 import re
 from pathlib import Path
 from typing import Optional
 
 import torch
 
-from megatron_nullmoe.export.source import Source, SourceError
+from megatron_nullmoe.export.base import Source, SourceError
 
 TRACKER = "latest_checkpointed_iteration.txt"
 ITERATION = re.compile(r"iter_(\d{7})")
@@ -324,19 +326,33 @@ def build_model(args):
     """The entry script's GPT (megatron_lm.gpt_builder) from the run's args, one CPU rank, fp32,
     local layers, uninitialised weights (the checkpoint's are loaded over them)."""
     from megatron_nullmoe.config import NullExpertConfigError
-    from megatron_nullmoe.export.source import _single_process
+    from megatron_nullmoe.export.base import single_process
     from megatron_nullmoe.megatron_lm.builders import gpt_builder
 
-    config = transformer_config(args)
-    _single_process()
+    with _local_attention_env():
+        config = transformer_config(args)
+        single_process()
+        try:
+            return gpt_builder(cpu_args(args), pre_process=True, post_process=True, config=config)
+        except NullExpertConfigError as err:
+            raise MegatronLMCheckpointError(f"null experts: {err}") from None
+        except (AssertionError, ValueError, TypeError, NotImplementedError) as err:
+            raise MegatronLMCheckpointError(
+                f"the model of this checkpoint's args cannot be built on one CPU rank with "
+                f"megatron-core's local layers: {type(err).__name__}: {err}") from None
+
+
+@contextlib.contextmanager
+def _local_attention_env():
+    """Transformer Engine's attention switches (NVTE_FLASH_ATTN, ...) cleared while the local
+    model is built: Megatron-LM's initialize sets them for the training backend, and megatron-core
+    asserts they agree with the backend of the config (here `local`, which reads none of them)."""
+    names = ("NVTE_FLASH_ATTN", "NVTE_FUSED_ATTN", "NVTE_UNFUSED_ATTN")
+    saved = {n: os.environ.pop(n) for n in names if n in os.environ}
     try:
-        return gpt_builder(cpu_args(args), pre_process=True, post_process=True, config=config)
-    except NullExpertConfigError as err:
-        raise MegatronLMCheckpointError(f"null experts: {err}") from None
-    except (AssertionError, ValueError, TypeError, NotImplementedError) as err:
-        raise MegatronLMCheckpointError(
-            f"the model of this checkpoint's args cannot be built on one CPU rank with "
-            f"megatron-core's local layers: {type(err).__name__}: {err}") from None
+        yield
+    finally:
+        os.environ.update(saved)
 
 
 # ----------------------------------------------------------------------------- weights

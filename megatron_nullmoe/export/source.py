@@ -16,33 +16,19 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import torch
 
+from megatron_nullmoe.export.base import Source, SourceError, single_process
 from megatron_nullmoe.train.checkpoint import MANIFEST, CheckpointError, read_manifest
 from megatron_nullmoe.train.config import ConfigError, RunConfig, load_config
 
 
-class SourceError(ValueError):
-    """A source that is missing, not one of the three kinds, or incomplete."""
-
-
 KINDS = ("a run folder (config.yaml and checkpoints/)", "a checkpoint folder (iter_NNNNNNN with "
          f"{MANIFEST})", "an export folder (config.json and export.json)")
-
-
-@dataclass(frozen=True)
-class Source:
-    kind: str  # "checkpoint", "megatron-lm" or "export"
-    path: Path  # the checkpoint folder, or the export folder
-    cfg: Optional[RunConfig] = None  # the run's config (checkpoints only)
-    tokenizer: Optional[Path] = None  # the sentencepiece model (checkpoints only)
-    step: Optional[int] = None
-    vocab_size: Optional[int] = None
 
 
 def is_export(path: Path) -> bool:
@@ -139,19 +125,6 @@ def _tokenizer(given: Optional[str], cfg: RunConfig, run_dir: Path) -> Path:
                       "give --tokenizer PATH (the run's sentencepiece .model)")
 
 
-def _single_process() -> None:
-    """A one-rank gloo group and megatron-core's parallel state, unless the caller has them."""
-    import torch.distributed as dist
-
-    from megatron_nullmoe import parallel
-
-    if not dist.is_initialized():
-        if "MASTER_PORT" not in os.environ or "RANK" not in os.environ:
-            os.environ["MASTER_PORT"] = str(parallel.free_port())
-        parallel.init_distributed(rank=0, world_size=1, backend="gloo")
-    parallel.init_model_parallel(1, 1, 1)
-
-
 def load_megatron(source: Source):
     """The run's megatron-core model (GPT or LLaVA), one CPU rank, fp32, eval mode, with the
     checkpoint's weights."""
@@ -170,7 +143,7 @@ def load_megatron(source: Source):
     if source.kind != "checkpoint":
         raise SourceError(f"{source.path} is an export; the megatron-core model needs a run "
                           "folder or checkpoint")
-    _single_process()
+    single_process()
     cfg = dataclasses.replace(source.cfg, parallel=Parallel(), precision="fp32")
     vocab = source.vocab_size or Tokenizer(source.tokenizer).vocab_size
     model, _ = build_model(cfg, vocab, ProcessGroupCollection.use_mpu_process_groups(),

@@ -338,17 +338,3 @@ def sample_inputs(model, length: int = 12, batch: int = 2, seed: int = 0):
     ids = torch.randint(4, vocab, (batch, length), generator=g)
     ids[:, 0], ids[:, 1] = model.image_token_index, BOS
     return images, ids
-
-
-@torch.no_grad()
-def max_logit_difference_vlm(model, export_dir: Path, length: int = 12) -> float:
-    """|logits(export folder) - logits(LLaVAModel)|, max over random images and tokens (the
-    export command's check for a VLM)."""
-    from megatron_nullmoe.export.source import load_hf
-
-    hf_model = load_hf(export_dir)[0]  # the folder's own class
-    room = hf_model.config.max_position_embeddings - hf_model.config.image_seq_length + 1
-    images, ids = sample_inputs(model, min(length, room))
-    ref = mcore_vlm_logits(model, images, ids)
-    got = hf_model(input_ids=ids, pixel_values=images, use_cache=False).logits.float()
-    return float((got - ref).abs().max())
