@@ -14,10 +14,11 @@ setting the remote code cannot reproduce is refused here, by name, rather than e
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -190,9 +191,11 @@ def _mlp(out, sd, src, dst, gated) -> None:
 
 
 # ----------------------------------------------------------------------------- writing
-def prepare_out(out: Path, overwrite: bool) -> Path:
-    """A fresh temporary folder beside `out`; refuses an `out` that holds files unless
-    `overwrite` (then the old folder is replaced only once the new one is complete)."""
+@contextlib.contextmanager
+def writing(out: Path, overwrite: bool) -> Iterator[Path]:
+    """A fresh temporary folder beside `out` to write the export into; it replaces `out` only once
+    complete, and is removed if writing fails. An `out` that holds files is refused unless
+    `overwrite`, so nothing already written is lost to a mistyped folder."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ExportError(f"--out {out} is a file; give a folder")
@@ -202,13 +205,20 @@ def prepare_out(out: Path, overwrite: bool) -> Path:
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    return tmp
-
-
-def finish_out(tmp: Path, out: Path) -> None:
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)
+
+
+def write_provenance(out: Path, provenance: dict, dtype: torch.dtype, **fields) -> None:
+    """export.json: where the export came from (source, step, run) and how it was written."""
+    (out / "export.json").write_text(json.dumps(
+        {**provenance, **fields, "dtype": str(dtype).replace("torch.", "")}, indent=2) + "\n")
 
 
 def write_tokenizer(tokenizer_model: Path, out: Path) -> dict:
@@ -251,18 +261,10 @@ def export_gpt(model, tokenizer_model: Path, out: Path, provenance: dict,
     """Writes the NullMoEForCausalLM folder of `model` at `out`; returns `out`."""
     fields = hf_config(model)  # refuses before anything is written
     tensors = hf_state_dict(model)
-    tmp = prepare_out(out, overwrite)
-    try:
-        ids = write_tokenizer(Path(tokenizer_model), tmp)
-        fields.update(ids)
+    with writing(out, overwrite) as tmp:
+        fields.update(write_tokenizer(Path(tokenizer_model), tmp))
         write_config(fields, tmp)
         write_code(tmp)
         save_weights(tensors, tmp, dtype)
-        (tmp / "export.json").write_text(json.dumps(
-            {**provenance, "format": "nullmoe", "dtype": str(dtype).replace("torch.", "")},
-            indent=2) + "\n")
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    finish_out(tmp, Path(out))
+        write_provenance(tmp, provenance, dtype, format="nullmoe")
     return Path(out)

@@ -20,13 +20,12 @@ The zero experts are still computed by Mixtral (it cannot skip them): the remote
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import torch
 
-from megatron_nullmoe.export.hf import (ExportError, finish_out, hf_config, hf_state_dict,
-                                        prepare_out, save_weights, write_code, write_tokenizer)
+from megatron_nullmoe.export.hf import (ExportError, hf_config, hf_state_dict, save_weights,
+                                        write_code, write_provenance, write_tokenizer, writing)
 
 
 def refusals(fields: dict, tensors: dict) -> list[str]:
@@ -94,8 +93,7 @@ def export_mixtral(model, tokenizer_model: Path, out: Path, provenance: dict,
                           + "; ".join(reasons) + ". Use the default format (NullMoEForCausalLM), "
                           "which is exact for every mode")
     weights, experts = mixtral_weights(fields, tensors)
-    tmp = prepare_out(out, overwrite)
-    try:
+    with writing(out, overwrite) as tmp:
         ids = write_tokenizer(Path(tokenizer_model), tmp)
         write_code(tmp, ("tokenization_nullmoe.py",))  # the model itself is stock Mixtral
         config = {
@@ -117,12 +115,6 @@ def export_mixtral(model, tokenizer_model: Path, out: Path, provenance: dict,
         (tmp / "generation_config.json").write_text(json.dumps({**generation, "do_sample": False},
                                                                indent=2) + "\n")
         save_weights(weights, tmp, dtype)
-        (tmp / "export.json").write_text(json.dumps(
-            {**provenance, "format": "mixtral", "dtype": str(dtype).replace("torch.", ""),
-             "real_experts": fields["num_experts"], "zero_experts": experts - fields["num_experts"]},
-            indent=2) + "\n")
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    finish_out(tmp, Path(out))
+        write_provenance(tmp, provenance, dtype, format="mixtral", real_experts=fields["num_experts"],
+                         zero_experts=experts - fields["num_experts"])
     return Path(out)

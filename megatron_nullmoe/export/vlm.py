@@ -20,7 +20,6 @@ land in the export, or the export is refused.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import torch
@@ -31,13 +30,13 @@ from megatron_nullmoe.export.hf import (
     ExportError,
     _mlp,
     _norm,
-    finish_out,
     hf_config,
     hf_state_dict,
-    prepare_out,
     save_weights,
     write_code,
+    write_provenance,
     write_tokenizer,
+    writing,
 )
 
 VLM_CODE_FILES = CODE_FILES + ("processing_nullmoe.py",)
@@ -274,20 +273,13 @@ def export_vlm(model, tokenizer_model: Path, out: Path, provenance: dict,
     returns `out`."""
     fields = hf_vlm_config(model)  # refuses before anything is written
     tensors = hf_vlm_state_dict(model)
-    tmp = prepare_out(out, overwrite)
-    try:
+    with writing(out, overwrite) as tmp:
         fields.update(write_tokenizer(Path(tokenizer_model), tmp))
         write_vlm_config(fields, tmp)
         write_processor(fields, tmp)
         write_code(tmp, VLM_CODE_FILES)
         save_weights(tensors, tmp, dtype)
-        (tmp / "export.json").write_text(json.dumps(
-            {**provenance, "format": "nullmoe", "kind": "vlm",
-             "dtype": str(dtype).replace("torch.", "")}, indent=2) + "\n")
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    finish_out(tmp, Path(out))
+        write_provenance(tmp, provenance, dtype, format="nullmoe", kind="vlm")
     return Path(out)
 
 

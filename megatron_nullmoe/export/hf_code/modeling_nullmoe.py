@@ -355,6 +355,14 @@ class NullMoEForCausalLM(NullMoEPreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, value):
         self.lm_head = value
 
+    def _logits(self, hidden, logits_to_keep):
+        """lm_head over the positions generate asks for (all; the last n; or an index)."""
+        if isinstance(logits_to_keep, int) and logits_to_keep:
+            hidden = hidden[:, -logits_to_keep:]
+        elif not isinstance(logits_to_keep, int):
+            hidden = hidden[:, logits_to_keep]
+        return self.lm_head(hidden)
+
     def routing_totals(self):
         """Real expert picks and token-layers counted since the last reset, and their ratio:
         the real experts per token (per MoE layer) that inference ran."""
@@ -378,11 +386,7 @@ class NullMoEForCausalLM(NullMoEPreTrainedModel, GenerationMixin):
             cache = None
         hidden, cache, per_token = self.model(input_ids, attention_mask, position_ids, cache,
                                               inputs_embeds, use_cache)
-        if isinstance(logits_to_keep, int) and logits_to_keep:
-            hidden = hidden[:, -logits_to_keep:]
-        elif not isinstance(logits_to_keep, int):
-            hidden = hidden[:, logits_to_keep]
-        logits = self.lm_head(hidden)
+        logits = self._logits(hidden, logits_to_keep)
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
@@ -615,11 +619,7 @@ class NullMoEForConditionalGeneration(NullMoEForCausalLM):
                 cache.nullmoe_image = image  # where later steps' text masks get the image
         hidden, cache, per_token = self.model(None, comb_mask, None, cache, x, use_cache,
                                               add_position_embeddings=False)
-        if isinstance(logits_to_keep, int) and logits_to_keep:
-            hidden = hidden[:, -logits_to_keep:]
-        elif not isinstance(logits_to_keep, int):
-            hidden = hidden[:, logits_to_keep]
-        logits = self.lm_head(hidden)
+        logits = self._logits(hidden, logits_to_keep)
         loss = None
         if labels is not None:
             loss = self._loss(logits, labels, image if pixel_values is not None else None, C)
