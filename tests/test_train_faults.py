@@ -314,7 +314,8 @@ def test_stop_signals_reach_the_rank_flag_but_not_its_helpers(tmp_path):
     script.write_text(HELPERS)
     start = time.monotonic()
     out = subprocess.run([sys.executable, str(script)], cwd=ROOT, capture_output=True, text=True,
-                         timeout=30)
+                         timeout=120)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.splitlines() == ["True 2 True alive", "[] True"]
-    assert time.monotonic() - start < 20  # not the daemon's 60 s sleep
+    # not the daemon's 60 s sleep (start-up alone took 22 s on a loaded 2-core host)
+    assert time.monotonic() - start < 50
