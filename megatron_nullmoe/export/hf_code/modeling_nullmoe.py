@@ -355,6 +355,15 @@ class NullMoEForCausalLM(NullMoEPreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, value):
         self.lm_head = value
 
+    def _cache(self, cache, past_key_values, use_cache):
+        """(the KV cache to use or None, use_cache): transformers 5 passes `cache`, 4 passes
+        `past_key_values`; a new DynamicCache when caching starts."""
+        cache = cache if cache is not None else past_key_values
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if not use_cache:
+            return None, False
+        return (DynamicCache() if cache is None else cache), True
+
     def _logits(self, hidden, logits_to_keep):
         """lm_head over the positions generate asks for (all; the last n; or an index)."""
         if isinstance(logits_to_keep, int) and logits_to_keep:
@@ -378,12 +387,7 @@ class NullMoEForCausalLM(NullMoEPreTrainedModel, GenerationMixin):
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                 inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, cache=None,
                 return_dict=None, **kwargs):
-        cache = cache if cache is not None else past_key_values
-        use_cache = self.config.use_cache if use_cache is None else use_cache
-        if use_cache and cache is None:
-            cache = DynamicCache()
-        if not use_cache:
-            cache = None
+        cache, use_cache = self._cache(cache, past_key_values, use_cache)
         hidden, cache, per_token = self.model(input_ids, attention_mask, position_ids, cache,
                                               inputs_embeds, use_cache)
         logits = self._logits(hidden, logits_to_keep)
@@ -551,12 +555,7 @@ class NullMoEForConditionalGeneration(NullMoEForCausalLM):
                              "placeholder) and pixel_values, not inputs_embeds")
         if input_ids is None:
             raise ValueError("input_ids are required")
-        cache = cache if cache is not None else past_key_values
-        use_cache = self.config.use_cache if use_cache is None else use_cache
-        if use_cache and cache is None:
-            cache = DynamicCache()
-        if not use_cache:
-            cache = None
+        cache, use_cache = self._cache(cache, past_key_values, use_cache)
         B, L = input_ids.shape
         past = cache.get_seq_length() if cache is not None else 0
         placeholder = input_ids == self.config.image_token_index
