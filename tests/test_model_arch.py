@@ -155,8 +155,8 @@ def demo(tmp_path_factory):
 def test_mixtral_style_gpt_trains_through_the_cli(demo, tmp_path):
     out = tmp_path / "gpt"
     run(["--config", GPT, *SMALL, *MIXTRAL, "data.kind=jsonl",
-         f"data.path={demo}/text/train.jsonl", f"data.tokenizer={demo}/tokenizer.model",
-         "data.seq_length=24", "data.micro_batch_size=8", "data.global_batch_size=8",
+         f"data.path={demo}/text/train.jsonl", f"data.valid_path={demo}/text/val.jsonl",
+         f"data.tokenizer={demo}/tokenizer.model", "data.seq_length=24", "data.micro_batch_size=8", "data.global_batch_size=8",
          "optim.warmup_steps=1", "optim.lr=0.003", "logging.progress_bar=false",
          "logging.tensorboard=false", "logging.log_every=1", "logging.eval_every=0",
          "checkpoint.save_every=0", "steps=4", f"dir={out}"])
