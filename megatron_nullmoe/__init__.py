@@ -21,6 +21,7 @@ from megatron_nullmoe.model_utils import (
     null_routers,
     routing_stats,
     set_vision_mask,
+    start_null_slots_unpicked,
     update_null_budget,
 )
 from megatron_nullmoe.router import NullExpertRouter
@@ -40,6 +41,7 @@ __all__ = [
     "null_routers",
     "routing_stats",
     "set_vision_mask",
+    "start_null_slots_unpicked",
     "update_null_budget",
     "with_null_experts",
 ]

@@ -25,7 +25,7 @@ from megatron.core.transformer.moe.moe_utils import (
 )
 from megatron.core.transformer.moe.router import TopKRouter
 
-from megatron_nullmoe import _mcore
+from megatron_nullmoe import _mcore, collectives
 from megatron_nullmoe.config import NullExpertConfig
 from megatron_nullmoe.routing import math as rmath
 from megatron_nullmoe.routing.budget import BudgetControl, TargetSchedule
@@ -121,6 +121,9 @@ class NullExpertRouter(TopKRouter):
             self.budget_step = None
         self.register_buffer("budget_counts", self._zeros(2, torch.float64), False)
         self.recorder = RoutingRecorder(self.num_real, self.topk)
+        # Set by `start_null_slots_unpicked` (null slots added to a trained model): the next
+        # forward first places the budget bias just below every token's k-th real choice.
+        self.start_unpicked = False
 
     def set_layer_number(self, layer_number: int) -> None:
         """megatron-core numbers a router's layer after building it: the null rows are drawn
@@ -213,6 +216,8 @@ class NullExpertRouter(TopKRouter):
         logits_TS = logits.reshape(-1, self.num_slots)
         pad_T = padding_mask.reshape(-1) if padding_mask is not None else None
         logits_TS = self.apply_z_loss(logits_TS, padding_mask=pad_T)
+        if self.start_unpicked:
+            self._place_budget_bias_below_real(logits_TS)
 
         routing = rmath.topk_over_slots(
             logits_TS,
@@ -241,6 +246,30 @@ class NullExpertRouter(TopKRouter):
         self._apply_expert_bias(slots_TS, padding_mask=pad_T)
         self._record(routing.index_TK, pad_T)
         return probs_TE, map_TE
+
+    @torch.no_grad()
+    def _place_budget_bias_below_real(self, logits_TS: torch.Tensor) -> None:
+        """Null slots added to a trained model start unpicked: the budget bias goes to
+        `START_MARGIN` below the smallest gap, over this forward's tokens on every rank of the
+        router's token group (one collective, on the logits' device), between a token's k-th real
+        selection value and its best null one. This forward then picks exactly what the model
+        without null slots picks (and so, with top-k-then-softmax or sigmoid gates, computes what
+        it computes); the budget control releases the bias from there."""
+        self.start_unpicked = False
+        if self.budget is None or not self.num_null:
+            return
+        self.null_budget_bias.zero_()
+        select_TS = logits_TS.float() if self.score_function == "softmax" \
+            else torch.sigmoid(logits_TS.float())
+        bias_S = self.selection_bias()
+        if bias_S is not None:
+            select_TS = select_TS + bias_S
+        kth_T = select_TS[:, : self.num_real].topk(min(self.topk, self.num_real), dim=-1).values[:, -1]
+        gap_T = (kth_T - select_TS[:, self.num_real :].max(dim=-1).values).double()
+        gap = gap_T.min() if gap_T.numel() else torch.tensor(0.0, dtype=torch.float64,
+                                                              device=gap_T.device)
+        gap = collectives.reduce_tensor(gap.reshape(1), self.tp_dp_cp_group, op="min")[0]
+        self.null_budget_bias.copy_((gap - START_MARGIN).to(self.null_budget_bias.device))
 
     def _attach_balancing_losses(self, probs_TE, logits_TS, pad_T, seq_length, bsz):
         """Switch-style losses over all S slots, through megatron-core's own loss functions."""
@@ -347,6 +376,10 @@ class NullExpertRouter(TopKRouter):
                 self._buffers[name] = before.to(device=after.device)
         return out
 
+
+# How far below the smallest (k-th real - best null) selection gap a switched-on router's budget
+# bias starts: clear of rounding, and little enough for the budget control to release quickly.
+START_MARGIN = 1e-3
 
 # Router buffers whose dtype no cast may change: counts must add exactly and a bias must still
 # move by a small step when it is large.

@@ -73,9 +73,10 @@ def tree():
     return found
 
 
-def pretrain(tree: Path, script: str, folder: Path, *flags: str) -> str:
+def pretrain(tree: Path, script: str, folder: Path, *flags: str, check: bool = True) -> str:
     """One torchrun of an entry script on 2 CPU ranks, with the Megatron-LM tree first on
-    PYTHONPATH (as a user runs it); returns its output (asserts success)."""
+    PYTHONPATH (as a user runs it); returns its output (asserts success, or with check=False
+    failure)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_", "MASTER_"))}
     path = os.pathsep.join(p for p in (str(tree), env.get("PYTHONPATH")) if p)
     env.update(PYTHONPATH=path, OMP_NUM_THREADS="1")
@@ -84,7 +85,7 @@ def pretrain(tree: Path, script: str, folder: Path, *flags: str) -> str:
     folder.mkdir(parents=True, exist_ok=True)
     out = subprocess.run(cmd, cwd=folder, env=env, capture_output=True, text=True, timeout=420)
     log = out.stdout + out.stderr
-    assert out.returncode == 0, log[-4000:]
+    assert (out.returncode == 0) == check, log[-4000:]
     return log
 
 
@@ -184,3 +185,68 @@ def test_vlm_pretrain_runs_on_cpu_with_null_expert_metrics(tree, tmp_path):
     log = pretrain(tree, "pretrain_vlm_nullmoe.py", tmp_path, *vlm)
     assert "running Megatron-LM on CPU (gloo)" in log
     assert_null_metrics(iterations(log), range(1, 3))
+
+
+# ------------------------------------------------------- null slots added to an existing run
+def with_flag(flags: list[str], flag: str, value) -> list[str]:
+    i = flags.index(flag)
+    return [*flags[:i + 1], str(value), *flags[i + 2:]]
+
+
+def with_null_experts(flags: list[str], z: int) -> list[str]:
+    """TINY with Z null slots, expert parallel 1 and no linear biases: with Z = 0 the entry
+    script builds megatron-core's stock MoE layer, which runs on CPU only so (its alltoall
+    dispatcher needs EP 1 there, and its expert bias add fails autograd's view check)."""
+    return [*with_flag(with_flag(flags, "--num-null-experts", z), "--expert-model-parallel-size", 1),
+            "--disable-bias-linear"]
+
+
+# The target starts at k (no null pick) and is released to 1.0 over 4 steps.
+SWITCH = ["--null-expert-target-real-per-token", "1.0", "--null-expert-budget-update-rate", "0.05",
+          "--null-expert-target-start-real-per-token", str(TOPK),
+          "--null-expert-target-schedule-steps", "4"]
+
+
+@pytest.fixture(scope="module")
+def plain_source(tree, tmp_path_factory):
+    """A top-2 run without null slots, 2 iterations, saved."""
+    tmp = tmp_path_factory.mktemp("plain")
+    pretrain(tree, "pretrain_gpt_nullmoe.py", tmp, *with_null_experts(TINY, 0),
+             "--train-iters", "2", "--save", str(tmp / "ckpt"), "--save-interval", "1000")
+    return tmp / "ckpt"
+
+
+def test_null_slots_switched_on_from_a_checkpoint_without_them(tree, plain_source, tmp_path):
+    """--pretrained-checkpoint of a checkpoint without null slots: the first iteration's loss
+    equals that of the same model continued without null slots (no null pick at the switch),
+    and null slots come into use as the target is released."""
+    tail = ["--pretrained-checkpoint", str(plain_source), "--train-iters", "4"]
+    plain = pretrain(tree, "pretrain_gpt_nullmoe.py", tmp_path / "plain",
+                     *with_null_experts(TINY, 0), *tail, "--tensorboard-dir", str(tmp_path / "tb0"))
+    assert "without null slots" not in plain
+    log = pretrain(tree, "pretrain_gpt_nullmoe.py", tmp_path / "up", *with_null_experts(TINY, 4),
+                   *SWITCH, *tail,
+                   "--tensorboard-dir", str(tmp_path / "tb1"))
+    assert f"megatron-nullmoe: loaded {plain_source}" in log
+    assert "2 router(s) start with no null picks" in log
+    want, got = tensorboard(tmp_path / "tb0", "lm loss"), tensorboard(tmp_path / "tb1", "lm loss")
+    assert got[1] == want[1], (want, got)
+    rates = tensorboard(tmp_path / "tb1", "real_experts_per_token")
+    assert rates[1] == TOPK and rates[4] < TOPK
+
+
+def test_a_checkpoint_without_null_slots_is_refused_where_it_cannot_fit(tree, plain_source,
+                                                                        tmp_path):
+    """Its optimizer state (a plain --load) and a checkpoint of another architecture are
+    refused, naming the flags to use or the tensors that differ."""
+    env_fail = {"check": False}
+    nulls = with_null_experts(TINY, 4)
+    log = pretrain(tree, "pretrain_gpt_nullmoe.py", tmp_path / "a", *nulls, "--load",
+                   str(plain_source), "--train-iters", "3", **env_fail)
+    assert "its optimizer state does not fit a model with null slots" in log
+    assert "--pretrained-checkpoint or --finetune, or add --no-load-optim" in log
+    bigger = [*nulls, "--pretrained-checkpoint", str(plain_source), "--train-iters", "3"]
+    bigger[bigger.index("--num-experts") + 1] = "8"
+    log = pretrain(tree, "pretrain_gpt_nullmoe.py", tmp_path / "b", *bigger, **env_fail)
+    assert "does not fit this model: only null-slot router state" in log
+    assert "router.weight (saved [2, 4, 64], this model [2, 8, 64])" in log, log[-3000:]

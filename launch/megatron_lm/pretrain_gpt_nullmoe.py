@@ -25,11 +25,13 @@ from _common import cpu_if_no_cuda, require_megatron_lm, run_pretrain  # noqa: E
 def main() -> None:
     pretrain_gpt = require_megatron_lm("pretrain_gpt")
     cpu_if_no_cuda()
+    from megatron.training import checkpointing as megatron_checkpointing
     from megatron.training import training as megatron_training
     from model_provider import model_provider
 
     from megatron_nullmoe.megatron_lm import (
         TrainingLoopHooks,
+        UpcycleLoad,
         add_null_moe_args,
         chain_args_providers,
         gpt_builder,
@@ -40,6 +42,8 @@ def main() -> None:
         add_null_moe_args, modelopt if getattr(pretrain_gpt, "has_nvidia_modelopt", False) else None)
     hooks = TrainingLoopHooks()
     hooks.install(megatron_training)
+    # a checkpoint without null slots loads (--pretrained-checkpoint, --finetune, --load)
+    UpcycleLoad().install(megatron_training, megatron_checkpointing)
     pretrain_gpt.train_valid_test_datasets_provider.is_distributed = True
     run_pretrain(
         pretrain_gpt.train_valid_test_datasets_provider, partial(model_provider, gpt_builder),

@@ -62,16 +62,20 @@ def model_provider(pre_process=True, post_process=True, add_encoder=True, add_de
 def main() -> None:
     pretrain_vlm = require_megatron_lm("pretrain_vlm")
     cpu_if_no_cuda()
+    from megatron.training import checkpointing as megatron_checkpointing
     from megatron.training import training as megatron_training
 
     from megatron_nullmoe.megatron_lm import (
         TrainingLoopHooks,
+        UpcycleLoad,
         add_null_moe_args,
         chain_args_providers,
     )
 
     hooks = TrainingLoopHooks()
     hooks.install(megatron_training)
+    # a checkpoint without null slots loads (--pretrained-checkpoint, --finetune, --load)
+    UpcycleLoad().install(megatron_training, megatron_checkpointing)
     pretrain_vlm.train_valid_test_datasets_provider.is_distributed = True
     run_pretrain(
         pretrain_vlm.train_valid_test_datasets_provider, model_provider,

@@ -23,7 +23,8 @@ from typing import Optional
 import torch
 
 from megatron_nullmoe.export.base import Source, SourceError, single_process
-from megatron_nullmoe.train.checkpoint import MANIFEST, CheckpointError, read_manifest
+from megatron_nullmoe.train.checkpoint import (MANIFEST, CheckpointError, newest_checkpoint,
+                                               read_manifest)
 from megatron_nullmoe.train.config import ConfigError, RunConfig, load_config
 
 
@@ -97,17 +98,11 @@ def _config(path: Path | str, ckpt: Optional[Path] = None) -> RunConfig:
 
 
 def _latest(ckpt_dir: Path, run_dir: Path) -> Path:
-    pointer = ckpt_dir / "latest"
-    if pointer.is_file():
-        found = ckpt_dir / pointer.read_text().strip()
-        if (found / MANIFEST).is_file():
-            return found
-    done = sorted(c.parent for c in ckpt_dir.glob(f"iter_*/{MANIFEST}")
-                  if not c.parent.name.endswith(".tmp"))
-    if not done:
+    found = newest_checkpoint(ckpt_dir)
+    if found is None:
         raise SourceError(f"{run_dir} has no complete checkpoint in {ckpt_dir} (a run writes one "
                           "at checkpoint.save_every steps and at its end)")
-    return done[-1]
+    return found
 
 
 def _tokenizer(given: Optional[str], cfg: RunConfig, run_dir: Path) -> Path:

@@ -17,8 +17,9 @@ from megatron_nullmoe.megatron_lm.builders import (
     null_decoder_spec,
 )
 from megatron_nullmoe.megatron_lm.hooks import TrainingLoopHooks, null_moe_flops
+from megatron_nullmoe.megatron_lm.upcycle import UpcycleLoad
 
 __all__ = [
-    "TrainingLoopHooks", "add_null_moe_args", "chain_args_providers", "gpt_builder",
+    "TrainingLoopHooks", "UpcycleLoad", "add_null_moe_args", "chain_args_providers", "gpt_builder",
     "llava_builder", "llava_specs", "null_config_from_args", "null_decoder_spec", "null_moe_flops",
 ]

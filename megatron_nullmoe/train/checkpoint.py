@@ -164,10 +164,8 @@ class Checkpointer:
             manifest = json.loads(manifest_path.read_text())
         except json.JSONDecodeError as err:
             return f"checkpoint {path}: {MANIFEST} is corrupt ({err})"
-        saved = {**self.defaults, **_flatten(manifest.get("identity") or {})}
         # A key the checkpoint lacks (saved before that setting existed) reads as its default.
-        diffs = [f"{k}: checkpoint {saved.get(k)!r}, this run {v!r}"
-                 for k, v in _flatten(self.identity).items() if saved.get(k) != v]
+        diffs = identity_differences(manifest.get("identity") or {}, self.identity, self.defaults)
         if diffs:
             return (f"checkpoint {path} was saved with a different model config; resume needs the "
                     f"same one, or start a fresh run folder. Differences: {'; '.join(diffs)}")
@@ -205,6 +203,95 @@ def load_model_weights(path: Path, model) -> int:
         raise CheckpointError(problem)
     model.load_state_dict(_dist_load({"model": model.sharded_state_dict()}, path)["model"])
     return int(manifest["step"])
+
+
+# ------------------------------------------------------------------------ starting from another run
+def newest_checkpoint(ckpt_dir: Path) -> Optional[Path]:
+    """The checkpoint `latest` names in `ckpt_dir`, else its newest complete one; None if none."""
+    ckpt_dir = Path(ckpt_dir)
+    pointer = ckpt_dir / "latest"
+    if pointer.is_file():
+        found = ckpt_dir / pointer.read_text().strip()
+        if (found / MANIFEST).is_file():
+            return found
+    done = sorted(c.parent for c in ckpt_dir.glob(f"iter_*/{MANIFEST}")
+                  if not c.parent.name.endswith(".tmp"))
+    return done[-1] if done else None
+
+
+def locate(path: str | Path) -> Path:
+    """The checkpoint meant by `path`: a checkpoint folder (iter_N), a checkpoints folder (its
+    newest), or a run folder (the newest checkpoint of its checkpoint.dir). CheckpointError names
+    what was found instead."""
+    p = Path(path)
+    if not p.is_dir():
+        raise CheckpointError(f"{str(p)!r} does not exist or is not a folder; give a run folder, "
+                              "its checkpoints folder, or a checkpoint (iter_N)")
+    if (p / MANIFEST).is_file():
+        return p
+    ckpt_dir = p
+    if (p / "config.yaml").is_file():
+        import yaml
+
+        try:
+            named = ((yaml.safe_load((p / "config.yaml").read_text()) or {}).get("checkpoint")
+                     or {}).get("dir")
+        except yaml.YAMLError as err:
+            raise CheckpointError(f"{p / 'config.yaml'} is not valid YAML ({err})") from None
+        ckpt_dir = Path(named) if named else p / "checkpoints"
+    found = newest_checkpoint(ckpt_dir)
+    if found is None:
+        raise CheckpointError(f"{p} holds no complete checkpoint (looked in {ckpt_dir}: a "
+                              f"checkpoint is an iter_N folder with a {MANIFEST})")
+    return found
+
+
+def identity_differences(source: dict, target: dict, defaults: Optional[dict] = None,
+                         may_differ: tuple[str, ...] = ()) -> list[str]:
+    """'key: checkpoint X, this run Y' for each identity key that differs, skipping keys that
+    start with one of `may_differ`; a key the source lacks reads as its default."""
+    saved = {**_flatten(defaults or {}), **_flatten(source or {})}
+    return [f"{k}: checkpoint {saved.get(k)!r}, this run {v!r}"
+            for k, v in _flatten(target).items()
+            if not k.startswith(may_differ) and saved.get(k) != v]
+
+
+def init_weights_from(path: Path, model, identity: dict, defaults: Optional[dict] = None,
+                      may_differ: tuple[str, ...] = ()) -> tuple[int, list[str]]:
+    """Loads the weights of checkpoint `path` into `model`, a model of the same architecture that
+    may add null slots (or change other `may_differ` settings). Tensors the source lacks may only
+    be null-slot router state (`upcycle.NULL_STATE`): they keep the values `model` has. An expert bias
+    saved for E slots fills the first E of the model's E + Z. Returns (the source's step, the
+    state-dict names left as they were). CheckpointError lists every difference otherwise."""
+    problem = None
+    if _rank() == 0:
+        try:
+            manifest = read_manifest(path)
+            diffs = identity_differences(manifest.get("identity") or {}, identity, defaults,
+                                         may_differ)
+            problem = (f"checkpoint {path} is of a different model; starting from it needs the "
+                       f"same architecture (null slots and router settings may differ). "
+                       f"Differences: {'; '.join(diffs)}") if diffs else verify_files(path, manifest)
+        except CheckpointError as err:
+            problem = str(err)
+    problem = _broadcast_text(problem)
+    if problem:
+        raise CheckpointError(problem)
+    from megatron_nullmoe.upcycle import UpcycleError, fit_request, saved_shapes, state_dict_name
+
+    request = model.sharded_state_dict()
+    try:
+        fit = fit_request(request, saved_shapes(path), where=f"checkpoint {path}")
+    except UpcycleError as err:
+        raise CheckpointError(str(err)) from None
+    loaded = _dist_load({"model": request}, path)["model"]
+    fit.restore(loaded)
+    kept = [state_dict_name(p) for p in fit.absent]
+    missing, unexpected = model.load_state_dict(loaded, strict=False)
+    extra = sorted(set(missing) - set(kept)) + sorted(unexpected)
+    if extra:
+        raise CheckpointError(f"checkpoint {path}: state-dict keys did not load: {extra}")
+    return int(read_manifest(path).get("step", 0)), kept
 
 
 def _dist_load(state: dict, path: Path) -> dict:

@@ -135,6 +135,11 @@ class Checkpoint:
     save_every: int = _at_least(0, 0)  # 0: only at the end
     keep_last: int = _at_least(2, 1)
     resume: bool = True  # continue from the newest checkpoint in `dir` if there is one
+    # A fresh run's starting weights: a run folder (its newest checkpoint) or a checkpoint of the
+    # same model, with or without null slots or with other null/router settings (the null state a
+    # source lacks starts fresh). Step, optimizer, LR schedule and data order start at 0, as with
+    # Megatron-LM's --finetune. Ignored once the run has checkpoints of its own (it resumes those).
+    init_from: Optional[str] = None
 
 
 @dataclass

@@ -21,11 +21,12 @@ import torch
 import torch.distributed as dist
 
 from megatron_nullmoe import (check_routers, collectives, parallel, set_vision_mask,
-                              update_null_budget)
+                              start_null_slots_unpicked, update_null_budget)
 from megatron_nullmoe.config import NullExpertConfig
 from megatron_nullmoe.train import faults
 from megatron_nullmoe.train.accounting import RunAccounting
-from megatron_nullmoe.train.checkpoint import CheckpointError, Checkpointer
+from megatron_nullmoe.train.checkpoint import (CheckpointError, Checkpointer, init_weights_from,
+                                               locate)
 from megatron_nullmoe.train.config import ConfigError, Model, RunConfig, save_config
 from megatron_nullmoe.train.validate import validate
 from megatron_nullmoe.train.data import DataSource
@@ -67,6 +68,27 @@ def _tokenizer(cfg: RunConfig) -> Tokenizer:
         raise ConfigError(f"data.tokenizer is required for {cfg.data.kind} data (a sentencepiece "
                           ".model)")
     return Tokenizer(path)
+
+
+# Identity keys (flattened) that may differ between a run and the checkpoint it starts from
+# (checkpoint.init_from): null-expert and router settings, and the parallel layout
+# (dist_checkpointing reshards). Everything else is the architecture and must match.
+INIT_MAY_DIFFER = ("null.", "model.null_experts.", "model.router_", "model.aux_loss_coeff",
+                   "model.z_loss_coeff", "model.token_dispatcher", "world_size", "parallel.")
+
+
+def run_identity(cfg: RunConfig, vocab_size: int, world_size: int) -> tuple[dict, dict]:
+    """(identity, defaults) of a run's checkpoints: what must match for a checkpoint to resume
+    (the model, null-expert config, vocabulary and parallel layout), and the value each model
+    key had before it existed (so that older checkpoints still resume)."""
+    identity = {"model": dataclasses.asdict(cfg.model),
+                "null": dataclasses.asdict(null_config(cfg)),
+                "vocab_size": vocab_size, "world_size": world_size,
+                "parallel": {k: v for k, v in dataclasses.asdict(cfg.parallel).items()
+                             if k != "backend"}}
+    defaults = {"model": dataclasses.asdict(Model()),
+                "null": dataclasses.asdict(NullExpertConfig())}
+    return identity, defaults
 
 
 class NonFiniteError(RuntimeError):
@@ -170,17 +192,12 @@ class Trainer:
         """Loads the newest checkpoint of the run folder, if any; returns its path."""
         cfg = self.cfg
         self.run_dir = Path(cfg.dir)
-        identity = {"model": dataclasses.asdict(cfg.model),
-                    "null": dataclasses.asdict(null_config(cfg)),
-                    "vocab_size": self.tokenizer.vocab_size, "world_size": self.world,
-                    "parallel": {k: v for k, v in dataclasses.asdict(cfg.parallel).items()
-                                 if k != "backend"}}
+        identity, defaults = run_identity(cfg, self.tokenizer.vocab_size, self.world)
         ckpt_dir = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else self.run_dir / "checkpoints"
-        defaults = {"model": dataclasses.asdict(Model()),
-                    "null": dataclasses.asdict(NullExpertConfig())}
         self.ckpt = Checkpointer(ckpt_dir, cfg.checkpoint.keep_last, identity, defaults)
         self.step = 0
         self.nonfinite_in_a_row = 0
+        self.init_note: Optional[str] = None
         latest = self.ckpt.latest()
         if latest is not None and not cfg.checkpoint.resume:
             raise ConfigError(
@@ -190,7 +207,32 @@ class Trainer:
             self.step, extra = self.ckpt.load(latest, self.model, self.optimizer, self.scheduler,
                                               self.data)
             self.totals.update(extra.get("totals", {}))
+        elif cfg.checkpoint.init_from:
+            self._init_from(cfg.checkpoint.init_from, identity, defaults)
         return latest
+
+    def _init_from(self, source: str, identity: dict, defaults: dict) -> None:
+        """A fresh run starts from another run's weights (checkpoint.init_from): the same
+        architecture, with null slots, router settings and parallel layout free to differ. Null
+        state the source lacks starts fresh; a fresh budget bias is placed at the first forward
+        so that the first step picks what the source picks. Step, optimizer, LR schedule and
+        data order start at 0."""
+        try:
+            path = locate(source)
+            step, fresh = init_weights_from(path, self.model, identity, defaults, INIT_MAY_DIFFER)
+        except CheckpointError as err:
+            raise ConfigError(f"checkpoint.init_from={source}: {err}") from None
+        armed = start_null_slots_unpicked(self.model) \
+            if any(k.endswith("null_budget_bias") for k in fresh) else 0
+        self.init_note = (f"started from {path} (step {step} of its run): its weights"
+                          + (f"; fresh null state: {len(fresh)} tensors" if fresh else ""))
+        if armed:
+            self.init_note += (f"; {armed} router(s) start with no null picks (budget bias below "
+                               "every token's k-th real choice at the first forward)")
+        elif fresh and self.cfg.model.null_experts.num_null_experts:
+            self.init_note += ("; note: without budget control (model.null_experts."
+                               "target_real_per_token) the null slots are live from the first "
+                               "step, so outputs jump at the switch")
 
     def _open_run(self, latest: Optional[Path]) -> None:
         """The run folder's config.yaml (only now: a refused run leaves the folder as it was),
@@ -203,6 +245,8 @@ class Trainer:
             if self.tokenizer.path.resolve() != (self.run_dir / "tokenizer.model").resolve():
                 shutil.copyfile(self.tokenizer.path, self.run_dir / "tokenizer.model")
         self.log = RunLog(cfg, self.run_dir, self.step, enabled=self.rank == 0)
+        if self.init_note:
+            self.log.message(self.init_note)
         if latest is not None:
             self.log.message(f"resumed from {latest} at step {self.step}"
                              + (f"; the run is complete (steps={cfg.steps}), nothing to train "
