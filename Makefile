@@ -12,7 +12,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 PIP    := $(PY) -m pip install -q
 
-.PHONY: setup test bench demo demo-data study study-data study-ablation text-study text-study-data clean \
+.PHONY: setup test test-slow test-all bench demo demo-data study study-data study-ablation text-study text-study-data clean \
 	gpu-wheels gpu-check
 
 setup: $(STAMP)
@@ -36,8 +36,19 @@ endif
 	$(PIP) --no-deps -e .
 	touch $(STAMP)
 
+# Tests run 2 at a time (pytest-xdist; one test file per worker, so a file's fixtures are built
+# once). `make test` leaves out the tests marked slow (fault handling, multi-node launch, the GPU
+# check's dry run, sweeps through the trainer, every refusal of bad input end to end); they are
+# version-independent, and CI runs them once with `make test-slow`. `make test-all`: both.
+PYTEST := $(PY) -m pytest -n 2 --dist loadfile
 test: $(STAMP)
-	$(PY) -m pytest tests
+	$(PYTEST) -m "not slow" tests
+
+test-slow: $(STAMP)
+	$(PYTEST) -m slow tests
+
+test-all: $(STAMP)
+	$(PYTEST) tests
 
 bench: $(STAMP)
 	$(PY) benchmarks/moe_layer_bench.py

@@ -233,6 +233,7 @@ def test_generate_from_the_export_equals_the_megatron_core_loop(trained_run):
     assert sampled[0] == sampled[1]  # a seed repeats itself
 
 
+@pytest.mark.slow
 def test_bad_sources_and_requests_are_refused_with_the_reason(trained_run, tmp_path):
     run_dir, export, _ = trained_run
     cases = [

@@ -68,6 +68,7 @@ def dry(tmp_path_factory):
     return report, done.stdout + done.stderr, out
 
 
+@pytest.mark.slow
 def test_dry_check_writes_both_reports_with_every_step(dry):
     report, log, out = dry
     assert report["dry"] is True
@@ -87,6 +88,7 @@ def _ok(report, name):
 
 
 @pytest.mark.parametrize("name", ["train_gpt", "train_vlm"])
+@pytest.mark.slow
 def test_dry_trainer_runs_with_budget_control_moving(dry, name):
     step = _ok(dry[0], name)
     assert step["steps"] == 30 and all(math.isfinite(x) for x in step["losses"])
@@ -96,6 +98,7 @@ def test_dry_trainer_runs_with_budget_control_moving(dry, name):
     assert 0 < step["rows_dispatched"] < step["rows_standard_topk"]
 
 
+@pytest.mark.slow
 def test_dry_megatron_lm_pretrain(dry):
     report = dry[0]
     if report["steps"]["megatron_lm"]["status"] == "skipped":
@@ -105,6 +108,7 @@ def test_dry_megatron_lm_pretrain(dry):
     assert all(0 < r < 4 for r in step["real_experts_per_token"])
 
 
+@pytest.mark.slow
 def test_dry_layer_bench_counts_rows_and_host_syncs(dry):
     step = _ok(dry[0], "layer_bench")
     a, b, c = (step["variants"][v] for v in "abc")
@@ -117,6 +121,7 @@ def test_dry_layer_bench_counts_rows_and_host_syncs(dry):
     assert b["host_syncs_per_forward"]["total"] <= 1 < a["host_syncs_per_forward"]["total"]
 
 
+@pytest.mark.slow
 def test_dry_gpu_tests_are_collected_and_skip_without_cuda(dry):
     step = dry[0]["steps"]["gpu_tests"]
     assert step["status"] == "skipped" and step["counts"]["skipped"] >= 4

@@ -61,6 +61,7 @@ def test_torchrun_refuses_a_missing_recipe():
     assert out.returncode == 2 and "usage" in out.stderr
 
 
+@pytest.mark.slow
 def test_two_agents_as_two_nodes_equal_one_node(tmp_path):
     """EP=2 spans the two "nodes"; every logged loss equals the 2-process one-node run's."""
     from megatron_nullmoe.parallel import free_port

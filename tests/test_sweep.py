@@ -97,6 +97,45 @@ def test_bad_sweep_files_name_the_key(tmp_path, fields, message):
     assert message in str(err.value)
 
 
+def test_a_variant_starting_from_another_names_a_source_that_exists(tmp_path):
+    base = {"source": {"model.router_topk": 2}}
+    for init, message in (("@nope", "names no variant"), ("@cont", "one level of starting from")):
+        path = write_sweep(tmp_path, variants={**base, "cont": {"checkpoint.init_from": init}})
+        with pytest.raises(SweepError, match=message):
+            plan(load_sweep(path))
+    path = write_sweep(tmp_path, variants={**base, "cont": {"checkpoint.init_from": "@source"}},
+                       seeds=[1, 2])
+    runs = {r.key: r for r in plan(load_sweep(path))}
+    assert runs["cont/seed2"].after == "source/seed2" and runs["source/seed2"].after is None
+
+
+def test_local_runs_start_after_their_source_and_skip_when_it_fails(tmp_path, monkeypatch):
+    """Runs that start from another run's checkpoint wait for it (2 at a time, the dependent
+    listed first), and are skipped when it fails. A stand-in trainer records the order."""
+    from megatron_nullmoe.sweep import local
+
+    order = tmp_path / "order.txt"
+
+    def fake(run, base, nproc):
+        fail = run.key == "source/seed2"
+        code = (f"import json, pathlib, time; time.sleep(0.3); "
+                f"open({str(order)!r}, 'a').write({run.key!r} + '\\n'); "
+                + ("raise SystemExit(1)" if fail else
+                   f"pathlib.Path({str(run.folder)!r}, 'summary.json').write_text("
+                   f"json.dumps({{'steps': {run.cfg.steps}}}))"))
+        return [sys.executable, "-c", code]
+
+    monkeypatch.setattr(local, "command", fake)
+    path = write_sweep(tmp_path, variants={"cont": {"checkpoint.init_from": "@source"},
+                                           "source": {"model.router_topk": 2}}, seeds=[1, 2])
+    runs = plan(load_sweep(path))
+    outcome = local.run_local(runs, Path(DEMO), parallel=2, poll=0.05, echo=lambda _: None)
+    assert outcome == {"source/seed1": "done", "cont/seed1": "done", "source/seed2": "failed",
+                       "cont/seed2": "failed"}
+    done = order.read_text().split()
+    assert done.index("source/seed1") < done.index("cont/seed1") and "cont/seed2" not in done
+
+
 def test_iso_flop_per_grid_point_uses_budget_targets(tmp_path):
     budget = {**NULL, "model.router_topk": 8, "model.null_experts.target_real_per_token": 2.0}
     ok = write_sweep(tmp_path, variants={"top2": TOP2, "null": NULL, "budget": budget},
@@ -161,6 +200,16 @@ def test_example_sweeps_load_and_dry_run(name, capsys):
                                                  if v not in ("top1", "top2")}}
         assert len(rate) == 10 and len(runs) == 10 * 3
         assert {r.cfg.model.moe_ffn_hidden_size for r in runs} == {512}
+    elif name == "upcycle_study.yaml":  # three continuations of each seed's own top-2 source
+        by = {(r.variant, r.seed): r for r in runs}
+        assert len(runs) == 4 * 3 and by["source", 2].after is None
+        for variant in ("a_top2", "b_upcycle", "c_top1"):
+            run = by[variant, 2]
+            assert run.after == "source/seed2"
+            assert run.cfg.checkpoint.init_from == str(sweep.root / "source" / "seed2")
+            assert not any(o.startswith("checkpoint.init_from=@") for o in run.overrides)
+        assert by["c_top1", 1].cfg.model.router_topk == 1
+        assert by["b_upcycle", 1].cfg.model.null_experts.target_start_real_per_token == 2.0
     elif "study" in name:  # the CPU study: top-1 baseline, top-2 bound, nulls at 1 real/token
         from megatron_nullmoe.sweep.checks import expected_real_per_token
 
@@ -394,6 +443,7 @@ def test_report_compares_pairs_by_seed_with_an_interval_and_a_verdict(tmp_path):
 
 
 # ------------------------------------------------------------------------------ real runs
+@pytest.mark.slow
 def test_skip_and_resume_through_the_trainer(tmp_path, capsys):
     """Two tiny runs side by side: stopped after 2 of 4 steps, resumed to 4, then skipped."""
     demo = tiny_demo(tmp_path / "demo", train_samples=128)
@@ -431,6 +481,7 @@ def test_skip_and_resume_through_the_trainer(tmp_path, capsys):
     assert code == 0 and "| base | 2 |" in out
 
 
+@pytest.mark.slow
 def test_a_failing_run_is_reported_with_its_cause(tmp_path, capsys):
     path = write_sweep(tmp_path, overrides={"data.path": str(tmp_path / "no-data"),
                                             "parallel.expert": 1}, variants={"broken": {}})
@@ -442,6 +493,7 @@ def test_a_failing_run_is_reported_with_its_cause(tmp_path, capsys):
     assert state["state"] == "failed" and state["rc"] == 1
 
 
+@pytest.mark.slow
 def test_only_launches_the_named_variants(tmp_path, capsys):
     path = write_sweep(tmp_path, overrides={"data.path": str(tmp_path / "no-data"),
                                             "parallel.expert": 1},

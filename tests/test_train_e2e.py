@@ -160,6 +160,7 @@ def test_interrupted_save_leaves_the_last_good_checkpoint(demo, saved, tmp_path)
     assert (ckpt / "latest").read_text().strip() == "iter_0000003"
 
 
+@pytest.mark.slow
 def test_bad_inputs_fail_fast_with_the_reason(demo, tmp_path):
     cases = {
         "model.num_expert=4": "did you mean 'model.num_experts'",

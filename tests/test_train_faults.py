@@ -20,6 +20,10 @@ import pytest
 
 from tests._train import ROOT, losses, run, tiny_demo, vlm_args
 
+# Every test here runs the trainer through signals, stalls and bad steps: once per CI run (the
+# default megatron-core), with `make test-slow`.
+pytestmark = pytest.mark.slow
+
 ENTRY = str(ROOT / "tests" / "_fault_entry.py")
 TIMING = ("tokens_per_s", "run_dir")  # wall-clock and the folder name are allowed to differ
 

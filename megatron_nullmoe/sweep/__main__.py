@@ -111,7 +111,8 @@ def _seeds(text):
 def _run(a) -> int:
     from megatron_nullmoe.sweep.checks import check_iso_flop, check_runtime
     from megatron_nullmoe.sweep.spec import SweepError, load_sweep, plan
-    from megatron_nullmoe.sweep.state import run_state, status_table, write_plan, write_state
+    from megatron_nullmoe.sweep.state import (is_done, run_state, status_table, write_plan,
+                                              write_state)
 
     if a.parallel < 1 or (a.nproc_per_node is not None and a.nproc_per_node < 1):
         sys.exit("--parallel and --nproc-per-node must be >= 1")
@@ -145,6 +146,12 @@ def _run(a) -> int:
 
         todo = [r for r in selected if run_state(r.folder, r.cfg.steps)[0] not in
                 ("done", "running", "queued")]
+        waiting = [r for r in todo if r.after is not None
+                   and not is_done(r.folder.parents[1] / r.after, 0)]
+        if waiting:  # one array has no order: those start from runs not finished yet
+            print(f"leaving out {len(waiting)} run(s) that start from a run not finished yet "
+                  f"({', '.join(sorted({r.after for r in waiting}))}): run this again once it is")
+            todo = [r for r in todo if r not in waiting]
         if len(todo) < len(runs):
             print(f"leaving out {len(runs) - len(todo)} run(s) that are finished, running or queued")
         if not todo:

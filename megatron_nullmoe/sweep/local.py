@@ -76,6 +76,19 @@ def run_local(runs: list[Run], base: Path, parallel: int = 1, nproc: int = 1,
                  + (f" (their {STATE_FILE} says so)" if what == "elsewhere" else ""))
     active: dict[str, tuple[Run, subprocess.Popen]] = {}
     env = _env(parallel, nproc)
+    by_key = {r.key: r for r in runs}
+
+    def source_state(run: Run) -> str:
+        """done / waiting (its source is still to run) / missing (failed, stopped, or neither
+        planned here nor finished) for a run that starts from another run's checkpoint."""
+        if run.after is None:
+            return "done"
+        source = by_key.get(run.after)
+        if source is None:
+            return "done" if is_done(run.folder.parents[1] / run.after, 0) else "missing"
+        if outcome.get(run.after) == "done":
+            return "done"
+        return "missing" if run.after in outcome else "waiting"
 
     def line(event: str) -> None:
         n = Counter(outcome.values())
@@ -87,8 +100,17 @@ def run_local(runs: list[Run], base: Path, parallel: int = 1, nproc: int = 1,
     last_status = time.monotonic()
     try:
         while todo or active:
+            for run in [r for r in todo if source_state(r) == "missing"]:
+                todo.remove(run)
+                outcome[run.key] = "failed"
+                line(f"SKIPPED {run.key}: it starts from {run.after}, which is "
+                     f"{outcome.get(run.after, 'not finished')}")
             while todo and len(active) < parallel:
-                run = todo.pop(0)
+                ready = [r for r in todo if source_state(r) == "done"]
+                if not ready:
+                    break
+                run = ready[0]
+                todo.remove(run)
                 run.folder.mkdir(parents=True, exist_ok=True)
                 with (run.folder / "sweep.log").open("a") as log:
                     log.write(f"\n# sweep launch {time.strftime('%Y-%m-%d %H:%M:%S')}\n")

@@ -73,6 +73,7 @@ class Run:
     folder: Path  # <dir>/<name>/<label>/seed<S>
     overrides: tuple[str, ...]  # key=value for the trainer, after --config <base>
     cfg: RunConfig = field(compare=False, repr=False)
+    after: Optional[str] = None  # key of the run whose checkpoint this one starts from
 
     @property
     def label(self) -> str:
@@ -318,12 +319,15 @@ def plan(sweep: Sweep) -> list[Run]:
             _config(sweep, f"grid.{axis}" + ("" if axis in items else f".{label}"), common + args(items))
     if sweep.extra:
         _config(sweep, "command-line overrides", common + list(sweep.extra))
+    sources = _init_sources(sweep)
     runs = []
     points = list(itertools.product(*(labels for _, labels in sweep.grid)))
     for seed in sweep.seeds:
         for point in points:
             for vname, items in sweep.variants.items():
                 label = tuple((axis, lab) for (axis, _), (lab, _) in zip(sweep.grid, point))
+                if vname in sources:
+                    items = {k: v for k, v in items.items() if k != "checkpoint.init_from"}
                 overrides = common + args(items)
                 for _, point_items in point:
                     overrides += args(point_items)
@@ -331,6 +335,30 @@ def plan(sweep: Sweep) -> list[Run]:
                 folder = sweep.root / key
                 overrides += [*sweep.extra, f"seed={seed}", f"dir={to_yaml(str(folder))}",
                               f"name={to_yaml(f'{sweep.name}/{key}')}"]
+                after = None
+                if vname in sources:  # the same seed and grid point of the source variant
+                    after = f"{run_label(sources[vname], label)}/seed{seed}"
+                    overrides.append(f"checkpoint.init_from={to_yaml(str(sweep.root / after))}")
                 cfg = _config(sweep, f"run {key}", overrides)
-                runs.append(Run(vname, label, seed, folder, tuple(overrides), cfg))
+                runs.append(Run(vname, label, seed, folder, tuple(overrides), cfg, after))
     return runs
+
+
+def _init_sources(sweep: Sweep) -> dict[str, str]:
+    """{variant: source variant} for variants whose `checkpoint.init_from` is "@SOURCE": each of
+    their runs starts from the finished run of SOURCE with the same seed and grid point."""
+    sources = {}
+    for vname, items in sweep.variants.items():
+        value = items.get("checkpoint.init_from")
+        if not (isinstance(value, str) and value.startswith("@")):
+            continue
+        source = value[1:]
+        if source not in sweep.variants:
+            raise SweepError(f"variants.{vname}: checkpoint.init_from={value!r} names no variant "
+                             f"(variants: {', '.join(sweep.variants)})")
+        if source == vname or str(sweep.variants[source].get("checkpoint.init_from", "")
+                                  ).startswith("@"):
+            raise SweepError(f"variants.{vname}: checkpoint.init_from={value!r}: the source must "
+                             "be a variant that starts from scratch (one level of starting from)")
+        sources[vname] = source
+    return sources
