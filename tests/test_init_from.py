@@ -161,16 +161,11 @@ def text_data(tmp_path_factory):
 
 
 def _args(root, run_dir, *extra):
-    from tests._train import ROOT
+    """The schedule tests' tiny GPT (top-4 over 8 experts, 8 null slots), 4 sequences a
+    micro-batch: 2 micro-batches a step on each of 2 data-parallel ranks."""
+    from tests.test_budget_schedule import _args as schedule_args
 
-    return ["--config", str(ROOT / "examples/gpt_null_moe.yaml"), f"dir={run_dir}",
-            f"data.path={root / 'train.jsonl'}", f"data.valid_path={root / 'val.jsonl'}",
-            f"data.tokenizer={root / 'tok.model'}", "data.seq_length=16", "model.num_layers=2",
-            "model.moe_layer_freq=1", "model.hidden_size=64", "model.ffn_hidden_size=128",
-            "model.moe_ffn_hidden_size=64", "data.micro_batch_size=4", "data.global_batch_size=16",
-            "optim.warmup_steps=2", "parallel.expert=1", "logging.eval_every=0",
-            "logging.log_every=1", "logging.progress_bar=false", "logging.tensorboard=false",
-            "checkpoint.save_every=0", *extra]
+    return schedule_args(root, run_dir, "data.micro_batch_size=4", *extra)
 
 
 @pytest.fixture(scope="module")
