@@ -109,7 +109,9 @@ def run_local(runs: list[Run], base: Path, parallel: int = 1, nproc: int = 1,
                 ready = [r for r in todo if source_state(r) == "done"]
                 if not ready:
                     break
-                run = ready[0]
+                # a run others start from goes first, so that they do not wait in a line
+                awaited = {r.after for r in todo}
+                run = min(ready, key=lambda r: r.key not in awaited)
                 todo.remove(run)
                 run.folder.mkdir(parents=True, exist_ok=True)
                 with (run.folder / "sweep.log").open("a") as log:
