@@ -36,19 +36,19 @@ endif
 	$(PIP) --no-deps -e .
 	touch $(STAMP)
 
-# Tests run 2 at a time (pytest-xdist; one test file per worker, so a file's fixtures are built
-# once). `make test` leaves out the tests marked slow (fault handling, multi-node launch, the GPU
-# check's dry run, sweeps through the trainer, every refusal of bad input end to end); they are
-# version-independent, and CI runs them once with `make test-slow`. `make test-all`: both.
+# `make test` runs 2 tests at a time (pytest-xdist; one test file per worker, so a file's
+# fixtures are built once) and leaves out the tests marked slow: fault handling, multi-node
+# launch, the GPU check's dry run, sweeps through the trainer, end-to-end refusals of bad input.
+# Those are version-independent and timing-sensitive (signals, stalls, deadlines): `make
+# test-slow` runs them one at a time, and CI runs them once. `make test-all`: both.
 PYTEST := $(PY) -m pytest -n 2 --dist loadfile
 test: $(STAMP)
 	$(PYTEST) -m "not slow" tests
 
 test-slow: $(STAMP)
-	$(PYTEST) -m slow tests
+	$(PY) -m pytest -m slow tests
 
-test-all: $(STAMP)
-	$(PYTEST) tests
+test-all: test test-slow
 
 bench: $(STAMP)
 	$(PY) benchmarks/moe_layer_bench.py
