@@ -4,7 +4,8 @@
   FAULT_NAN_STEPS=3,4  FAULT_NAN_RANK=1   that rank's loss (and so its gradients) is NaN there
   FAULT_STALL_STEP=3   FAULT_STALL_RANK=1 that rank stops making progress at that step
   FAULT_SLOW_STEP_S=0.3                   every step sleeps this long (room to send a signal)
-  FAULT_PID_DIR=DIR                       each rank writes its pid to DIR/rank<R>
+  FAULT_PID_DIR=DIR                       each rank writes its pid to DIR/rank<R>, and the step it
+                                          starts to DIR/step<R> (after the previous step's stop check)
 """
 
 import math
@@ -40,6 +41,8 @@ def train_step(self):
     if self.step + 1 == STALL_STEP and self.rank == STALL_RANK:
         self._beat(0)
         time.sleep(3600)
+    if os.environ.get("FAULT_PID_DIR"):
+        (Path(os.environ["FAULT_PID_DIR"]) / f"step{self.rank}").write_text(str(self.step + 1))
     if SLOW_S:
         time.sleep(SLOW_S)
     return _train_step(self)

@@ -74,6 +74,22 @@ def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 240) -> None:
         time.sleep(0.05)
 
 
+def wait_for_step(pids: Path, step: int, proc: subprocess.Popen, timeout: float = 240) -> None:
+    """Waits until rank 0 has started `step` (FAULT_PID_DIR's step file): the stop check of the
+    step before is behind every rank, so a signal sent now is answered at `step` or later. (A
+    signal sent when a periodic checkpoint's folder appears may still be answered at that very
+    step, whose checkpoint then serves as the stop checkpoint.)"""
+    end, marker = time.monotonic() + timeout, pids / "step0"
+    while not (marker.exists() and marker.read_text().strip().isdigit()
+               and int(marker.read_text()) >= step):
+        if proc.poll() is not None:
+            raise AssertionError(f"run ended before step {step}:\n{proc.communicate()[1][-3000:]}")
+        if time.monotonic() > end:
+            proc.kill()
+            raise AssertionError(f"step {step} did not start within {timeout} s")
+        time.sleep(0.05)
+
+
 def summary(run_dir: Path) -> dict:
     out = json.loads((run_dir / "summary.json").read_text())
     return {k: v for k, v in out.items() if k not in TIMING}
@@ -109,7 +125,7 @@ def test_sigterm_between_checkpoints_saves_that_step_and_resumes_exactly(demo, f
     split, pids = tmp_path / "split", tmp_path / "pids"
     proc = launch(vlm_args(demo, split, *COMMON), FAULT_SLOW_STEP_S="0.5",
                   FAULT_PID_DIR=str(pids))
-    wait_for(split / "checkpoints" / "iter_0000004", proc)
+    wait_for_step(pids, 5, proc)
     os.kill(int((pids / "rank1").read_text()), signal.SIGTERM)
     out, err = proc.communicate(timeout=240)
     latest = (split / "checkpoints" / "latest").read_text().strip()
@@ -129,9 +145,10 @@ def test_sigterm_to_launcher_or_whole_job_still_saves_and_resumes_exactly(
     the time limit). Either way the workers' helpers get it too: megatron-core's checkpoint
     writer (started by the periodic save at step 4) and the data-loader workers. The stop save
     still completes, well before torchrun's SIGKILL 30 s later, and the run resumes exactly."""
-    split = tmp_path / "split"
-    proc = launch(vlm_args(demo, split, *COMMON), FAULT_SLOW_STEP_S="0.5")
-    wait_for(split / "checkpoints" / "iter_0000004", proc)
+    split, pids = tmp_path / "split", tmp_path / "pids"
+    proc = launch(vlm_args(demo, split, *COMMON), FAULT_SLOW_STEP_S="0.5",
+                  FAULT_PID_DIR=str(pids))
+    wait_for_step(pids, 5, proc)
     if target == "launcher":
         os.kill(proc.pid, signal.SIGTERM)
     else:
