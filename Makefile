@@ -37,11 +37,12 @@ endif
 	touch $(STAMP)
 
 # `make test` runs 2 tests at a time (pytest-xdist; one test file per worker, so a file's
-# fixtures are built once) and leaves out the tests marked slow: fault handling, multi-node
+# fixtures are built once; the longest files first, see tests/conftest.py) and leaves out the
+# tests marked slow: fault handling, multi-node
 # launch, the GPU check's dry run, sweeps through the trainer, end-to-end refusals of bad input.
 # Those are version-independent and timing-sensitive (signals, stalls, deadlines): `make
 # test-slow` runs them one at a time, and CI runs them once. `make test-all`: both.
-PYTEST := $(PY) -m pytest -n 2 --dist loadfile
+PYTEST := $(PY) -m pytest -n 2 --dist loadfile --no-loadscope-reorder
 test: $(STAMP)
 	$(PYTEST) -m "not slow" tests
 

@@ -29,7 +29,7 @@ import pytest
 import torch
 
 from tests._megatron_lm_tree import ROOT
-from tests.test_megatron_lm_pretrain import CPU_FLAGS, TORCHRUN, tree  # noqa: F401 (fixture)
+from tests._megatron_lm_run import CPU_FLAGS, TORCHRUN
 
 ITERS = 3
 TOKENS = (2, 16)  # batch, length of the reference logits

@@ -24,87 +24,16 @@ interval line of the resumed run matches.
 from __future__ import annotations
 
 import math
-import os
 import re
-import subprocess
-import sys
-from importlib.util import find_spec
-from pathlib import Path
 
 import pytest
 
-from tests._megatron_lm_tree import ROOT, find_megatron_lm
+from tests._megatron_lm_run import TINY, TOPK, iterations, pretrain, tensorboard
 
-TORCHRUN = Path(sys.executable).parent / "torchrun"
 N = 3  # stop at N, resume to 2N
-TOPK = 2
-CPU_FLAGS = [
-    "--transformer-impl", "local", "--distributed-backend", "gloo", "--use-cpu-initialization",
-    "--no-gradient-accumulation-fusion", "--no-masked-softmax-fusion", "--no-bias-gelu-fusion",
-    "--no-bias-dropout-fusion", "--no-rope-fusion", "--no-persist-layer-norm",
-]
-TINY = [
-    "--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4",
-    "--seq-length", "64", "--max-position-embeddings", "64",
-    "--micro-batch-size", "2", "--global-batch-size", "4",
-    "--lr", "1e-3", "--min-lr", "1e-4", "--lr-decay-style", "cosine", "--lr-warmup-iters", "0",
-    "--num-experts", "4", "--moe-router-topk", str(TOPK), "--num-null-experts", "4",
-    "--expert-model-parallel-size", "2", "--moe-token-dispatcher-type", "alltoall",
-    "--moe-aux-loss-coeff", "0.01",
-    "--mock-data", "--tokenizer-type", "NullTokenizer", "--vocab-size", "128",
-    "--eval-iters", "0", "--eval-interval", "1000", "--num-workers", "0",
-    "--log-interval", "1", "--seed", "1234", *CPU_FLAGS,
-]
 GPT = [*TINY, "--train-iters", str(2 * N)]
 # Budget control moves a null bias after every step: the resume must carry it over exactly.
 BUDGET = ["--null-expert-target-real-per-token", "1.0", "--null-expert-budget-update-rate", "0.05"]
-LINE = re.compile(r"iteration\s+(\d+)/\s*\d+ \|(.*)")
-
-
-@pytest.fixture(scope="module")
-def tree():
-    missing = [m for m in ("regex", "pydantic", "triton", "pybind11") if find_spec(m) is None]
-    if missing:
-        pytest.skip(f"Megatron-LM's training code needs {', '.join(missing)}: "
-                    "pip install -r requirements-dev.txt")
-    found, why = find_megatron_lm()
-    if found is None:
-        pytest.skip(why)
-    return found
-
-
-def pretrain(tree: Path, script: str, folder: Path, *flags: str, check: bool = True) -> str:
-    """One torchrun of an entry script on 2 CPU ranks, with the Megatron-LM tree first on
-    PYTHONPATH (as a user runs it); returns its output (asserts success, or with check=False
-    failure)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_", "MASTER_"))}
-    path = os.pathsep.join(p for p in (str(tree), env.get("PYTHONPATH")) if p)
-    env.update(PYTHONPATH=path, OMP_NUM_THREADS="1")
-    cmd = [str(TORCHRUN), "--standalone", "--nproc-per-node", "2",
-           str(ROOT / "launch" / "megatron_lm" / script), *flags]
-    folder.mkdir(parents=True, exist_ok=True)
-    out = subprocess.run(cmd, cwd=folder, env=env, capture_output=True, text=True, timeout=420)
-    log = out.stdout + out.stderr
-    assert (out.returncode == 0) == check, log[-4000:]
-    return log
-
-
-def iterations(log: str) -> dict[int, dict[str, str]]:
-    """Megatron-LM's iteration lines: {iteration: {field: printed value}}."""
-    found = {}
-    for it, rest in LINE.findall(log):
-        fields = (f.rsplit(":", 1) for f in rest.split("|") if ":" in f)
-        found[int(it)] = {k.strip(): v.strip() for k, v in fields}
-    return found
-
-
-def tensorboard(folder: Path, tag: str) -> dict[int, float]:
-    """What Megatron-LM wrote to TensorBoard for each iteration (the step's own value)."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    events = EventAccumulator(str(folder))
-    events.Reload()
-    return {e.step: e.value for e in events.Scalars(tag)}
 
 
 @pytest.fixture(scope="module")
