@@ -93,7 +93,8 @@ def test_null_slots_switched_on_from_a_checkpoint_without_them(tree, plain_sourc
 def test_the_schedule_reaches_its_target_after_the_switch(switched):
     """2 -> 1 over RAMP iterations, then 1 to ITERS: over the second half of the run the
     realised rate (all ranks and layers, as Megatron-LM logs it) averages within 2% of 1.
-    Measured at core_v0.16.1: 0.993 over iterations 21..40 (per-iteration spread about 0.1)."""
+    Measured: 0.993 at core_v0.16.1 and 1.008 at core_v0.19.0 over iterations 21..40 (each
+    iteration within about 0.15 of 1)."""
     tmp, _ = switched
     rates = tensorboard(tmp / "straight_tb", "real_experts_per_token")
     assert sorted(rates) == list(range(1, ITERS + 1))
