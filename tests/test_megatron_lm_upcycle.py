@@ -11,6 +11,7 @@ user switches an existing run:
 - stopped in the middle of the schedule and launched again with the same flags (`--load` and
   `--save` of its own folder, `--pretrained-checkpoint` of the source, as Megatron-LM users
   write it), the run continues exactly: every iteration's loss and realised rate bit-equal;
+- `--finetune --load` and `--load --no-load-optim` switch the same weights;
 - a plain `--load` of the source (its optimizer state) and a checkpoint of another architecture
   are refused by name.
 
@@ -22,7 +23,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests._megatron_lm_run import TINY, TOPK, pretrain, tensorboard
+from tests._megatron_lm_run import TINY, TOPK, iterations, pretrain, tensorboard
 
 
 def with_flag(flags: list[str], flag: str, value) -> list[str]:
@@ -88,6 +89,31 @@ def test_null_slots_switched_on_from_a_checkpoint_without_them(tree, plain_sourc
     assert got[1] == want[1], (want, got)
     rates = tensorboard(tmp / "straight_tb", "real_experts_per_token")
     assert rates[1] == TOPK and rates[4] < TOPK
+
+
+def test_finetune_and_no_load_optim_switch_the_same_weights(tree, plain_source, switched,
+                                                           tmp_path):
+    """The other loads users write: `--finetune --load` (weights only, like
+    --pretrained-checkpoint: its first iteration's loss equals the straight switch's) and
+    `--load --no-load-optim` (weights, iteration count and data position: it continues at the
+    source's iteration 3, with no null pick there). Megatron-LM loads the LR schedule with the
+    optimizer, so with --no-load-optim the schedule starts again (iteration 3 at the peak LR)."""
+    tmp, _ = switched
+    nulls = [*with_null_experts(TINY, 4), *SWITCH]
+    log = pretrain(tree, "pretrain_gpt_nullmoe.py", tmp_path / "ft", *nulls, "--finetune",
+                   "--load", str(plain_source), "--train-iters", "1",
+                   "--tensorboard-dir", str(tmp_path / "ft_tb"))
+    assert "2 router(s) start with no null picks" in log
+    straight = tensorboard(tmp / "straight_tb", "lm loss")
+    assert tensorboard(tmp_path / "ft_tb", "lm loss")[1] == straight[1]
+    log = pretrain(tree, "pretrain_gpt_nullmoe.py", tmp_path / "nlo", *nulls, "--load",
+                   str(plain_source), "--no-load-optim", "--train-iters", "3",
+                   "--tensorboard-dir", str(tmp_path / "nlo_tb"))
+    assert "2 router(s) start with no null picks" in log
+    lines = iterations(log)
+    assert sorted(lines) == [3], sorted(lines)  # the source stopped at iteration 2
+    assert float(lines[3]["learning rate"]) == pytest.approx(1e-3)
+    assert tensorboard(tmp_path / "nlo_tb", "real_experts_per_token") == {3: TOPK}
 
 
 def test_the_schedule_reaches_its_target_after_the_switch(switched):

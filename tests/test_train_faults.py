@@ -63,31 +63,33 @@ def signal_job(root: int, sig: signal.Signals) -> list[int]:
     return sorted(family)
 
 
-def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 240) -> None:
+def wait_until(done, what: str, proc: subprocess.Popen, timeout: float = 240) -> None:
     end = time.monotonic() + timeout
-    while not path.exists():
+    while not done():
         if proc.poll() is not None:
-            raise AssertionError(f"run ended before {path} appeared:\n{proc.communicate()[1][-3000:]}")
+            raise AssertionError(f"run ended before {what}:\n{proc.communicate()[1][-3000:]}")
         if time.monotonic() > end:
             proc.kill()
-            raise AssertionError(f"{path} did not appear within {timeout} s")
+            raise AssertionError(f"{what} did not happen within {timeout} s")
         time.sleep(0.05)
 
 
-def wait_for_step(pids: Path, step: int, proc: subprocess.Popen, timeout: float = 240) -> None:
+def wait_for(path: Path, proc: subprocess.Popen) -> None:
+    wait_until(path.exists, f"{path} appeared", proc)
+
+
+def wait_for_step(pids: Path, step: int, proc: subprocess.Popen) -> None:
     """Waits until rank 0 has started `step` (FAULT_PID_DIR's step file): the stop check of the
     step before is behind every rank, so a signal sent now is answered at `step` or later. (A
     signal sent when a periodic checkpoint's folder appears may still be answered at that very
     step, whose checkpoint then serves as the stop checkpoint.)"""
-    end, marker = time.monotonic() + timeout, pids / "step0"
-    while not (marker.exists() and marker.read_text().strip().isdigit()
-               and int(marker.read_text()) >= step):
-        if proc.poll() is not None:
-            raise AssertionError(f"run ended before step {step}:\n{proc.communicate()[1][-3000:]}")
-        if time.monotonic() > end:
-            proc.kill()
-            raise AssertionError(f"step {step} did not start within {timeout} s")
-        time.sleep(0.05)
+    marker = pids / "step0"
+
+    def started() -> bool:
+        text = marker.read_text().strip() if marker.exists() else ""
+        return text.isdigit() and int(text) >= step
+
+    wait_until(started, f"step {step} started", proc)
 
 
 def summary(run_dir: Path) -> dict:

@@ -2,7 +2,8 @@
 
 Users add `--num-null-experts` to a run that already has checkpoints and load one as they always
 do: `--pretrained-checkpoint DIR` or `--finetune --load DIR` (weights only: iteration, optimizer
-and data restart), or `--load DIR --no-load-optim` (weights, iteration and LR schedule). Megatron-LM
+and data restart), or `--load DIR --no-load-optim` (weights, iteration count and data position;
+Megatron-LM loads the LR schedule with the optimizer, so it restarts too). Megatron-LM
 asks dist_checkpointing for every tensor of the model, and a source without null slots lacks the
 null-slot router state. `UpcycleLoad.install` puts a thin wrapper around the `dist_checkpointing`
 that megatron.training.checkpointing calls: before each load it reads the checkpoint's tensor
