@@ -552,3 +552,45 @@ def test_along_training_pairs_each_evaluation_step_and_keeps_the_last():
     few = along_training(runs, {"ab": ("a", "b")}, max_rows=2)
     assert len(few) <= 2 and few[-1]["step"] == 50
     assert along_training(runs[:1] + runs[3:4], {"ab": ("a", "b")}) == []  # one seed: no interval
+
+
+def test_a_stopped_run_gets_its_grace_to_save_and_a_late_one_is_killed(tmp_path, monkeypatch):
+    """SIGTERM to the sweep: every run gets the TERM and `stop_grace` seconds. A stand-in trainer
+    that takes 1 s to save (longer than torchrun's habit would allow at a grace of 0.3 s, well
+    inside 5 s) saves with the grace of 5 s and is killed with 0.3 s; the message names the step
+    it resumes from (its checkpoint's, not the last logged one)."""
+    import threading
+
+    from megatron_nullmoe.sweep import local
+
+    def fake(run, base, nproc):
+        code = (f"import pathlib, signal, sys, time\n"
+                f"folder = pathlib.Path({str(run.folder)!r})\n"
+                "def stop(*_):\n"
+                "    time.sleep(1.0)\n"
+                "    (folder / 'checkpoints').mkdir(exist_ok=True)\n"
+                "    (folder / 'checkpoints' / 'latest').write_text('iter_0000007')\n"
+                "    sys.exit(75)\n"
+                "signal.signal(signal.SIGTERM, stop)\n"
+                "(folder / 'checkpoints').mkdir(exist_ok=True)\n"
+                "(folder / 'checkpoints' / 'latest').write_text('iter_0000003')\n"
+                "(folder / 'metrics.jsonl').write_text('{\"step\": 5}\\n')\n"
+                "time.sleep(60)\n")
+        return [sys.executable, "-c", code]
+
+    monkeypatch.setattr(local, "command", fake)
+    for grace, step in ((5.0, 7), (0.3, 3)):
+        (tmp_path / str(grace)).mkdir()
+        path = write_sweep(tmp_path / str(grace), variants={"a": TOP2})
+        runs = plan(load_sweep(path))
+        said = []
+        timer = threading.Timer(4.0, os.kill, (os.getpid(), signal.SIGTERM))
+        timer.start()
+        with pytest.raises(KeyboardInterrupt):
+            local.run_local(runs, Path(DEMO), poll=0.05, stop_grace=grace, echo=said.append)
+        timer.cancel()
+        assert any("started a/seed1" in s and "resuming" not in s for s in said), said
+        assert any(f"each saves a checkpoint (up to {grace:g} s" in s for s in said), said
+        assert (f"killed a/seed1 before it saved; it resumes from step {step}" in said) == (
+            grace < 1), said
+        assert (runs[0].folder / "checkpoints" / "latest").read_text() == f"iter_{step:07d}"

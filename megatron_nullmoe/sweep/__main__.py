@@ -1,7 +1,8 @@
 """`python -m megatron_nullmoe.sweep run|status|report`: many trainer runs from one sweep file.
 
     python -m megatron_nullmoe.sweep run SWEEP.yaml [key=value ...] [--dry-run]
-        [--launcher local|slurm] [--parallel N] [--nproc-per-node N] [--gpu-tflops T --mfu M]
+        [--launcher local|slurm] [--parallel N] [--nproc-per-node N] [--stop-grace S]
+        [--gpu-tflops T --mfu M]
     python -m megatron_nullmoe.sweep status DIR        (DIR = <dir>/<name> of the sweep file)
     python -m megatron_nullmoe.sweep report DIR [--out OUT]
 
@@ -45,6 +46,9 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--mfu", type=float, default=0.4, help="assumed model FLOPs utilisation (0.4)")
     r.add_argument("--vocab-size", type=int,
                    help="for the FLOP estimate (default: the recipe's tokenizer, else 32000)")
+    r.add_argument("--stop-grace", type=float, default=120.0, metavar="SECONDS",
+                   help="local: how long a stopped run (Ctrl-C, SIGTERM) may take to finish its "
+                        "step or evaluation and save before it is killed (default 120)")
     r.add_argument("--status-every", type=float, default=60.0,
                    help="local: seconds between progress lines (default 60)")
     s = sub.add_parser("status", help="state of every run of a launched sweep")
@@ -116,6 +120,8 @@ def _run(a) -> int:
 
     if a.parallel < 1 or (a.nproc_per_node is not None and a.nproc_per_node < 1):
         sys.exit("--parallel and --nproc-per-node must be >= 1")
+    if not a.stop_grace >= 0:
+        sys.exit(f"--stop-grace must be a number of seconds >= 0, not {a.stop_grace}")
     sweep = nproc = None
     try:
         sweep = load_sweep(a.sweep, a.overrides, a.dir, _seeds(a.seeds))
@@ -174,7 +180,8 @@ def _run(a) -> int:
 
     write_plan(sweep.root, sweep.path, sweep.base, runs, sweep.compare)
     try:
-        outcome = run_local(selected, sweep.base, a.parallel, nproc, a.status_every)
+        outcome = run_local(selected, sweep.base, a.parallel, nproc, a.status_every,
+                            stop_grace=a.stop_grace)
     except KeyboardInterrupt:
         return 130
     from megatron_nullmoe.sweep.state import read_plan

@@ -4,12 +4,14 @@ Each run is `python -m megatron_nullmoe.train --config <base> <overrides>` (`tor
 --nproc-per-node N` for N > 1), in its own process group, its output appended to
 <run>/sweep.log. A finished run is skipped; any other is launched, and the trainer resumes it
 from its newest checkpoint by itself. A line is printed whenever a run changes state, and a
-progress line every `status_every` seconds. Ctrl-C or SIGTERM stops the runs (the next `run`
-resumes them).
+progress line every `status_every` seconds. Ctrl-C or SIGTERM stops the runs, each with a
+checkpoint: they get `stop_grace` seconds to finish a step or an evaluation and save (a loaded
+2-core machine needed more than torchrun's 30 s for an evaluation); the next `run` resumes them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -21,7 +23,8 @@ from pathlib import Path
 from typing import Callable
 
 from megatron_nullmoe.sweep.spec import Run
-from megatron_nullmoe.sweep.state import STATE_FILE, is_done, last_step, run_state, write_state
+from megatron_nullmoe.sweep.state import (STATE_FILE, is_done, last_step, run_state, saved_step,
+                                          write_state)
 
 # Exit codes that are not failures: 0 (finished, or stopped by exit_after_steps) and 75
 # (EX_TEMPFAIL: the trainer stopped on a signal or time budget after saving a checkpoint).
@@ -58,11 +61,12 @@ def _raise_stop(signum, frame):
 
 
 def run_local(runs: list[Run], base: Path, parallel: int = 1, nproc: int = 1,
-              status_every: float = 60.0, poll: float = 0.5,
+              status_every: float = 60.0, poll: float = 0.5, stop_grace: float = 120.0,
               echo: Callable[[str], None] = print) -> dict[str, str]:
     """Runs what is neither finished nor running elsewhere (another `run` of this sweep, a
     Slurm task: two launches into one folder would corrupt it); returns {run key: done |
-    stopped | failed | elsewhere}."""
+    stopped | failed | elsewhere}. Stopped (Ctrl-C, SIGTERM), each run gets `stop_grace` seconds
+    to finish its step (or evaluation) and save; a second Ctrl-C kills them at once."""
     outcome = {}
     for r in runs:
         state = run_state(r.folder, r.cfg.steps)[0]
@@ -123,8 +127,8 @@ def run_local(runs: list[Run], base: Path, parallel: int = 1, nproc: int = 1,
                         start_new_session=True)
                 write_state(run.folder, "running", launcher="local", pid=proc.pid)
                 active[run.key] = (run, proc)
-                line(f"started {run.key}" + (f" (resuming at step {last_step(run.folder)})"
-                                             if last_step(run.folder) else ""))
+                resume = saved_step(run.folder)
+                line(f"started {run.key}" + (f" (resuming at step {resume})" if resume else ""))
             time.sleep(poll)
             for key, (run, proc) in list(active.items()):
                 rc = proc.poll()
@@ -138,13 +142,13 @@ def run_local(runs: list[Run], base: Path, parallel: int = 1, nproc: int = 1,
                     line(f"FAILED {key} (exit code {rc}): {_cause(run.folder / 'sweep.log')}")
                 else:
                     outcome[key] = "done" if is_done(run.folder, run.cfg.steps) else "stopped"
-                    line(f"{outcome[key]} {key} at step {last_step(run.folder)}/{run.cfg.steps}")
+                    line(f"{outcome[key]} {key} at step {saved_step(run.folder)}/{run.cfg.steps}")
             if active and time.monotonic() - last_status > status_every:
                 last_status = time.monotonic()
                 line("progress: " + ", ".join(f"{k} {last_step(r.folder)}/{r.cfg.steps}"
                                               for k, (r, _) in active.items()))
     except (KeyboardInterrupt, _Stop):
-        _stop_all(active.values())
+        _stop_all(list(active.values()), stop_grace, echo)
         echo(f"interrupted: stopped {len(active)} run(s); `run` again resumes them")
         raise KeyboardInterrupt from None
     finally:
@@ -161,18 +165,31 @@ def _cause(log: Path) -> str:
     return f"{(said or lines or ['(no output)'])[-1]} (log: {log})"
 
 
-def _stop_all(active) -> None:
-    """TERM to each run's process group (ours: started with start_new_session), then KILL."""
+def _stop_all(active, grace: float, echo: Callable[[str], None] = print) -> None:
+    """TERM to each run's process group (ours: started with start_new_session): the trainer
+    finishes its step, or its evaluation, saves and exits. A run still there after `grace`
+    seconds, or at a second Ctrl-C / SIGTERM, is killed; it resumes from its last checkpoint."""
     for run, proc in active:
         try:
             os.killpg(proc.pid, signal.SIGTERM)
         except ProcessLookupError:
             pass
-    deadline = time.monotonic() + 30
+    if active:
+        echo(f"stopping {len(active)} run(s): each saves a checkpoint (up to {grace:g} s, "
+             "--stop-grace; Ctrl-C again kills them now)")
+    deadline = time.monotonic() + grace
+    try:
+        for run, proc in active:
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+    except (KeyboardInterrupt, _Stop):
+        pass
     for run, proc in active:
-        try:
-            proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+            echo(f"killed {run.key} before it saved; it resumes from step {saved_step(run.folder)}")
         write_state(run.folder, "interrupted", launcher="local", rc=proc.returncode)

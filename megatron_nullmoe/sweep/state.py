@@ -46,6 +46,16 @@ def last_step(folder: Path) -> int:
     return json.loads(lines[-1])["step"] if lines else 0
 
 
+def saved_step(folder: Path) -> int:
+    """The step of the run's newest complete checkpoint (the trainer's `checkpoints/latest`), where
+    a launch resumes; 0 if it has none (metrics may go further: steps after the last save)."""
+    pointer = folder / "checkpoints" / "latest"
+    try:
+        return int(pointer.read_text().strip().removeprefix("iter_"))
+    except (OSError, ValueError):
+        return 0
+
+
 def is_done(folder: Path, steps: int) -> bool:
     path = folder / "summary.json"
     if not path.is_file():
