@@ -142,7 +142,8 @@ def run_local(runs: list[Run], base: Path, parallel: int = 1, nproc: int = 1,
                     line(f"FAILED {key} (exit code {rc}): {_cause(run.folder / 'sweep.log')}")
                 else:
                     outcome[key] = "done" if is_done(run.folder, run.cfg.steps) else "stopped"
-                    line(f"{outcome[key]} {key} at step {saved_step(run.folder)}/{run.cfg.steps}")
+                    at = run.cfg.steps if outcome[key] == "done" else saved_step(run.folder)
+                    line(f"{outcome[key]} {key} at step {at}/{run.cfg.steps}")
             if active and time.monotonic() - last_status > status_every:
                 last_status = time.monotonic()
                 line("progress: " + ", ".join(f"{k} {last_step(r.folder)}/{r.cfg.steps}"
