@@ -67,7 +67,7 @@ demo: demo-data
 
 # The CPU compute study (issue 10, BENCHMARKS.md): the grid-shapes data, then the sweep
 # examples/sweeps/cpu_study.yaml (its five main variants: 20 single-process runs, 2 at a time;
-# ~45 min on 2 cores; run it again to resume), then its report in
+# ~70 min on 2 cores (16 runs of 4 variants: 54 min, 2026-12-02); run it again to resume), then its report in
 # runs/sweeps/cpu-study/results.md. `make study-ablation` adds the three ablation variants.
 STUDY := top1,top2,null_renorm,null_keep,fixed_v0_t2
 STUDY_ABLATION := keep_no_budget,keep_aux_0.1,keep_per_expert
