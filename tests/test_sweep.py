@@ -534,6 +534,35 @@ def test_seeds_on_the_command_line_replace_the_files(tmp_path, capsys):
         assert code != 0 and message in out
 
 
+def test_a_plan_for_more_seeds_keeps_the_seeds_run_before(tmp_path):
+    """`run --seeds 3` after seeds 1-2 keeps them in sweep.json (so in status and report), unless
+    their folder is gone or their variant now trains something else."""
+    from megatron_nullmoe.sweep.state import read_plan, write_plan
+
+    def plan_for(seeds, variants):
+        path = write_sweep(tmp_path, overrides={"steps": 4}, variants=variants, seeds=seeds)
+        sweep, runs = planned(path)
+        for r in runs:
+            r.folder.mkdir(parents=True, exist_ok=True)
+        write_plan(sweep.root, path, sweep.base, runs)
+        return sweep.root, [e["key"] for e in read_plan(sweep.root)]
+
+    variants = {"a": {}, "b": {"model.router_topk": 1}}
+    root, keys = plan_for([1, 2], variants)
+    assert keys == ["a/seed1", "b/seed1", "a/seed2", "b/seed2"]
+    _, keys = plan_for([3], variants)
+    assert keys == ["a/seed1", "b/seed1", "a/seed2", "b/seed2", "a/seed3", "b/seed3"]
+    plan = json.loads((root / "sweep.json").read_text())["runs"]
+    assert [e["seed"] for e in plan] == [1, 1, 2, 2, 3, 3]
+    assert plan[0]["overrides"][-3:] == ["seed=1", f"dir={root / 'a/seed1'}", "name=t/a/seed1"]
+    (root / "a/seed2").rename(root / "a/gone")  # a run whose folder is gone is left out
+    _, keys = plan_for([3], {"a": {}, "b": {"model.router_topk": 2}})  # b trains otherwise now
+    assert keys == ["a/seed1", "a/seed3", "b/seed3"]
+    (root / "sweep.json").write_text("{not json")  # an unreadable plan: this sweep's runs alone
+    _, keys = plan_for([2], variants)
+    assert keys == ["a/seed2", "b/seed2"]
+
+
 def test_along_training_pairs_each_evaluation_step_and_keeps_the_last():
     from megatron_nullmoe.sweep.report import along_training
 

@@ -110,14 +110,41 @@ def run_state(folder: Path, steps: int) -> tuple[str, str]:
 # ----------------------------------------------------------------------------- the plan file
 def write_plan(root: Path, sweep_file: Path, base: Path, runs, compare=None) -> None:
     """sweep.json in the sweep folder: what `status` and `report` read (folders relative to it),
-    and the sweep's `compare` pairs for `report`."""
+    and the sweep's `compare` pairs for `report`.
+
+    Runs of the previous plan that this one leaves out are kept when their folder exists and
+    their variant and grid point are still planned with the same overrides and steps: seeds run
+    earlier (`run --seeds 4,5,6` after seeds 1-3) stay in the report. A run whose variant
+    was changed or removed is dropped, as its results describe another setting."""
     root.mkdir(parents=True, exist_ok=True)
-    plan = {"sweep_file": str(sweep_file.resolve()), "base": str(base),
-            "compare": {k: list(v) for k, v in (compare or {}).items()}, "runs": [
+    entries = [
         {"key": r.key, "label": r.label, "variant": r.variant, "point": [list(p) for p in r.point],
          "seed": r.seed, "folder": str(r.folder.relative_to(root)), "steps": r.cfg.steps,
-         "overrides": list(r.overrides)} for r in runs]}
-    (root / PLAN_FILE).write_text(json.dumps(plan, indent=1) + "\n")
+         "overrides": list(r.overrides)} for r in runs]
+    setting = {e["label"]: _setting(e) for e in entries}
+    planned = {e["key"] for e in entries}
+    path = root / PLAN_FILE
+    if path.is_file():
+        try:
+            earlier = json.loads(path.read_text()).get("runs", [])
+        except (OSError, ValueError, AttributeError):
+            earlier = []  # an unreadable plan is rewritten from this sweep alone
+        kept = [e for e in earlier if isinstance(e, dict) and e.get("key") not in planned
+                and e.get("label") in setting and setting[e["label"]] == _setting(e)
+                and (root / str(e.get("folder", ""))).is_dir()]
+        if kept:  # seeds are the outer loop, as `plan` orders them
+            order = list(setting)
+            entries = sorted(entries + kept, key=lambda e: (e["seed"], order.index(e["label"])))
+    plan = {"sweep_file": str(sweep_file.resolve()), "base": str(base),
+            "compare": {k: list(v) for k, v in (compare or {}).items()}, "runs": entries}
+    path.write_text(json.dumps(plan, indent=1) + "\n")
+
+
+def _setting(entry: dict) -> tuple:
+    """What a planned run trains, less what differs by seed (its seed, folder and name)."""
+    overrides = [o for o in entry.get("overrides", [])
+                 if not str(o).startswith(("seed=", "dir=", "name="))]
+    return overrides, entry.get("steps")
 
 
 def read_plan(root: Path) -> list[dict]:
