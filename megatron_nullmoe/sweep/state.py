@@ -133,8 +133,8 @@ def write_plan(root: Path, sweep_file: Path, base: Path, runs, compare=None) -> 
                 and e.get("label") in setting and setting[e["label"]] == _setting(e)
                 and (root / str(e.get("folder", ""))).is_dir()]
         if kept:  # seeds are the outer loop, as `plan` orders them
-            order = list(setting)
-            entries = sorted(entries + kept, key=lambda e: (e["seed"], order.index(e["label"])))
+            rank = {label: i for i, label in enumerate(setting)}
+            entries = sorted(entries + kept, key=lambda e: (e["seed"], rank[e["label"]]))
     plan = {"sweep_file": str(sweep_file.resolve()), "base": str(base),
             "compare": {k: list(v) for k, v in (compare or {}).items()}, "runs": entries}
     path.write_text(json.dumps(plan, indent=1) + "\n")
