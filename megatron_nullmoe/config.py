@@ -12,12 +12,16 @@ import weakref
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from megatron_nullmoe.routing.math import GATE_NORMALIZATIONS  # the math defines the modes
+from megatron_nullmoe.routing.math import GATE_NORMALIZATIONS, GATE_SCALES  # the math defines them
 
 NULL_LOGIT_MODES = ("shared", "per_expert")
 TARGET_SCHEDULES = ("linear", "cosine")
 SUPPORTED_DISPATCHERS = ("alltoall", "allgather")
 
+
+# What a field meant in a config or checkpoint written before the field existed: an older run
+# resumes, exports and evaluates as it trained, whatever the field's default is now.
+BEFORE_FIELD = {"gate_scale": "none"}
 
 # (id of a TransformerConfig, NullExpertConfig) -> that TransformerConfig, for `check_once`
 _CHECKED: dict[tuple[int, "NullExpertConfig"], weakref.ref] = {}
@@ -49,6 +53,10 @@ class NullExpertConfig:
     gate_normalization: "renormalize" (default): real gates take over the null picks' share, so
         the null logit gets no task-loss gradient (only the balancing and z losses shape it).
         "keep_null_share": the null share is dropped, and the task loss reaches the null logit.
+    gate_scale: "none" (default) or "slot_ratio": pre-softmax gates (probabilities over all
+        E + Z slots) times (E + Z) / E, the scale a real gate has over E experts alone
+        (`routing.math.gate_scale_factor`); gates normalised over the k picks are left as they
+        are. It multiplies with megatron-core's moe_router_topk_scaling_factor.
     target_real_per_token: optional compute-budget control. When set, a bias on the null slots is
         moved every step so that the realised mean number of real experts per token tracks this
         target (in (0, k]). Off by default.
@@ -74,6 +82,9 @@ class NullExpertConfig:
         "renormalize", "renormalize: real gates take over the null share; keep_null_share: the "
         "null share is dropped (the task loss reaches the null logit)",
         choices=GATE_NORMALIZATIONS)
+    gate_scale: str = _knob(
+        "none", "slot_ratio: pre-softmax gates (over all E + Z slots) x (E + Z) / E, the scale "
+        "of a gate over E experts alone; none: as computed", choices=GATE_SCALES)
     target_real_per_token: Optional[float] = _knob(
         None, "compute-budget control: hold the realised real experts per token at this value "
         "(in (0, top-k]); off by default", above=0)
@@ -105,6 +116,8 @@ class NullExpertConfig:
             _fail("null_logits", self.null_logits, f"one of {NULL_LOGIT_MODES}")
         if self.gate_normalization not in GATE_NORMALIZATIONS:
             _fail("gate_normalization", self.gate_normalization, f"one of {GATE_NORMALIZATIONS}")
+        if self.gate_scale not in GATE_SCALES:
+            _fail("gate_scale", self.gate_scale, f"one of {GATE_SCALES}")
         if self.target_real_per_token is not None and not self.target_real_per_token > 0:
             _fail("target_real_per_token", self.target_real_per_token, "None or a number > 0")
         if not self.budget_update_rate > 0:
@@ -279,3 +292,11 @@ class NullExpertConfig:
                 config.cuda_graph_impl,
                 "'none'; CUDA graphs assume a static row count per step",
             )
+
+
+def saved_defaults() -> dict[str, Any]:
+    """Each NullExpertConfig field's value for a config or checkpoint that does not name it: the
+    value it had in effect before the field existed (`BEFORE_FIELD`), else its default."""
+    from dataclasses import fields
+
+    return {f.name: BEFORE_FIELD.get(f.name, f.default) for f in fields(NullExpertConfig)}

@@ -68,6 +68,11 @@ class NullExpertRouter(TopKRouter):
         self.num_real = config.num_moe_experts
         self.num_null = null_config.num_null_experts
         self.num_slots = self.num_real + self.num_null
+        # Every real gate's factor: megatron-core's top-k scaling times the null gate scale.
+        scale = (config.moe_router_topk_scaling_factor or 1.0) * rmath.gate_scale_factor(
+            null_config.gate_scale, self.num_real, self.num_null,
+            config.moe_router_score_function, bool(config.moe_router_pre_softmax))
+        self.gate_scaling: Optional[float] = None if scale == 1.0 else scale
         # TopKRouter builds its weight on the CPU and moves it to the current GPU in its first
         # gating(); this router puts everything it holds there now, so forward moves nothing.
         # (A weight built elsewhere, e.g. on the meta device for deferred init, stays there.)
@@ -235,7 +240,7 @@ class NullExpertRouter(TopKRouter):
             score_function=self.score_function,
             pre_softmax=self.config.moe_router_pre_softmax,
             gate_normalization=self.null_config.gate_normalization,
-            scaling_factor=self.config.moe_router_topk_scaling_factor,
+            scaling_factor=self.gate_scaling,
         )
         probs_TE, map_TE = rmath.scatter_real(gates_TK, routing.index_TK, self.num_real)
 

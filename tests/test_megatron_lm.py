@@ -88,11 +88,12 @@ def test_flags_defaults_and_values():
     assert null_config_from_args(args) == NullExpertConfig()
     args = parse(MIXTRAL_STYLE + ["--num-null-experts", "8", "--null-expert-logits", "per_expert",
                                   "--null-expert-gate-normalization", "keep_null_share",
+                                  "--null-expert-gate-scale", "slot_ratio",
                                   "--null-expert-target-real-per-token", "2",
                                   "--null-expert-budget-update-rate", "0.05"])
     assert null_config_from_args(args) == NullExpertConfig(
         num_null_experts=8, null_logits="per_expert", gate_normalization="keep_null_share",
-        target_real_per_token=2.0, budget_update_rate=0.05)
+        gate_scale="slot_ratio", target_real_per_token=2.0, budget_update_rate=0.05)
 
 
 def test_flags_are_strict_like_megatron_lm():

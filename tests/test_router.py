@@ -289,3 +289,29 @@ def test_stats_mask_of_the_wrong_size_is_named():
     router.stats_pad_mask = torch.zeros(2, 4, dtype=torch.bool)  # the layer sees [3, 2]
     with pytest.raises(ValueError, match="mask has 8 entries but this MoE layer routes 6 tokens"):
         router(torch.randn(3, 2, HIDDEN))
+
+
+@pytest.mark.parametrize("pre_softmax,megatron_factor", [(True, None), (True, 1.5), (False, None)])
+def test_gate_scale_slot_ratio_scales_pre_softmax_gates_by_slots_over_reals(pre_softmax,
+                                                                            megatron_factor):
+    """slot_ratio multiplies pre-softmax gates by (E + Z) / E, on top of megatron-core's
+    moe_router_topk_scaling_factor, picks unchanged; gates normalised over the picks (top-k then
+    softmax) are left as they are."""
+    torch.manual_seed(0)
+    E_, Z = 4, 12
+    config = moe_config(num_experts=E_, topk=2, moe_router_pre_softmax=pre_softmax,
+                        moe_router_topk_scaling_factor=megatron_factor)
+    plain = NullExpertRouter(config, null_config=NullExpertConfig(
+        num_null_experts=Z, gate_normalization="keep_null_share"))
+    scaled = NullExpertRouter(config, null_config=NullExpertConfig(
+        num_null_experts=Z, gate_normalization="keep_null_share", gate_scale="slot_ratio"))
+    for r in (plain, scaled):
+        r.set_layer_number(1)
+    scaled.load_state_dict(plain.state_dict())
+    x = torch.randn(6, 2, HIDDEN)
+    (p0, m0), (p1, m1) = plain(x), scaled(x)
+    factor = (E_ + Z) / E_ if pre_softmax else 1.0
+    assert torch.equal(m0, m1) and bool(m0.any())
+    assert torch.allclose(p1, p0 * factor, atol=1e-6)
+    expected = None if factor == 1.0 and not megatron_factor else factor * (megatron_factor or 1.0)
+    assert scaled.gate_scaling == expected

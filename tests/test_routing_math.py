@@ -115,3 +115,37 @@ def test_count_routing_histogram_modality_and_padding():
     total = stats + stats
     assert total.tokens == 6 and total.null_fraction == pytest.approx(0.5)
     assert math.isclose(stats.max_over_mean_load, 1.0)
+
+
+@pytest.mark.parametrize("scale,E,Z,score,pre,factor", [
+    ("slot_ratio", 8, 8, "softmax", True, 2.0),     # the text study's keep_scale_2
+    ("slot_ratio", 8, 24, "softmax", True, 4.0),
+    ("slot_ratio", 8, 8, "softmax", False, 1.0),    # normalised over the picks: no slot count
+    ("slot_ratio", 8, 8, "sigmoid", True, 1.0),
+    ("slot_ratio", 8, 0, "softmax", True, 1.0),     # no null slots: the plain router
+    ("none", 8, 8, "softmax", True, 1.0),
+])
+def test_gate_scale_factor(scale, E, Z, score, pre, factor):
+    assert rm.gate_scale_factor(scale, E, Z, score, pre) == factor
+
+
+def test_slot_ratio_gives_a_uniform_router_the_gate_of_top1_over_the_real_experts():
+    """Pre-softmax gates over E + Z equal logits are 1 / (E + Z); x (E + Z) / E is 1 / E, the
+    gate the same router has over the E experts alone."""
+    E_, Z = 4, 12
+    favour_real = torch.cat([torch.ones(E_), torch.zeros(Z)])  # selection only: picks reals
+    routing = rm.topk_over_slots(torch.zeros(2, E_ + Z), 2, pre_softmax=True,
+                                 selection_bias_S=favour_real)
+    factor = rm.gate_scale_factor("slot_ratio", E_, Z, "softmax", True)
+    gates = rm.real_gates(routing, E_, pre_softmax=True, gate_normalization="keep_null_share",
+                          scaling_factor=factor)
+    plain = rm.real_gates(rm.topk_over_slots(torch.zeros(2, E_), 1, pre_softmax=True), E_,
+                          pre_softmax=True)
+    real = gates[routing.index_TK < E_]
+    assert real.numel() == 4 and torch.allclose(real, torch.full_like(real, 1 / E_))
+    assert torch.allclose(plain.max(dim=-1).values, torch.full((2,), 1 / E_))
+
+
+def test_gate_scale_refuses_an_unknown_mode():
+    with pytest.raises(ValueError, match="gate_scale='double'.*slot_ratio"):
+        rm.gate_scale_factor("double", 8, 8)

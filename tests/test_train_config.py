@@ -441,3 +441,36 @@ def test_validate_runs_each_check_once(monkeypatch, tmp_path):
     cfg = load_config(overrides=[f"dir={tmp_path / 'run'}", "parallel.expert=1"])
     assert checks.validate(cfg, 1)[:2] == (1, cfg.data.global_batch_size // cfg.data.micro_batch_size)
     assert sorted(calls) == ["check_model", "check_pipeline", "null"]
+
+
+# ----------------------------------------------------------------------------- saved runs
+def test_a_saved_run_config_without_a_newer_null_field_reads_its_value_before_the_field(
+        tmp_path, monkeypatch):
+    """A run folder's config.yaml written before a null-expert field existed is read with the
+    value that field had in effect then (config.BEFORE_FIELD), not today's default; so are the
+    identities of its checkpoints, which refuse a resume that would change it."""
+    import yaml
+
+    from megatron_nullmoe import config as null_config_module
+    from megatron_nullmoe.train.checkpoint import identity_differences
+    from megatron_nullmoe.train.config import load_run_config
+    from megatron_nullmoe.train.loop import run_identity
+
+    # pretend the field's default changed after this config was saved
+    monkeypatch.setitem(null_config_module.BEFORE_FIELD, "gate_scale", "slot_ratio")
+    saved = load_config(None, ["model.null_experts.num_null_experts=4"]).to_dict()
+    del saved["model"]["null_experts"]["gate_scale"]
+    old = tmp_path / "old.yaml"
+    old.write_text(yaml.safe_dump(saved))
+    assert load_config(str(old)).model.null_experts.gate_scale == "none"  # today's default
+    assert load_run_config(old).model.null_experts.gate_scale == "slot_ratio"
+    named = tmp_path / "named.yaml"
+    saved["model"]["null_experts"]["gate_scale"] = "none"
+    named.write_text(yaml.safe_dump(saved))
+    assert load_run_config(named).model.null_experts.gate_scale == "none"
+
+    cfg = load_config(None, ["model.null_experts.num_null_experts=4"])
+    identity, defaults = run_identity(cfg, 100, 1)
+    del identity["null"]["gate_scale"]  # a checkpoint saved before the field
+    diffs = identity_differences(identity, run_identity(cfg, 100, 1)[0], defaults)
+    assert diffs == ["null.gate_scale: checkpoint 'slot_ratio', this run 'none'"]

@@ -118,7 +118,8 @@ def hf_config(model, tokenizer_ids: Optional[dict] = None) -> dict:
         router_topk=c.moe_router_topk, router_score_function=c.moe_router_score_function,
         router_pre_softmax=bool(c.moe_router_pre_softmax),
         gate_normalization=null.gate_normalization if null else "renormalize",
-        router_topk_scaling_factor=c.moe_router_topk_scaling_factor,
+        # megatron-core's top-k scaling times the null gate scale (the router's product)
+        router_topk_scaling_factor=moe[0].gate_scaling if moe else c.moe_router_topk_scaling_factor,
         normalization=c.normalization, norm_eps=c.layernorm_epsilon,
         position_embedding_type=model.position_embedding_type,
         rotary_base=int(getattr(model, "rotary_base", 10000)),

@@ -301,15 +301,15 @@ def transformer_config(args):
 
 def cpu_args(args) -> argparse.Namespace:
     """A copy of the run's args for the entry script's builder on one CPU rank: local layers,
-    and the null-expert flags' defaults where the run had none (a plain Megatron-LM run, or one
-    written before a flag existed)."""
-    from megatron_nullmoe.config import NullExpertConfig
+    and, for each null-expert flag the run had not, its value before the flag existed (a plain
+    Megatron-LM run, or one written before the flag existed)."""
+    from megatron_nullmoe.config import saved_defaults
     from megatron_nullmoe.megatron_lm.args import FLAGS, _dest
 
     out = copy.copy(args)
     out.transformer_impl = "local"
     out.spec = None
-    defaults = {f.name: f.default for f in dataclasses.fields(NullExpertConfig)}
+    defaults = saved_defaults()
     for name in FLAGS.values():
         if not hasattr(out, _dest(name)):
             setattr(out, _dest(name), defaults[name])

@@ -25,7 +25,7 @@ import torch
 from megatron_nullmoe.export.base import Source, SourceError, single_process
 from megatron_nullmoe.train.checkpoint import (MANIFEST, CheckpointError, newest_checkpoint,
                                                read_manifest)
-from megatron_nullmoe.train.config import ConfigError, RunConfig, load_config
+from megatron_nullmoe.train.config import ConfigError, RunConfig, load_run_config
 
 
 KINDS = ("a run folder (config.yaml and checkpoints/)", "a checkpoint folder (iter_NNNNNNN with "
@@ -92,7 +92,7 @@ def _config(path: Path | str, ckpt: Optional[Path] = None) -> RunConfig:
         where = f" for checkpoint {ckpt}" if ckpt else ""
         raise SourceError(f"no run config{where}: {path} does not exist (give --config RUN/config.yaml)")
     try:
-        return load_config(str(path))
+        return load_run_config(path)
     except ConfigError as err:
         raise SourceError(f"run config {path}: {err}") from None
 

@@ -17,6 +17,7 @@ import torch
 
 SCORE_FUNCTIONS = ("softmax", "sigmoid")
 GATE_NORMALIZATIONS = ("renormalize", "keep_null_share")
+GATE_SCALES = ("none", "slot_ratio")
 
 
 class SlotRouting(NamedTuple):
@@ -76,6 +77,24 @@ def topk_over_slots(
     select_TS = scores_TS if selection_bias_S is None else scores_TS + selection_bias_S
     _, index_TK = torch.topk(select_TS, k=topk, dim=-1)
     return SlotRouting(torch.gather(scores_TS, -1, index_TK), index_TK)
+
+
+def gate_scale_factor(gate_scale: str, num_real: int, num_null: int,
+                      score_function: str = "softmax", pre_softmax: bool = False) -> float:
+    """The factor `gate_scale` puts on every real gate.
+
+    "slot_ratio": (E + Z) / E on pre-softmax gates, 1 otherwise. Pre-softmax gates are softmax
+    probabilities over all E + Z slots, so adding Z null slots shrinks each real gate by about
+    E / (E + Z) against the same router over E experts (a uniform router gives 1 / (E + Z)
+    against 1 / E); the factor restores the scale the experts' outputs had without null slots.
+    Gates normalised over the k picks (top-k then softmax, sigmoid) do not depend on the number
+    of slots, and keep factor 1. "none": 1.
+    """
+    if gate_scale not in GATE_SCALES:
+        raise ValueError(f"gate_scale={gate_scale!r}; valid: {GATE_SCALES}")
+    if gate_scale == "none" or not num_null or score_function != "softmax" or not pre_softmax:
+        return 1.0
+    return (num_real + num_null) / num_real
 
 
 def real_gates(

@@ -17,7 +17,7 @@ from typing import Any, Optional
 
 import yaml
 
-from megatron_nullmoe.config import NullExpertConfig
+from megatron_nullmoe.config import BEFORE_FIELD, NullExpertConfig
 
 
 class ConfigError(ValueError):
@@ -225,6 +225,21 @@ def load_config(recipe: Optional[str] = None, overrides: tuple[str, ...] | list[
             raise ConfigError(f"override {item!r}: the value is not valid YAML (quote strings "
                               "that contain [ ] { } : or #)") from None
     return _build(RunConfig, merged, prefix="")
+
+
+def load_run_config(path: str | Path) -> RunConfig:
+    """A run folder's config.yaml, as the trainer saved it. A null-expert field it does not name
+    takes the value it had before the field existed (`config.BEFORE_FIELD`), not today's
+    default: the run is read as it trained."""
+    try:
+        saved = yaml.safe_load(Path(path).read_text()) if Path(path).is_file() else None
+    except yaml.YAMLError:
+        saved = None  # load_config names the problem
+    null = ((saved.get("model") or {}) if isinstance(saved, dict) else {}) or {}
+    null = null.get("null_experts") if isinstance(null, dict) else None
+    named = set(null) if isinstance(null, dict) else set()
+    return load_config(str(path), [f"model.null_experts.{key}={value}"
+                                   for key, value in BEFORE_FIELD.items() if key not in named])
 
 
 def save_config(cfg: RunConfig, path: Path) -> None:

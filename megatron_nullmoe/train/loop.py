@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 from megatron_nullmoe import (check_routers, collectives, parallel, set_vision_mask,
                               start_null_slots_unpicked, update_null_budget)
-from megatron_nullmoe.config import NullExpertConfig
+from megatron_nullmoe.config import saved_defaults
 from megatron_nullmoe.train import faults
 from megatron_nullmoe.train.accounting import RunAccounting
 from megatron_nullmoe.train.checkpoint import (CheckpointError, Checkpointer, init_weights_from,
@@ -87,7 +87,7 @@ def run_identity(cfg: RunConfig, vocab_size: int, world_size: int) -> tuple[dict
                 "parallel": {k: v for k, v in dataclasses.asdict(cfg.parallel).items()
                              if k != "backend"}}
     defaults = {"model": dataclasses.asdict(Model()),
-                "null": dataclasses.asdict(NullExpertConfig())}
+                "null": saved_defaults()}
     return identity, defaults
 
 
