@@ -623,3 +623,32 @@ def test_a_stopped_run_gets_its_grace_to_save_and_a_late_one_is_killed(tmp_path,
         assert (f"killed a/seed1 before it saved; it resumes from step {step}" in said) == (
             grace < 1), said
         assert (runs[0].folder / "checkpoints" / "latest").read_text() == f"iter_{step:07d}"
+
+
+def test_a_kept_seed_is_judged_by_the_config_it_trained(tmp_path):
+    """An earlier seed with a saved config.yaml stays when that config is what its variant
+    trains now (an override that restates a default changes nothing), and is dropped when it
+    trained something else under the same overrides (a default changed since)."""
+    import yaml
+
+    from megatron_nullmoe.sweep.state import read_plan, write_plan
+    from megatron_nullmoe.train.config import save_config
+
+    def plan_for(seeds, variants):
+        path = write_sweep(tmp_path, overrides={"steps": 4}, variants=variants, seeds=seeds)
+        sweep, runs = planned(path)
+        for r in runs:
+            r.folder.mkdir(parents=True, exist_ok=True)
+            save_config(r.cfg, r.folder / "config.yaml")  # as the trainer does when it starts
+        write_plan(sweep.root, path, sweep.base, runs)
+        return sweep.root, [e["key"] for e in read_plan(sweep.root)]
+
+    root, keys = plan_for([1], {"a": {}, "b": {"model.router_topk": 1}})
+    topk = yaml.safe_load((root / "a/seed1/config.yaml").read_text())["model"]["router_topk"]
+    _, keys = plan_for([2], {"a": {"model.router_topk": topk}, "b": {"model.router_topk": 1}})
+    assert keys == ["a/seed1", "b/seed1", "a/seed2", "b/seed2"]
+    saved = yaml.safe_load((root / "b/seed1/config.yaml").read_text())
+    saved["optim"]["lr"] = saved["optim"]["lr"] * 2  # what b/seed1 trained differs from b now
+    (root / "b/seed1/config.yaml").write_text(yaml.safe_dump(saved))
+    _, keys = plan_for([3], {"a": {"model.router_topk": topk}, "b": {"model.router_topk": 1}})
+    assert keys == ["a/seed1", "a/seed2", "b/seed2", "a/seed3", "b/seed3"]

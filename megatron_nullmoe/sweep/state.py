@@ -113,8 +113,11 @@ def write_plan(root: Path, sweep_file: Path, base: Path, runs, compare=None) -> 
     and the sweep's `compare` pairs for `report`.
 
     Runs of the previous plan that this one leaves out are kept when their folder exists and
-    their variant and grid point are still planned with the same overrides and steps: seeds run
-    earlier (`run --seeds 4,5,6` after seeds 1-3) stay in the report. A run whose variant
+    their variant and grid point are still planned to train the same: seeds run earlier (`run
+    --seeds 4,5,6` after seeds 1-3) stay in the report. "The same" is the run's saved
+    config.yaml against the config planned now, less seed, folder and name (an override that
+    restates a default changes nothing; a changed default that changes what the variant trains
+    drops the run); a run not started yet compares its overrides and steps. A run whose variant
     was changed or removed is dropped, as its results describe another setting."""
     root.mkdir(parents=True, exist_ok=True)
     entries = [
@@ -122,6 +125,7 @@ def write_plan(root: Path, sweep_file: Path, base: Path, runs, compare=None) -> 
          "seed": r.seed, "folder": str(r.folder.relative_to(root)), "steps": r.cfg.steps,
          "overrides": list(r.overrides)} for r in runs]
     setting = {e["label"]: _setting(e) for e in entries}
+    resolved = {r.label: _resolved(r.cfg.to_dict()) for r in runs}
     planned = {e["key"] for e in entries}
     path = root / PLAN_FILE
     if path.is_file():
@@ -130,14 +134,33 @@ def write_plan(root: Path, sweep_file: Path, base: Path, runs, compare=None) -> 
         except (OSError, ValueError, AttributeError):
             earlier = []  # an unreadable plan is rewritten from this sweep alone
         kept = [e for e in earlier if isinstance(e, dict) and e.get("key") not in planned
-                and e.get("label") in setting and setting[e["label"]] == _setting(e)
-                and (root / str(e.get("folder", ""))).is_dir()]
+                and e.get("label") in setting and (root / str(e.get("folder", ""))).is_dir()
+                and _trains_the_same(e, root, setting[e["label"]], resolved[e["label"]])]
         if kept:  # seeds are the outer loop, as `plan` orders them
             rank = {label: i for i, label in enumerate(setting)}
             entries = sorted(entries + kept, key=lambda e: (e["seed"], rank[e["label"]]))
     plan = {"sweep_file": str(sweep_file.resolve()), "base": str(base),
             "compare": {k: list(v) for k, v in (compare or {}).items()}, "runs": entries}
     path.write_text(json.dumps(plan, indent=1) + "\n")
+
+
+def _resolved(config: dict) -> dict:
+    """A run's whole config, less what differs by seed (its seed, folder and name)."""
+    return {k: v for k, v in config.items() if k not in ("seed", "dir", "name")}
+
+
+def _trains_the_same(entry: dict, root: Path, setting: tuple, resolved: dict) -> bool:
+    """Whether an earlier plan's run trains what its label is planned to train now: by the
+    config.yaml it saved when it started (read as it trained), else by overrides and steps."""
+    from megatron_nullmoe.train.config import ConfigError, load_run_config
+
+    saved = root / str(entry.get("folder", "")) / "config.yaml"
+    if not saved.is_file():
+        return _setting(entry) == setting
+    try:
+        return _resolved(load_run_config(saved).to_dict()) == resolved
+    except ConfigError:  # written by a version whose keys this one does not know
+        return False
 
 
 def _setting(entry: dict) -> tuple:
