@@ -583,6 +583,23 @@ def test_along_training_pairs_each_evaluation_step_and_keeps_the_last():
     assert along_training(runs[:1] + runs[3:4], {"ab": ("a", "b")}) == []  # one seed: no interval
 
 
+def _slow_saving_trainer(run, base, nproc):
+    """A stand-in trainer: checkpoint 3 at once, then on SIGTERM 1 s to save checkpoint 7."""
+    code = (f"import pathlib, signal, sys, time\n"
+            f"folder = pathlib.Path({str(run.folder)!r})\n"
+            "def stop(*_):\n"
+            "    time.sleep(1.0)\n"
+            "    (folder / 'checkpoints').mkdir(exist_ok=True)\n"
+            "    (folder / 'checkpoints' / 'latest').write_text('iter_0000007')\n"
+            "    sys.exit(75)\n"
+            "signal.signal(signal.SIGTERM, stop)\n"
+            "(folder / 'checkpoints').mkdir(exist_ok=True)\n"
+            "(folder / 'checkpoints' / 'latest').write_text('iter_0000003')\n"
+            "(folder / 'metrics.jsonl').write_text('{\"step\": 5}\\n')\n"
+            "time.sleep(60)\n")
+    return [sys.executable, "-c", code]
+
+
 def test_a_stopped_run_gets_its_grace_to_save_and_a_late_one_is_killed(tmp_path, monkeypatch):
     """SIGTERM to the sweep: every run gets the TERM and `stop_grace` seconds. A stand-in trainer
     that takes 1 s to save (longer than torchrun's habit would allow at a grace of 0.3 s, well
@@ -592,22 +609,7 @@ def test_a_stopped_run_gets_its_grace_to_save_and_a_late_one_is_killed(tmp_path,
 
     from megatron_nullmoe.sweep import local
 
-    def fake(run, base, nproc):
-        code = (f"import pathlib, signal, sys, time\n"
-                f"folder = pathlib.Path({str(run.folder)!r})\n"
-                "def stop(*_):\n"
-                "    time.sleep(1.0)\n"
-                "    (folder / 'checkpoints').mkdir(exist_ok=True)\n"
-                "    (folder / 'checkpoints' / 'latest').write_text('iter_0000007')\n"
-                "    sys.exit(75)\n"
-                "signal.signal(signal.SIGTERM, stop)\n"
-                "(folder / 'checkpoints').mkdir(exist_ok=True)\n"
-                "(folder / 'checkpoints' / 'latest').write_text('iter_0000003')\n"
-                "(folder / 'metrics.jsonl').write_text('{\"step\": 5}\\n')\n"
-                "time.sleep(60)\n")
-        return [sys.executable, "-c", code]
-
-    monkeypatch.setattr(local, "command", fake)
+    monkeypatch.setattr(local, "command", _slow_saving_trainer)
     for grace, step in ((5.0, 7), (0.3, 3)):
         (tmp_path / str(grace)).mkdir()
         path = write_sweep(tmp_path / str(grace), variants={"a": TOP2})
@@ -652,3 +654,29 @@ def test_a_kept_seed_is_judged_by_the_config_it_trained(tmp_path):
     (root / "b/seed1/config.yaml").write_text(yaml.safe_dump(saved))
     _, keys = plan_for([3], {"a": {"model.router_topk": topk}, "b": {"model.router_topk": 1}})
     assert keys == ["a/seed1", "a/seed2", "b/seed2", "a/seed3", "b/seed3"]
+
+
+def test_sigint_stops_a_sweep_started_where_sigint_is_ignored(tmp_path, monkeypatch):
+    """A shell starts background jobs (`sweep run ... &`, nohup) with SIGINT ignored, which
+    Python keeps; `kill -INT` must still stop the sweep as Ctrl-C does: every run gets its TERM
+    and saves."""
+    import threading
+
+    from megatron_nullmoe.sweep import local
+
+    monkeypatch.setattr(local, "command", _slow_saving_trainer)
+    path = write_sweep(tmp_path, variants={"a": TOP2})
+    runs = plan(load_sweep(path))
+    said = []
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    timer = threading.Timer(3.0, os.kill, (os.getpid(), signal.SIGINT))
+    try:
+        timer.start()
+        with pytest.raises(KeyboardInterrupt):
+            local.run_local(runs, Path(DEMO), poll=0.05, stop_grace=5.0, echo=said.append)
+        assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN  # given back as it was
+    finally:
+        timer.cancel()
+        signal.signal(signal.SIGINT, before)
+    assert any("each saves a checkpoint" in s for s in said), said
+    assert (runs[0].folder / "checkpoints" / "latest").read_text() == "iter_0000007"

@@ -100,7 +100,9 @@ def run_local(runs: list[Run], base: Path, parallel: int = 1, nproc: int = 1,
              f"{n['failed']} | stopped {n['stopped']} | pending {len(todo)} of {len(runs)}"
              + (f" | elsewhere {n['elsewhere']}" if n["elsewhere"] else "") + f" | {event}")
 
-    previous = signal.signal(signal.SIGTERM, _raise_stop)
+    # SIGINT too, explicitly (as torchrun does): a shell starts a background job (`&`, nohup)
+    # with SIGINT ignored, and Python keeps that, so `kill -INT` would otherwise do nothing.
+    previous = {sig: signal.signal(sig, _raise_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
     last_status = time.monotonic()
     try:
         while todo or active:
@@ -153,7 +155,8 @@ def run_local(runs: list[Run], base: Path, parallel: int = 1, nproc: int = 1,
         echo(f"interrupted: stopped {len(active)} run(s); `run` again resumes them")
         raise KeyboardInterrupt from None
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     return outcome
 
 
