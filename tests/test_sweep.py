@@ -437,7 +437,11 @@ def test_report_compares_pairs_by_seed_with_an_interval_and_a_verdict(tmp_path):
     assert rows["noise", "final_val_loss"]["verdict"] == "within noise"
     assert rows["gate", "val_loss_at_budget"]["verdict"] == "big lower"  # same FLOPs: budget = end
     md = (root / "results.md").read_text()
-    assert "| gate | big - small | final val loss | 3 | -0.3000 ± 0.0248 | big lower |" in md
+    assert ("| gate | big - small | final val loss | 3 | -0.3000 ± 0.0248 | -0.3000 | 3 of 3 | "
+            "big lower |") in md
+    # one outlying seed: the median and the count say what the mean hides
+    noise = rows["noise", "final_val_loss"]
+    assert float(noise["median"]) == pytest.approx(-0.1) and noise["a_lower"] == "2"
     # along training: the same paired difference at each evaluation step both sides logged
     assert "Along training" in md and "| gate | big - small | 2 | 3 | -0.3000 ± 0.0248 | big lower |" in md
 

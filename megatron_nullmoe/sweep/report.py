@@ -11,7 +11,9 @@ as missing. Plots: loss against realised FLOPs per variant (the frontier; mean o
 train curve, validation points as markers, the budget dashed), and null rate by modality
 against step. With `compare` pairs in the sweep file, results.md and comparisons.csv give A - B
 per pair on the final and matched-FLOP validation losses, paired by seed, with a 95% interval and
-a verdict (a side is lower only when the interval excludes 0), and "along training": the same
+a verdict (a side is lower only when the interval excludes 0), beside two readings that one
+outlying seed cannot swing (the median of A - B, and on how many seeds A is lower), and "along
+training": the same
 paired difference in validation loss at each evaluation step (does a gap close, stay or grow).
 """
 
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import csv
 import json
+import statistics
 from pathlib import Path
 from typing import Optional
 
@@ -29,6 +32,7 @@ from megatron_nullmoe.sweep.stats import (
     matched_budget,
     mean_interval,
     paired_difference,
+    paired_diffs,
     verdict,
 )
 
@@ -122,10 +126,13 @@ def comparisons(runs: list[dict], compare: dict[str, tuple[str, str]]) -> list[d
             by = {v: {r["seed"]: r for r in runs if r["variant"] == v and r["point"] == point}
                   for v in (a, b)}
             for key in COMPARED:
-                mean, half, n = paired_difference({s: r[key] for s, r in by[a].items()},
-                                                  {s: r[key] for s, r in by[b].items()})
+                diffs = paired_diffs({s: r[key] for s, r in by[a].items()},
+                                     {s: r[key] for s, r in by[b].items()})
+                mean, half, n = mean_interval(diffs)
                 out.append({"name": name, "a": a, "b": b, "point": point, "metric": key,
-                            "n": n, "mean": mean, "ci95": half, "verdict": verdict(mean, half, a, b)})
+                            "n": n, "mean": mean, "ci95": half, "verdict": verdict(mean, half, a, b),
+                            "median": statistics.median(diffs) if diffs else None,
+                            "a_lower": sum(d < 0 for d in diffs)})
     return out
 
 
@@ -205,13 +212,15 @@ def write_tables(root: Path, out: Path, runs, missing, groups, budgets, compared
         rows = [c for c in compared if c["point"] == point]
         if rows:
             lines += ["Comparisons: A - B paired by seed, mean ± 95% half-width; a side is lower "
-                      "only when the interval excludes 0.", "",
-                      "| comparison | A - B | loss | seeds | A - B (mean ± 95%) | verdict |",
-                      "|---|---|---|---:|---:|---|"]
+                      "only when the interval excludes 0. The median and the count of seeds "
+                      "where A is lower are there to see whether one seed makes the mean.", "",
+                      "| comparison | A - B | loss | seeds | A - B (mean ± 95%) | median | "
+                      "A lower on | verdict |", "|---|---|---|---:|---:|---:|---:|---|"]
             for c in rows:
                 diff = _fmt(c["mean"], 4) + ("" if c["ci95"] is None else f" ± {_fmt(c['ci95'], 4)}")
                 lines.append(f"| {c['name']} | {c['a']} - {c['b']} | {METRICS[c['metric']][0]} | "
-                             f"{c['n']} | {diff} | {c['verdict']} |")
+                             f"{c['n']} | {diff} | {_fmt(c['median'], 4)} | "
+                             f"{c['a_lower']} of {c['n']} | {c['verdict']} |")
             lines.append("")
         rows = [c for c in along if c["point"] == point]
         if rows:
@@ -228,12 +237,13 @@ def write_tables(root: Path, out: Path, runs, missing, groups, budgets, compared
         axes = list(dict.fromkeys(axis for c in compared for axis, _ in c["point"]))
         with (out / "comparisons.csv").open("w", newline="") as f:
             w = csv.writer(f)
-            w.writerow(["comparison", "a", "b", *axes, "metric", "n", "mean", "ci95", "verdict"])
+            w.writerow(["comparison", "a", "b", *axes, "metric", "n", "mean", "ci95", "median",
+                        "a_lower", "verdict"])
             for c in compared:
                 point = dict(c["point"])
                 w.writerow([c["name"], c["a"], c["b"], *(point.get(x) for x in axes), c["metric"],
-                            c["n"], *("" if c[k] is None else c[k] for k in ("mean", "ci95")),
-                            c["verdict"]])
+                            c["n"], *("" if c[k] is None else c[k] for k in ("mean", "ci95", "median")),
+                            c["a_lower"], c["verdict"]])
     (out / "results.md").write_text("\n".join(lines))
 
 

@@ -79,13 +79,18 @@ def matched_budget(final_flops: Sequence[float]) -> float:
     return min(final_flops)
 
 
+def paired_diffs(a_by_seed: dict[int, Optional[float]], b_by_seed: dict[int, Optional[float]]
+                 ) -> list[float]:
+    """A - B for each seed where both have a value, in seed order."""
+    return [a_by_seed[s] - b_by_seed[s] for s in sorted(set(a_by_seed) & set(b_by_seed))
+            if a_by_seed[s] is not None and b_by_seed[s] is not None]
+
+
 def paired_difference(a_by_seed: dict[int, Optional[float]], b_by_seed: dict[int, Optional[float]]
                       ) -> tuple[Optional[float], Optional[float], int]:
     """Mean of A - B over the seeds where both have a value, with its 95% half-width: the seed is
     the unit (same data order, same seed), so seed-to-seed variation common to both cancels."""
-    diffs = [a_by_seed[s] - b_by_seed[s] for s in sorted(set(a_by_seed) & set(b_by_seed))
-             if a_by_seed[s] is not None and b_by_seed[s] is not None]
-    return mean_interval(diffs)
+    return mean_interval(paired_diffs(a_by_seed, b_by_seed))
 
 
 def verdict(mean: Optional[float], half: Optional[float], a: str, b: str) -> str:
