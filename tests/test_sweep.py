@@ -660,6 +660,29 @@ def test_a_kept_seed_is_judged_by_the_config_it_trained(tmp_path):
     assert keys == ["a/seed1", "a/seed2", "b/seed2", "a/seed3", "b/seed3"]
 
 
+def test_an_earlier_seed_of_a_variant_that_starts_from_another_is_kept(tmp_path):
+    """A variant with `checkpoint.init_from: "@SOURCE"` starts each seed from that seed's source
+    run: the path differs by seed, the setting does not, so adding seeds keeps the earlier ones
+    (with or without the config.yaml a started run saves)."""
+    from megatron_nullmoe.sweep.state import read_plan, write_plan
+    from megatron_nullmoe.train.config import save_config
+
+    variants = {"src": {}, "b": {"checkpoint.init_from": "@src", "model.router_topk": 1}}
+    for saved in (False, True):
+        base = tmp_path / str(saved)
+        base.mkdir()
+        for seeds in ([1], [2]):
+            path = write_sweep(base, overrides={"steps": 4}, variants=variants, seeds=seeds)
+            sweep, runs = planned(path)
+            for r in runs:
+                r.folder.mkdir(parents=True, exist_ok=True)
+                if saved:
+                    save_config(r.cfg, r.folder / "config.yaml")
+            write_plan(sweep.root, path, sweep.base, runs)
+        keys = [e["key"] for e in read_plan(sweep.root)]
+        assert keys == ["src/seed1", "b/seed1", "src/seed2", "b/seed2"], (saved, keys)
+
+
 def test_sigint_stops_a_sweep_started_where_sigint_is_ignored(tmp_path, monkeypatch):
     """A shell starts background jobs (`sweep run ... &`, nohup) with SIGINT ignored, which
     Python keeps; `kill -INT` must still stop the sweep as Ctrl-C does: every run gets its TERM

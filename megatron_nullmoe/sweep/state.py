@@ -124,8 +124,8 @@ def write_plan(root: Path, sweep_file: Path, base: Path, runs, compare=None) -> 
         {"key": r.key, "label": r.label, "variant": r.variant, "point": [list(p) for p in r.point],
          "seed": r.seed, "folder": str(r.folder.relative_to(root)), "steps": r.cfg.steps,
          "overrides": list(r.overrides)} for r in runs]
-    setting = {e["label"]: _setting(e) for e in entries}
-    resolved = {r.label: _resolved(r.cfg.to_dict()) for r in runs}
+    setting = {e["label"]: _setting(e, root) for e in entries}
+    resolved = {r.label: _resolved(r.cfg.to_dict(), root) for r in runs}
     planned = {e["key"] for e in entries}
     path = root / PLAN_FILE
     if path.is_file():
@@ -144,9 +144,23 @@ def write_plan(root: Path, sweep_file: Path, base: Path, runs, compare=None) -> 
     path.write_text(json.dumps(plan, indent=1) + "\n")
 
 
-def _resolved(config: dict) -> dict:
-    """A run's whole config, less what differs by seed (its seed, folder and name)."""
-    return {k: v for k, v in config.items() if k not in ("seed", "dir", "name")}
+def _per_seed_source(path: object, seed: object, root: Path) -> bool:
+    """Whether `path` is a run of this sweep with the given seed: the checkpoint an "@SOURCE"
+    variant starts from (<root>/<source label>/seed<S>), which differs by seed only."""
+    if not isinstance(path, str) or seed is None:
+        return False
+    p = Path(path.strip("'\""))
+    return p.name == f"seed{seed}" and p.parent.parent == Path(root)
+
+
+def _resolved(config: dict, root: Path) -> dict:
+    """A run's whole config, less what differs by seed (its seed, folder and name, and the
+    same seed's source checkpoint of an "@SOURCE" variant)."""
+    out = {k: v for k, v in config.items() if k not in ("seed", "dir", "name")}
+    ckpt = out.get("checkpoint")
+    if isinstance(ckpt, dict) and _per_seed_source(ckpt.get("init_from"), config.get("seed"), root):
+        out["checkpoint"] = {**ckpt, "init_from": "@source"}
+    return out
 
 
 def _trains_the_same(entry: dict, root: Path, setting: tuple, resolved: dict) -> bool:
@@ -156,17 +170,21 @@ def _trains_the_same(entry: dict, root: Path, setting: tuple, resolved: dict) ->
 
     saved = root / str(entry.get("folder", "")) / "config.yaml"
     if not saved.is_file():
-        return _setting(entry) == setting
+        return _setting(entry, root) == setting
     try:
-        return _resolved(load_run_config(saved).to_dict()) == resolved
+        return _resolved(load_run_config(saved).to_dict(), root) == resolved
     except ConfigError:  # written by a version whose keys this one does not know
         return False
 
 
-def _setting(entry: dict) -> tuple:
-    """What a planned run trains, less what differs by seed (its seed, folder and name)."""
+def _setting(entry: dict, root: Path) -> tuple:
+    """What a planned run trains, less what differs by seed (its seed, folder and name, and
+    the same seed's source checkpoint of an "@SOURCE" variant)."""
+    prefix = "checkpoint.init_from="
     overrides = [o for o in entry.get("overrides", [])
-                 if not str(o).startswith(("seed=", "dir=", "name="))]
+                 if not str(o).startswith(("seed=", "dir=", "name="))
+                 and not (str(o).startswith(prefix) and _per_seed_source(
+                     str(o)[len(prefix):], entry.get("seed"), root))]
     return overrides, entry.get("steps")
 
 
