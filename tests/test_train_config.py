@@ -402,7 +402,8 @@ def test_null_expert_config_is_the_one_source_of_its_knobs():
     assert null_config(cfg) == NullExpertConfig()
     assert set(cfg.to_dict()["model"]["null_experts"]) == set(names)
     values = dict(num_null_experts=4, null_logits="per_expert",
-                  gate_normalization="keep_null_share", target_real_per_token=1.5,
+                  gate_normalization="keep_null_share", gate_scale="slot_ratio",
+                  target_real_per_token=1.5,
                   budget_update_rate=0.2, target_start_real_per_token=3.0,
                   target_schedule_steps=10, target_schedule="cosine")
     assert set(values) == set(FLAGS.values())  # a new field needs a value in this test too
