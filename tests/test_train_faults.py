@@ -342,3 +342,39 @@ def test_stop_signals_reach_the_rank_flag_but_not_its_helpers(tmp_path):
     assert out.stdout.splitlines() == ["True 2 True alive", "[] True"]
     # not the daemon's 60 s sleep (start-up alone took 22 s on a loaded 2-core host)
     assert time.monotonic() - start < 50
+
+
+def test_watchdog_does_not_count_time_the_process_was_suspended():
+    """SIGSTOP / SIGCONT (Ctrl-Z, `scontrol suspend`) freezes every thread: after SIGCONT the
+    wall clock has moved past the stall timeout, but the rank did not stall; the run goes on.
+    A real stall after that is still caught."""
+    from megatron_nullmoe.train import faults
+
+    code = (
+        "import sys, time\n"
+        "from megatron_nullmoe.train import faults\n"
+        "dog = faults.Watchdog(2.0)\n"
+        "dog.beat(1, 0)\n"
+        "print('ready', flush=True)\n"
+        "sys.stdin.readline()\n"  # a step: it ends when the parent says so
+        "dog.beat(2, 0)\n"
+        "print('survived', flush=True)\n"
+        "time.sleep(10.0)\n"  # now a stall: the watchdog ends the process
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        time.sleep(0.3)
+        proc.send_signal(signal.SIGSTOP)
+        time.sleep(3.0)  # past the timeout of 2 s, frozen
+        proc.send_signal(signal.SIGCONT)
+        time.sleep(0.5)  # the step goes on for a while after the resume
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert "survived" in out, out
+    assert proc.returncode == faults.EXIT_STALLED and "made no progress" in out, out

@@ -198,8 +198,15 @@ class Watchdog:
 
     def _watch(self) -> None:
         poll = min(5.0, self.timeout_s / 4)
+        tick = time.monotonic()
         while not self._stop.wait(poll):
-            idle = time.monotonic() - self.last
+            now = time.monotonic()
+            frozen, tick = now - tick - poll, now
+            if frozen > max(poll, 1.0):
+                # This thread itself did not run for that long: the whole process was suspended
+                # (SIGSTOP, Ctrl-Z, `scontrol suspend`). That time is not a stall of this rank.
+                self.last += frozen
+            idle = now - self.last
             if idle > self.timeout_s and not self.held:
                 self.log(self.report(idle))
                 sys.stdout.flush()
