@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Optional
 
 from megatron_nullmoe.routing.math import GATE_NORMALIZATIONS, GATE_SCALES  # the math defines them
@@ -297,6 +297,4 @@ class NullExpertConfig:
 def saved_defaults() -> dict[str, Any]:
     """Each NullExpertConfig field's value for a config or checkpoint that does not name it: the
     value it had in effect before the field existed (`BEFORE_FIELD`), else its default."""
-    from dataclasses import fields
-
     return {f.name: BEFORE_FIELD.get(f.name, f.default) for f in fields(NullExpertConfig)}
