@@ -15,6 +15,7 @@ from typing import Any, Optional
 from megatron_nullmoe.routing.math import GATE_NORMALIZATIONS, GATE_SCALES  # the math defines them
 
 NULL_LOGIT_MODES = ("shared", "per_expert")
+NULL_INITS = ("normal", "zero")
 TARGET_SCHEDULES = ("linear", "cosine")
 SUPPORTED_DISPATCHERS = ("alltoall", "allgather")
 
@@ -50,6 +51,11 @@ class NullExpertConfig:
         takes top-k over E + Z slots; each token runs between 0 and k real experts.
     null_logits: "shared" (default): one learned router row gives one null logit per token,
         replicated in the Z slots (a learned threshold). "per_expert": Z router rows (AdaMoE).
+    null_init: the null rows' starting values. "normal" (default): the model's init_method, as the
+        real experts' router rows, from a random stream of their own (so every other parameter
+        starts as it would without null slots). "zero": every null logit starts at 0 for every
+        token, a flat threshold, and the seed no longer draws which tokens skip experts at the
+        start (per_expert rows then start tied, and top-k breaks the tie by slot order).
     gate_normalization: "renormalize" (default): real gates take over the null picks' share, so
         the null logit gets no task-loss gradient (only the balancing and z losses shape it).
         "keep_null_share": the null share is dropped, and the task loss reaches the null logit.
@@ -78,6 +84,10 @@ class NullExpertConfig:
     null_logits: str = _knob(
         "shared", "shared: one learned null logit replicated in the Z slots; per_expert: one "
         "router row per null slot (AdaMoE)", choices=NULL_LOGIT_MODES)
+    null_init: str = _knob(
+        "normal", "the null rows' starting values: normal: the model's init_method, as a real "
+        "expert's router row; zero: every null logit starts at 0 (a flat threshold)",
+        choices=NULL_INITS)
     gate_normalization: str = _knob(
         "renormalize", "renormalize: real gates take over the null share; keep_null_share: the "
         "null share is dropped (the task loss reaches the null logit)",
@@ -114,6 +124,8 @@ class NullExpertConfig:
             _fail("num_null_experts", self.num_null_experts, "an integer >= 0")
         if self.null_logits not in NULL_LOGIT_MODES:
             _fail("null_logits", self.null_logits, f"one of {NULL_LOGIT_MODES}")
+        if self.null_init not in NULL_INITS:
+            _fail("null_init", self.null_init, f"one of {NULL_INITS}")
         if self.gate_normalization not in GATE_NORMALIZATIONS:
             _fail("gate_normalization", self.gate_normalization, f"one of {GATE_NORMALIZATIONS}")
         if self.gate_scale not in GATE_SCALES:

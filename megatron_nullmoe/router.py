@@ -172,8 +172,13 @@ class NullExpertRouter(TopKRouter):
         """Null rows draw from a random stream of their own, seeded by the run's seed and the
         layer number, and leave the model's stream untouched: with one seed, every parameter a
         model without null slots has starts bit-equal in every variant (so paired comparisons
-        cancel the initialisation), and the null rows differ from layer to layer."""
-        if self.config.perform_initialization and self.null_weight.device.type != "meta":
+        cancel the initialisation), and the null rows differ from layer to layer. With
+        `null_init="zero"` they start at zero (a null logit of 0 for every token)."""
+        on_meta = self.null_weight.device.type == "meta"
+        if self.null_config.null_init == "zero" and not on_meta:
+            with torch.no_grad():
+                self.null_weight.zero_()
+        elif self.config.perform_initialization and not on_meta:
             devices = [self.null_weight.device] if self.null_weight.device.type == "cuda" else []
             with torch.random.fork_rng(devices=devices):
                 torch.manual_seed(null_init_seed(torch.initial_seed(), self.layer_number))

@@ -401,7 +401,7 @@ def test_null_expert_config_is_the_one_source_of_its_knobs():
     cfg = load_config(None, [])
     assert null_config(cfg) == NullExpertConfig()
     assert set(cfg.to_dict()["model"]["null_experts"]) == set(names)
-    values = dict(num_null_experts=4, null_logits="per_expert",
+    values = dict(num_null_experts=4, null_logits="per_expert", null_init="zero",
                   gate_normalization="keep_null_share", gate_scale="slot_ratio",
                   target_real_per_token=1.5,
                   budget_update_rate=0.2, target_start_real_per_token=3.0,
