@@ -42,7 +42,7 @@ def test_zero_nulls_equals_topk_router(case, with_padding):
         bias = torch.randn(6) * 0.05
         ours.expert_bias.copy_(bias)
         theirs.expert_bias.copy_(bias)
-    x = torch.randn(5, 3, HIDDEN)
+    x = torch.randn(5, 3, HIDDEN, generator=torch.Generator().manual_seed(17))
     pad = torch.zeros(5, 3, dtype=torch.bool)
     pad[-2:, 1] = True
     results = []
@@ -61,9 +61,12 @@ def test_zero_nulls_equals_topk_router(case, with_padding):
     assert torch.equal(m1, m2)
     assert torch.equal(p1, p2)
     # Gradients: same math, but megatron-core's gating has a hand-written backward, so the last
-    # bits may differ by summation order.
-    torch.testing.assert_close(gx1, gx2, rtol=1e-5, atol=1e-7)
-    torch.testing.assert_close(gw1, gw2, rtol=1e-5, atol=1e-7)
+    # bits may differ by summation order: a few float32 ulps of the summands, which can be larger
+    # than a small element (seen: 2.9e-7 on an element of 0.016, with a random input drawn from
+    # wherever the global stream was). The input is now fixed; the bound stays far below an error
+    # in the math, which would be of the gradient's own size (~1e-2).
+    torch.testing.assert_close(gx1, gx2, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gw1, gw2, rtol=1e-5, atol=1e-6)
     assert t1.keys() == t2.keys()
     for k in t1:
         assert torch.equal(t1[k], t2[k]), k
