@@ -277,6 +277,33 @@ def test_check_names_the_field(extra, world, needle):
     assert needle in str(err.value)
 
 
+def test_eval_at_takes_a_list_of_steps_from_recipe_and_override(tmp_path):
+    recipe = _recipe(tmp_path, "steps: 800\nlogging:\n  eval_every: 100\n  eval_at: [50, 650]\n")
+    assert load_config(recipe).logging.eval_at == [50, 650]
+    assert load_config(recipe, ["logging.eval_at=[750]"]).logging.eval_at == [750]
+    assert load_config().logging.eval_at == []
+    cfg = load_config(recipe)
+    save_config(cfg, tmp_path / "saved.yaml")  # a run folder's config reads back the list
+    assert load_config(str(tmp_path / "saved.yaml")) == cfg
+
+
+@pytest.mark.parametrize("value,needle", [
+    ("50", "expected a list"), ("[50, x]", "logging.eval_at[1]='x'"),
+    ("[true]", "expected an integer"),
+])
+def test_eval_at_refuses_what_is_not_a_list_of_steps(value, needle):
+    with pytest.raises(ConfigError) as err:
+        load_config(overrides=[f"logging.eval_at={value}"])
+    assert needle in str(err.value)
+
+
+@pytest.mark.parametrize("steps", ["[0]", "[5, 101]"])
+def test_check_refuses_eval_steps_outside_the_run(steps):
+    with pytest.raises(ConfigError) as err:
+        checks.check(_parallel_cfg("steps=100", f"logging.eval_at={steps}"), 8)
+    assert "logging.eval_at" in str(err.value) and "from 1 to steps=100" in str(err.value)
+
+
 def test_check_refuses_exit_after_zero_steps():
     with pytest.raises(ConfigError, match="exit_after_steps"):
         checks.check(_parallel_cfg("exit_after_steps=0"), 8)

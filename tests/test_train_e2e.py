@@ -88,6 +88,29 @@ def test_one_rank_gpt_on_text_learns(demo, tmp_path, kind, suffix):
     assert summary["null_rate_text"] > 0
 
 
+def test_evaluations_follow_eval_every_and_eval_at_and_leave_training_bit_equal(demo, tmp_path):
+    """The text study thins its evaluations (eval_every=100, eval_at=[50, 650, 750]) and pairs
+    the runs with ones that evaluated every 50 steps: that is exact only if evaluating changes
+    nothing in training (no RNG draw, no data position, no optimizer state)."""
+    def gpt(out, *extra):
+        run(["--config", str(ROOT / "examples/gpt_null_moe.yaml"), "model.num_layers=2",
+             "model.hidden_size=64", "model.ffn_hidden_size=128", "model.moe_ffn_hidden_size=64",
+             "parallel.expert=1", "data.kind=jsonl", f"data.path={demo}/text/train.jsonl",
+             f"data.valid_path={demo}/text/val.jsonl", f"data.tokenizer={demo}/tokenizer.model",
+             "data.seq_length=24", "data.micro_batch_size=8", "data.global_batch_size=8",
+             "optim.warmup_steps=3", "logging.progress_bar=false", "logging.tensorboard=false",
+             "logging.log_every=1", "logging.eval_steps=2", "steps=7", f"dir={out}", *extra])
+        records = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+        return [r["step"] for r in records if "val/loss" in r]
+
+    assert gpt(tmp_path / "none", "logging.eval_every=0") == []
+    assert gpt(tmp_path / "some", "logging.eval_every=3", "logging.eval_at=[1, 4]") == [1, 3, 4, 6, 7]
+    assert gpt(tmp_path / "only", "logging.eval_every=0", "logging.eval_at=[2]") == [2]
+    trained = {name: losses(tmp_path / name) for name in ("none", "some", "only")}
+    assert sorted(trained["none"]) == list(range(1, 8))
+    assert trained["some"] == trained["none"] and trained["only"] == trained["none"]  # bit-equal
+
+
 # ----------------------------------------------------------------------------- bad inputs
 @pytest.fixture(scope="module")
 def saved(demo, tmp_path_factory) -> Path:

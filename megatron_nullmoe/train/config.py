@@ -145,8 +145,13 @@ class Checkpoint:
 @dataclass
 class Logging:
     log_every: int = _at_least(10, 1)
-    eval_every: int = _at_least(50, 0)  # 0: no evaluation
+    eval_every: int = _at_least(50, 0)  # 0: none on a schedule (eval_at still evaluates)
     eval_steps: int = _at_least(4, 1)
+    # Extra steps to evaluate at, besides every eval_every (e.g. [50, 650, 750] with
+    # eval_every=100: sparse along the run, every 50 over the last four evaluations, which
+    # tail_val_loss averages). Evaluation does not change training, so thinning it keeps a
+    # run's losses bit-equal.
+    eval_at: list[int] = field(default_factory=list)
     tensorboard: bool = True
     wandb_project: Optional[str] = None
     progress_bar: bool = True
@@ -274,6 +279,11 @@ def _convert(hint: Any, value: Any, name: str, f: dataclasses.Field) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"{name} is a section; give its keys ({name}.<key>=...), not {value!r}")
         return _build(hint, value, prefix=f"{name}.")
+    if typing.get_origin(hint) is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{name}={value!r} is not valid: expected a list, e.g. [50, 100]")
+        item = typing.get_args(hint)[0]
+        return [_convert(item, v, f"{name}[{i}]", f) for i, v in enumerate(value)]
     optional = typing.get_origin(hint) is typing.Union and type(None) in typing.get_args(hint)
     if optional:
         if value is None:

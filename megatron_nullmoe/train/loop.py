@@ -423,7 +423,8 @@ class Trainer:
             if self.step % lg.log_every == 0 or self.step == cfg.steps or self.step == 1:
                 values.update(self._close_interval())
                 self.log.log(self.step, values)
-            if lg.eval_every and (self.step % lg.eval_every == 0 or self.step == cfg.steps):
+            if self.step in lg.eval_at or (lg.eval_every and (
+                    self.step % lg.eval_every == 0 or self.step == cfg.steps)):
                 with self._long_phase():
                     self.log.log(self.step, self.evaluate())
                 self._tick = time.perf_counter()  # evaluation time is not training throughput
