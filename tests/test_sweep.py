@@ -198,7 +198,7 @@ def test_example_sweeps_load_and_dry_run(name, capsys):
         rate = {r.variant: expected_real_per_token(r.cfg) for r in runs}
         assert rate == {"top1": 1, "top2": 2, **{v: pytest.approx(1, abs=1e-3) for v in rate
                                                  if v not in ("top1", "top2")}}
-        assert len(rate) == 11 and len(runs) == 11 * 3
+        assert len(rate) == 12 and len(runs) == 12 * 3
         assert {r.cfg.model.moe_ffn_hidden_size for r in runs} == {512}
     elif name == "upcycle_study.yaml":  # three continuations of each seed's own top-2 source
         by = {(r.variant, r.seed): r for r in runs}

@@ -149,9 +149,10 @@ class Logging:
     eval_steps: int = _at_least(4, 1)
     # Extra steps to evaluate at, besides every eval_every (e.g. [50, 650, 750] with
     # eval_every=100: sparse along the run, every 50 over the last four evaluations, which
-    # tail_val_loss averages). Evaluation does not change training, so thinning it keeps a
-    # run's losses bit-equal.
-    eval_at: list[int] = field(default_factory=list)
+    # tail_val_loss averages). Steps past `steps` are ignored, so that a recipe keeps working
+    # with a shorter `steps=` override. Evaluation does not change training, so thinning it
+    # keeps a run's losses bit-equal.
+    eval_at: list[int] = field(default_factory=list, metadata={"min": 1})
     tensorboard: bool = True
     wandb_project: Optional[str] = None
     progress_bar: bool = True

@@ -44,10 +44,6 @@ def check(cfg: RunConfig, world_size: int) -> tuple[int, int]:
         raise ConfigError(f"checkpoint.keep_last={cfg.checkpoint.keep_last}: keep at least 1")
     if cfg.steps < 1:
         raise ConfigError(f"steps={cfg.steps}: train at least 1 step")
-    wrong = [s for s in cfg.logging.eval_at if not 1 <= s <= cfg.steps]
-    if wrong:
-        raise ConfigError(f"logging.eval_at={cfg.logging.eval_at}: step(s) {wrong} are outside the "
-                          f"run; give steps from 1 to steps={cfg.steps}")
     if cfg.exit_after_steps is not None and cfg.exit_after_steps < 1:
         raise ConfigError(f"exit_after_steps={cfg.exit_after_steps}: give a number of steps >= 1, "
                           "or null to run to `steps`")
