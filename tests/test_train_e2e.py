@@ -110,6 +110,23 @@ def test_evaluations_follow_eval_every_and_eval_at_and_leave_training_bit_equal(
     trained = {name: losses(tmp_path / name) for name in ("none", "some", "only")}
     assert sorted(trained["none"]) == list(range(1, 8))
     assert trained["some"] == trained["none"] and trained["only"] == trained["none"]  # bit-equal
+    # What the run counts as training compute leaves the evaluations out: the rows its experts
+    # ran, the realised FLOPs, the routing totals. "mid" logs every 3 steps and evaluates inside
+    # those intervals, so the training counts of a half-done interval must survive the evaluation.
+    assert gpt(tmp_path / "mid", "logging.log_every=3", "logging.eval_every=0",
+               "logging.eval_at=[2, 4, 5]") == [2, 4, 5]
+    mid = losses(tmp_path / "mid")
+    assert sorted(mid) == [1, 3, 6, 7] and all(mid[s] == trained["none"][s] for s in mid)
+    summaries = {n: json.loads((tmp_path / n / "summary.json").read_text())
+                 for n in ("none", "some", "only", "mid")}
+    for name in ("some", "only", "mid"):
+        for key in ("rows_dispatched", "rows_standard_topk", "real_experts_per_token",
+                    "null_rate_text", "tokens_total"):
+            assert summaries[name][key] == summaries["none"][key], (name, key)
+        # a float summed per logging interval: equal up to the order of the sum
+        assert summaries[name]["model_flops_total"] == pytest.approx(
+            summaries["none"]["model_flops_total"], rel=1e-12)
+    assert summaries["none"]["rows_dispatched"] > 0
 
 
 # ----------------------------------------------------------------------------- bad inputs

@@ -28,6 +28,15 @@ class RunAccounting:
         self.token_group, self.pp_group = token_group, pp_group
         self.totals: dict = dict.fromkeys(TOTALS, 0)
         self.totals["model_flops"] = 0.0
+        self._aside: tuple[dict, DispatchStats] | None = None  # see set_aside
+
+    def set_aside(self) -> None:
+        """Takes the training counts not logged yet out of the routers and dispatchers, so that
+        what an evaluation routes and dispatches can be read (and dropped) apart from them; the
+        next `interval` adds them back. Without it, evaluation rows would count as training
+        compute (at a training row's forward + backward cost) in the FLOPs and rows totals."""
+        aside = (self.routing(), self.dispatch())
+        self._aside = aside if self._aside is None else _merge(self._aside, aside)
 
     def routing(self) -> dict:
         """Routing statistics of all MoE layers since the last call, whichever pipeline stage
@@ -54,8 +63,9 @@ class RunAccounting:
 
     def interval(self) -> dict:
         """The logged statistics of the interval since the last call, totals updated."""
-        stats = self.routing()
-        rows = self.dispatch()
+        stats, rows = self.routing(), self.dispatch()
+        if self._aside is not None:
+            (stats, rows), self._aside = _merge(self._aside, (stats, rows)), None
         self.totals["rows_dispatched"] += rows.rows_dispatched
         self.totals["rows_topk"] += rows.rows_topk
         out = {"moe/rows_dispatched_total": self.totals["rows_dispatched"],
@@ -98,3 +108,13 @@ class RunAccounting:
         out = self.interval()
         out.update(self.flops(self.totals["rows_dispatched"] - rows_before, steps, elapsed))
         return out
+
+
+def _merge(a: tuple[dict, DispatchStats], b: tuple[dict, DispatchStats]) -> tuple[dict, DispatchStats]:
+    """Routing stats (per layer and "all") and dispatch counts of two stretches, added."""
+    keys = [*a[0], *(k for k in b[0] if k not in a[0])]  # layer order, then "all"
+    keys = [*(k for k in keys if k != "all"), *(["all"] if "all" in keys else [])]
+    routing = {k: a[0][k] + b[0][k] if k in a[0] and k in b[0] else a[0].get(k) or b[0][k]
+               for k in keys}
+    x, y = a[1].as_dict(), b[1].as_dict()
+    return routing, DispatchStats(**{k: x[k] + y[k] for k in x})

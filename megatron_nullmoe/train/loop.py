@@ -353,11 +353,12 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict:
-        self.accounting.routing()  # keep train stats out of val stats
+        self.accounting.set_aside()  # training's counts stay training's
         self.ddp.eval()
         loss, _ = self._run(self.data.val_batches(self.cfg.logging.eval_steps), True)
         self.ddp.train()
         stats = self.accounting.routing().get("all")
+        self.accounting.dispatch()  # the evaluation's rows: not training compute
         out = {"val/loss": loss}
         if stats is not None:
             by = stats.null_fraction_by_modality()
