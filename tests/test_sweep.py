@@ -136,6 +136,30 @@ def test_local_runs_start_after_their_source_and_skip_when_it_fails(tmp_path, mo
     assert done.index("source/seed1") < done.index("cont/seed1") and "cont/seed2" not in done
 
 
+def test_local_runs_start_by_seed_and_largest_first_within_a_seed(tmp_path, monkeypatch):
+    """Seed by seed (a sweep stopped early leaves whole seeds), the largest run of a seed first
+    (the last to finish are small ones): here top-4 before top-2 before top-1, though the sweep
+    lists them the other way round."""
+    from megatron_nullmoe.sweep import local
+
+    order = tmp_path / "order.txt"
+
+    def fake(run, base, nproc):
+        code = (f"import json, pathlib; open({str(order)!r}, 'a').write({run.key!r} + '\\n'); "
+                f"pathlib.Path({str(run.folder)!r}, 'summary.json').write_text("
+                f"json.dumps({{'steps': {run.cfg.steps}}}))")
+        return [sys.executable, "-c", code]
+
+    monkeypatch.setattr(local, "command", fake)
+    path = write_sweep(tmp_path, variants={f"k{k}": {"model.router_topk": k} for k in (1, 2, 4)},
+                       seeds=[1, 2])
+    outcome = local.run_local(plan(load_sweep(path)), Path(DEMO), parallel=1, poll=0.02,
+                              echo=lambda _: None)
+    assert set(outcome.values()) == {"done"}
+    assert order.read_text().split() == ["k4/seed1", "k2/seed1", "k1/seed1",
+                                         "k4/seed2", "k2/seed2", "k1/seed2"]
+
+
 def test_iso_flop_per_grid_point_uses_budget_targets(tmp_path):
     budget = {**NULL, "model.router_topk": 8, "model.null_experts.target_real_per_token": 2.0}
     ok = write_sweep(tmp_path, variants={"top2": TOP2, "null": NULL, "budget": budget},

@@ -22,6 +22,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Callable
 
+from megatron_nullmoe.sweep.checks import run_flops
 from megatron_nullmoe.sweep.spec import Run
 from megatron_nullmoe.sweep.state import (STATE_FILE, is_done, last_step, run_state, saved_step,
                                           write_state)
@@ -81,6 +82,7 @@ def run_local(runs: list[Run], base: Path, parallel: int = 1, nproc: int = 1,
     active: dict[str, tuple[Run, subprocess.Popen]] = {}
     env = _env(parallel, nproc)
     by_key = {r.key: r for r in runs}
+    cost = {r.key: run_flops(r.cfg, vocab=32000) for r in runs}  # only their order matters
 
     def source_state(run: Run) -> str:
         """done / waiting (its source is still to run) / missing (failed, stopped, or neither
@@ -115,9 +117,12 @@ def run_local(runs: list[Run], base: Path, parallel: int = 1, nproc: int = 1,
                 ready = [r for r in todo if source_state(r) == "done"]
                 if not ready:
                     break
-                # a run others start from goes first, so that they do not wait in a line
+                # A run others start from goes first, so that they do not wait in a line; then
+                # the earliest seed (a sweep stopped early leaves whole seeds to pair), and in it
+                # the largest run, so that the last runs to finish are small ones and no core
+                # waits long on one big run at the end.
                 awaited = {r.after for r in todo}
-                run = min(ready, key=lambda r: r.key not in awaited)
+                run = min(ready, key=lambda r: (r.key not in awaited, r.seed, -cost[r.key]))
                 todo.remove(run)
                 run.folder.mkdir(parents=True, exist_ok=True)
                 with (run.folder / "sweep.log").open("a") as log:
