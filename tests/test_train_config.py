@@ -355,11 +355,13 @@ def test_moe_layer_freq_below_one_is_refused(freq):
 
 def test_config_is_plain_dataclasses():
     # save_config relies on dataclasses.asdict giving YAML-safe builtins only.
-    def leaves(d):
-        for v in d.values():
-            yield from leaves(v) if isinstance(v, dict) else [v]
-    assert all(v is None or type(v) in (int, float, str, bool)
-               for v in leaves(dataclasses.asdict(RunConfig())))
+    def leaves(d):  # lists (logging.eval_at) hold builtins too
+        for v in (d.values() if isinstance(d, dict) else d):
+            yield from leaves(v) if isinstance(v, (dict, list)) else [v]
+    cfg = load_config(overrides=["logging.eval_at=[37, 4243]"])
+    found = list(leaves(dataclasses.asdict(cfg)))
+    assert all(v is None or type(v) in (int, float, str, bool) for v in found)
+    assert 37 in found and 4243 in found  # the list's items were reached
 
 
 def test_tensor_parallel_is_refused_without_te_on_gpu():
