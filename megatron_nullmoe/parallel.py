@@ -11,8 +11,38 @@ import torch
 import torch.distributed as dist
 
 
+def _ephemeral_low() -> int:
+    """The lowest port the kernel hands out on its own (bind to 0, outgoing connections)."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port() -> int:
-    with socket.socket() as s:
+    """A port that binds now, drawn at random below the kernel's ephemeral range.
+
+    A port from bind(("", 0)) is free only until the socket closes, and it lies in the range
+    the kernel keeps handing out: to the next caller of bind(0) and to every outgoing
+    connection (gloo opens one per pair of ranks), so concurrent runs collided on it
+    (EADDRINUSE). Below that range only an explicit bind takes a port, and a random draw from
+    thousands, from the OS's entropy (not the seeded `random`), makes two callers meet rarely.
+    """
+    import random
+
+    rng = random.SystemRandom()
+    high = _ephemeral_low()
+    low = max(1024, min(20000, high - 4096))
+    for _ in range(64):
+        port = rng.randrange(low, high)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as s:  # the range below is full: fall back to the kernel's pick
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 

@@ -249,3 +249,23 @@ def test_at_most_one_host_sync_per_dispatch_across_ranks(tmp_path):
         for counts in run_ranks(2, count_case, (dispatcher,), tmp_path / dispatcher):
             assert sum(counts["forward"].values()) <= 1, (dispatcher, counts)
             assert sum(counts["budget_step_4_layers"].values()) <= 1, (dispatcher, counts)
+
+
+def test_free_port_draws_below_the_kernels_ephemeral_range_and_ignores_the_seeded_random():
+    """A rendezvous port from bind(0) lies where the kernel keeps handing ports out (to gloo's
+    pair connections, to the next bind(0)), so side-by-side runs collided on it (EADDRINUSE in
+    CI). free_port draws below that range, from the OS's entropy: two test processes that seeded
+    `random` alike still draw different ports."""
+    import random
+    import socket
+
+    low = parallel._ephemeral_low()
+    ports = [parallel.free_port() for _ in range(20)]
+    assert all(1024 <= p < low for p in ports), (ports, low)
+    assert len(set(ports)) > 10, ports
+    random.seed(0)
+    first = [parallel.free_port() for _ in range(5)]
+    random.seed(0)
+    assert [parallel.free_port() for _ in range(5)] != first
+    with socket.socket() as s:  # what it returns is free to bind
+        s.bind(("127.0.0.1", ports[-1]))

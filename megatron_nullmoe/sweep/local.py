@@ -46,11 +46,9 @@ def _env(parallel: int, nproc: int) -> dict:
 
 
 def _free_port() -> str:
-    import socket
+    from megatron_nullmoe.parallel import free_port
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return str(s.getsockname()[1])
+    return str(free_port())
 
 
 class _Stop(Exception):
