@@ -324,7 +324,8 @@ def test_mixtral_export_loads_in_stock_transformers_and_equals(single_rank, tmp_
 
 
 @pytest.mark.parametrize("null,extra,reason", [
-    (NullExpertConfig(num_null_experts=4), {}, "gate_normalization='renormalize'"),
+    (NullExpertConfig(num_null_experts=4, gate_normalization="renormalize"), {},
+     "gate_normalization='renormalize'"),
     (NullExpertConfig(num_null_experts=4, gate_normalization="keep_null_share",
                       target_real_per_token=1.0), {}, "a selection-only router bias"),
     (NullExpertConfig(num_null_experts=4, gate_normalization="keep_null_share"),

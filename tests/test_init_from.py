@@ -50,10 +50,10 @@ def scramble(model):
 
 
 SOURCES = {
-    "renormalize": ({}, {}),
+    "renormalize": ({}, {"gate_normalization": "renormalize"}),
     "keep_null_share": ({}, {"gate_normalization": "keep_null_share"}),
     "per_expert_keep": ({}, {"gate_normalization": "keep_null_share", "null_logits": "per_expert"}),
-    "sigmoid": ({"moe_router_score_function": "sigmoid"}, {}),
+    "sigmoid": ({"moe_router_score_function": "sigmoid"}, {"gate_normalization": "renormalize"}),
 }
 
 

@@ -85,7 +85,8 @@ def _layer(null_config, **overrides):
 @pytest.mark.parametrize("score", ["softmax", "sigmoid"])
 def test_renormalised_gates_give_null_logit_no_task_gradient(null_logits, score):
     torch.manual_seed(0)
-    nc = NullExpertConfig(num_null_experts=4, null_logits=null_logits)
+    nc = NullExpertConfig(num_null_experts=4, null_logits=null_logits,
+                          gate_normalization="renormalize")
     layer = _layer(nc, moe_router_score_function=score)
     out, _ = layer(torch.randn(8, 2, HIDDEN))
     (out ** 2).sum().backward()
