@@ -20,9 +20,11 @@ TARGET_SCHEDULES = ("linear", "cosine")
 SUPPORTED_DISPATCHERS = ("alltoall", "allgather")
 
 
-# What a field meant in a config or checkpoint written before the field existed: an older run
-# resumes, exports and evaluates as it trained, whatever the field's default is now.
-BEFORE_FIELD = {"gate_scale": "none"}
+# What a field meant in a config or checkpoint that does not name it (written before the field
+# existed, or a plain Megatron-LM run): an older run resumes, exports and evaluates as it
+# trained, whatever the field's default is now. gate_normalization was "renormalize" by default
+# until 2026-12.
+BEFORE_FIELD = {"gate_normalization": "renormalize", "gate_scale": "none"}
 
 # (id of a TransformerConfig, NullExpertConfig) -> that TransformerConfig, for `check_once`
 _CHECKED: dict[tuple[int, "NullExpertConfig"], weakref.ref] = {}
@@ -56,13 +58,19 @@ class NullExpertConfig:
         starts as it would without null slots). "zero": every null logit starts at 0 for every
         token, a flat threshold, and the seed no longer draws which tokens skip experts at the
         start (per_expert rows then start tied, and top-k breaks the tie by slot order).
-    gate_normalization: "renormalize" (default): real gates take over the null picks' share, so
-        the null logit gets no task-loss gradient (only the balancing and z losses shape it).
-        "keep_null_share": the null share is dropped, and the task loss reaches the null logit.
-    gate_scale: "none" (default) or "slot_ratio": pre-softmax gates (probabilities over all
-        E + Z slots) times (E + Z) / E, the scale a real gate has over E experts alone
-        (`routing.math.gate_scale_factor`); gates normalised over the k picks are left as they
-        are. It multiplies with megatron-core's moe_router_topk_scaling_factor.
+    gate_normalization: "keep_null_share" (default): the null picks' share is dropped, and the
+        task loss reaches the null logit. "renormalize": real gates take over the null picks'
+        share, so the null logit gets no task-loss gradient (only the balancing and z losses
+        shape it).
+    gate_scale: "slot_ratio" (default): pre-softmax gates (probabilities over all E + Z slots)
+        times (E + Z) / E, the scale a real gate has over E experts alone
+        (`routing.math.gate_scale_factor`); gates normalised over the k picks (post-softmax,
+        sigmoid) are left as they are. "none": gates as computed. It multiplies with
+        megatron-core's moe_router_topk_scaling_factor.
+        These two defaults are the gate rule that won the text study (BENCHMARKS.md, issue 17);
+        until 2026-12 they were "renormalize" and "none". Saved configs, run folders and
+        checkpoints name both fields, so an older run resumes, exports and evaluates as it
+        trained; one that names neither reads the old values (`BEFORE_FIELD`).
     target_real_per_token: optional compute-budget control. When set, a bias on the null slots is
         moved every step so that the realised mean number of real experts per token tracks this
         target (in (0, k]). Off by default.
@@ -89,12 +97,12 @@ class NullExpertConfig:
         "expert's router row; zero: every null logit starts at 0 (a flat threshold)",
         choices=NULL_INITS)
     gate_normalization: str = _knob(
-        "renormalize", "renormalize: real gates take over the null share; keep_null_share: the "
-        "null share is dropped (the task loss reaches the null logit)",
+        "keep_null_share", "keep_null_share: the null picks' share is dropped (the task loss "
+        "reaches the null logit); renormalize: real gates take over the null share",
         choices=GATE_NORMALIZATIONS)
     gate_scale: str = _knob(
-        "none", "slot_ratio: pre-softmax gates (over all E + Z slots) x (E + Z) / E, the scale "
-        "of a gate over E experts alone; none: as computed", choices=GATE_SCALES)
+        "slot_ratio", "slot_ratio: pre-softmax gates (over all E + Z slots) x (E + Z) / E, the "
+        "scale of a gate over E experts alone; none: as computed", choices=GATE_SCALES)
     target_real_per_token: Optional[float] = _knob(
         None, "compute-budget control: hold the realised real experts per token at this value "
         "(in (0, top-k]); off by default", above=0)

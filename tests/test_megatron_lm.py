@@ -271,3 +271,53 @@ def test_mixtral_recipe_adds_null_experts_at_matched_flops(tmp_path):
     null = null_config_from_args(args)
     assert (args.num_experts, args.moe_router_topk, null.num_null_experts) == (8, 4, 8)
     assert args.moe_router_topk * args.num_experts / (args.num_experts + null.num_null_experts) == 2
+    # the gate rule the text study measured: all-slot softmax, then the defaults' scaled gates
+    assert "--moe-router-pre-softmax" in argv
+    assert (null.gate_normalization, null.gate_scale) == ("keep_null_share", "slot_ratio")
+
+
+def test_a_resume_keeps_the_gate_rule_its_checkpoint_trained_with():
+    """check_resume_args, which the entry scripts install after Megatron-LM's own
+    check_checkpoint_args: a checkpoint with null slots must resume under its own gate rule; one
+    that does not name a flag had the value from before the flag existed; one without null slots
+    (switching them on) is not checked."""
+    from types import SimpleNamespace
+
+    from megatron_nullmoe import NullExpertConfigError
+    from megatron_nullmoe.megatron_lm import install_resume_check
+    from megatron_nullmoe.megatron_lm.args import check_resume_args
+
+    run = parse(["--num-experts", "4", "--num-null-experts", "4"])  # today's defaults
+    old = SimpleNamespace(num_null_experts=4, null_expert_gate_normalization="renormalize",
+                          null_expert_gate_scale="none")
+    with pytest.raises(NullExpertConfigError) as err:
+        check_resume_args(old, run)
+    said = str(err.value)
+    assert ("--null-expert-gate-normalization is 'keep_null_share' here, 'renormalize' in the "
+            "checkpoint; --null-expert-gate-scale is 'slot_ratio' here, 'none' in the "
+            "checkpoint") in said
+    assert ("Pass --null-expert-gate-normalization renormalize --null-expert-gate-scale none to "
+            "resume as it trained, or --finetune") in said
+    check_resume_args(old, parse(["--num-experts", "4", "--num-null-experts", "4",
+                                  "--null-expert-gate-normalization", "renormalize",
+                                  "--null-expert-gate-scale", "none"]))
+    # written before --null-expert-gate-scale existed: it trained with "none"
+    before = SimpleNamespace(num_null_experts=4, null_expert_gate_normalization="keep_null_share")
+    with pytest.raises(NullExpertConfigError, match="--null-expert-gate-scale none to resume"):
+        check_resume_args(before, run)
+    # a plain MoE checkpoint, with or without the flags, gets null slots switched on
+    check_resume_args(SimpleNamespace(num_experts=4), run)
+    check_resume_args(SimpleNamespace(num_null_experts=0, null_expert_gate_scale="none"), run)
+    check_resume_args(SimpleNamespace(**{k: getattr(run, k) for k in vars(run)}), run)
+
+    # installed around Megatron-LM's own check, which runs first; installing twice wraps once
+    calls = []
+    checkpointing = SimpleNamespace(check_checkpoint_args=lambda a, **kw: calls.append(kw),
+                                    get_args=lambda: run)
+    install_resume_check(checkpointing)
+    install_resume_check(checkpointing)
+    checkpointing.check_checkpoint_args(SimpleNamespace(num_experts=4), skip_args={"x"})
+    assert calls == [{"skip_args": {"x"}}]
+    with pytest.raises(NullExpertConfigError):
+        checkpointing.check_checkpoint_args(old)
+    assert len(calls) == 2

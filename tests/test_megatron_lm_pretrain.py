@@ -114,3 +114,21 @@ def test_vlm_pretrain_runs_on_cpu_with_null_expert_metrics(tree, tmp_path):
     log = pretrain(tree, "pretrain_vlm_nullmoe.py", tmp_path, *vlm)
     assert "running Megatron-LM on CPU (gloo)" in log
     assert_null_metrics(iterations(log), range(1, 3))
+
+
+def test_a_resume_that_would_change_the_gate_rule_is_refused(tree, gpt):
+    """The fixture's checkpoint trained with the default gate rule (keep_null_share, slot_ratio);
+    resuming it under the old defaults' rule is refused by name before a step is taken, and the
+    checkpoint folder is left as it was."""
+    tmp, _ = gpt
+    ckpt = tmp / "ckpt"
+    before = sorted((p.relative_to(ckpt), p.stat().st_mtime_ns) for p in ckpt.rglob("*"))
+    log = pretrain(tree, "pretrain_gpt_nullmoe.py", tmp, *GPT, *BUDGET, "--load", str(ckpt),
+                   "--save", str(ckpt), "--save-interval", "1000", "--train-iters", str(3 * N),
+                   "--null-expert-gate-normalization", "renormalize", check=False)
+    assert ("this resume would change the gate rule the checkpoint trained with: "
+            "--null-expert-gate-normalization is 'renormalize' here, 'keep_null_share' in the "
+            "checkpoint") in log, log[-4000:]
+    assert "Pass --null-expert-gate-normalization keep_null_share to resume" in log
+    assert not iterations(log)
+    assert sorted((p.relative_to(ckpt), p.stat().st_mtime_ns) for p in ckpt.rglob("*")) == before

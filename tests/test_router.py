@@ -159,7 +159,10 @@ def test_budget_control_holds_realised_rate_near_target():
 
 @pytest.mark.parametrize("null_logits,tolerance", [("per_expert", 0.05), ("shared", 0.15)])
 def test_balancing_loss_pulls_null_rate_to_z_over_s(null_logits, tolerance):
-    nc = NullExpertConfig(num_null_experts=8, null_logits=null_logits)
+    # Renormalised gates: the task loss does not reach the null logit, so the balancing loss
+    # alone sets the null rate (with keep_null_share the task loss pulls it away from Z/S).
+    nc = NullExpertConfig(num_null_experts=8, null_logits=null_logits,
+                          gate_normalization="renormalize", gate_scale="none")
     layer, _ = _train_router_layer(
         nc, steps=250, lr=1e-2, moe_router_load_balancing_type="aux_loss", moe_aux_loss_coeff=1.0
     )
@@ -201,7 +204,8 @@ def test_modality_fixed_control_gives_each_token_type_its_expert_count():
     """Vision tokens keep their best 1 expert, text tokens their best 3 (top-3, no null slots):
     exactly, per token, and the kept experts are the router's own best ones."""
     config = moe_config(num_experts=6, topk=3)
-    fixed = NullExpertRouter(config, null_config=NullExpertConfig(vision_topk=1, text_topk=3))
+    fixed = NullExpertRouter(config, null_config=NullExpertConfig(
+        vision_topk=1, text_topk=3, gate_normalization="renormalize"))
     plain = NullExpertRouter(config, null_config=NullExpertConfig())
     plain.load_state_dict(fixed.state_dict())
     x = torch.randn(5, 2, HIDDEN)  # [seq, batch]
@@ -209,11 +213,20 @@ def test_modality_fixed_control_gives_each_token_type_its_expert_count():
     vision_BS[:, :3] = True
     fixed.vision_mask = vision_BS
     probs, rmap = fixed(x)
-    _, full = plain(x)
+    full_probs, full = plain(x)
     vision_T = vision_BS.transpose(0, 1).reshape(-1)
     assert rmap[vision_T].sum(-1).tolist() == [1] * 6 and rmap[~vision_T].sum(-1).tolist() == [3] * 4
     assert (rmap <= full).all()  # kept picks are among the router's top-3
     assert torch.allclose(probs[vision_T].sum(-1), torch.ones(6))  # renormalised over kept ones
+    # keep_null_share (the default): a dropped pick's share is dropped, as a null pick's would
+    # be, and each kept pick keeps the gate it had in the router's full top-3
+    kept = NullExpertRouter(config, null_config=NullExpertConfig(vision_topk=1, text_topk=3))
+    kept.load_state_dict(fixed.state_dict())
+    kept.vision_mask = vision_BS
+    kept_probs, kept_map = kept(x)
+    assert torch.equal(kept_map, rmap)
+    assert torch.allclose(kept_probs, full_probs * kept_map, atol=1e-6)
+    assert bool((kept_probs[vision_T].sum(-1) < 1 - 1e-4).all())
     logits_TE = plain.gating(x).reshape(10, -1)
     kept_E = rmap[vision_T].float().argmax(-1)  # the one expert each vision token kept
     assert torch.equal(kept_E, logits_TE[vision_T].argmax(-1))  # is its best one
@@ -306,7 +319,7 @@ def test_gate_scale_slot_ratio_scales_pre_softmax_gates_by_slots_over_reals(pre_
     config = moe_config(num_experts=E_, topk=2, moe_router_pre_softmax=pre_softmax,
                         moe_router_topk_scaling_factor=megatron_factor)
     plain = NullExpertRouter(config, null_config=NullExpertConfig(
-        num_null_experts=Z, gate_normalization="keep_null_share"))
+        num_null_experts=Z, gate_normalization="keep_null_share", gate_scale="none"))
     scaled = NullExpertRouter(config, null_config=NullExpertConfig(
         num_null_experts=Z, gate_normalization="keep_null_share", gate_scale="slot_ratio"))
     for r in (plain, scaled):

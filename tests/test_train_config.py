@@ -479,21 +479,30 @@ def test_a_saved_run_config_without_a_newer_null_field_reads_its_value_before_th
     from megatron_nullmoe.train.config import load_run_config
     from megatron_nullmoe.train.loop import run_identity
 
-    # pretend the field's default changed after this config was saved
-    monkeypatch.setitem(null_config_module.BEFORE_FIELD, "gate_scale", "slot_ratio")
+    # the gate rule's defaults changed in 2026-12 (renormalize, none -> keep_null_share, slot_ratio)
+    assert null_config_module.BEFORE_FIELD == {"gate_normalization": "renormalize",
+                                               "gate_scale": "none"}
     saved = load_config(None, ["model.null_experts.num_null_experts=4"]).to_dict()
     del saved["model"]["null_experts"]["gate_scale"]
+    del saved["model"]["null_experts"]["gate_normalization"]
     old = tmp_path / "old.yaml"
     old.write_text(yaml.safe_dump(saved))
-    assert load_config(str(old)).model.null_experts.gate_scale == "none"  # today's default
-    assert load_run_config(old).model.null_experts.gate_scale == "slot_ratio"
+    today = load_config(str(old)).model.null_experts  # a recipe: today's defaults
+    assert (today.gate_normalization, today.gate_scale) == ("keep_null_share", "slot_ratio")
+    then = load_run_config(old).model.null_experts  # a run folder: the values it trained with
+    assert (then.gate_normalization, then.gate_scale) == ("renormalize", "none")
     named = tmp_path / "named.yaml"
-    saved["model"]["null_experts"]["gate_scale"] = "none"
+    saved["model"]["null_experts"]["gate_scale"] = "slot_ratio"
     named.write_text(yaml.safe_dump(saved))
-    assert load_run_config(named).model.null_experts.gate_scale == "none"
+    assert load_run_config(named).model.null_experts.gate_scale == "slot_ratio"
+
+    # a field that is not in BEFORE_FIELD reads today's default
+    monkeypatch.delitem(null_config_module.BEFORE_FIELD, "gate_scale")
+    assert load_run_config(old).model.null_experts.gate_scale == "slot_ratio"
+    monkeypatch.undo()
 
     cfg = load_config(None, ["model.null_experts.num_null_experts=4"])
     identity, defaults = run_identity(cfg, 100, 1)
     del identity["null"]["gate_scale"]  # a checkpoint saved before the field
     diffs = identity_differences(identity, run_identity(cfg, 100, 1)[0], defaults)
-    assert diffs == ["null.gate_scale: checkpoint 'slot_ratio', this run 'none'"]
+    assert diffs == ["null.gate_scale: checkpoint 'none', this run 'slot_ratio'"]

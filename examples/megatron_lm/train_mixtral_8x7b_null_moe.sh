@@ -50,6 +50,8 @@ MOE_ARGS=(
     --num-experts 8
     --moe-router-topk 4                       # was 2
     --num-null-experts 8                      # new: 8 null slots; E[real experts] = 2
+    --moe-router-pre-softmax                  # new: all-slot softmax, then top-k; the default gate
+                                              # rule scales these gates by (8 + 8) / 8 (README)
     --moe-router-load-balancing-type aux_loss # balancing over all 16 slots drives null use
     --moe-aux-loss-coeff 1e-2
     --moe-grouped-gemm

@@ -35,6 +35,7 @@ def main() -> None:
         add_null_moe_args,
         chain_args_providers,
         gpt_builder,
+        install_resume_check,
     )
 
     modelopt = getattr(pretrain_gpt, "add_modelopt_args", None)
@@ -44,6 +45,8 @@ def main() -> None:
     hooks.install(megatron_training)
     # a checkpoint without null slots loads (--pretrained-checkpoint, --finetune, --load)
     UpcycleLoad().install(megatron_training, megatron_checkpointing)
+    # a resume keeps the gate rule its checkpoint trained with
+    install_resume_check(megatron_checkpointing)
     pretrain_gpt.train_valid_test_datasets_provider.is_distributed = True
     run_pretrain(
         pretrain_gpt.train_valid_test_datasets_provider, partial(model_provider, gpt_builder),

@@ -70,12 +70,15 @@ def main() -> None:
         UpcycleLoad,
         add_null_moe_args,
         chain_args_providers,
+        install_resume_check,
     )
 
     hooks = TrainingLoopHooks()
     hooks.install(megatron_training)
     # a checkpoint without null slots loads (--pretrained-checkpoint, --finetune, --load)
     UpcycleLoad().install(megatron_training, megatron_checkpointing)
+    # a resume keeps the gate rule its checkpoint trained with
+    install_resume_check(megatron_checkpointing)
     pretrain_vlm.train_valid_test_datasets_provider.is_distributed = True
     run_pretrain(
         pretrain_vlm.train_valid_test_datasets_provider, model_provider,

@@ -8,6 +8,7 @@ launch/megatron_lm/ do, with a Megatron-LM checkout on PYTHONPATH.
 from megatron_nullmoe.megatron_lm.args import (
     add_null_moe_args,
     chain_args_providers,
+    install_resume_check,
     null_config_from_args,
 )
 from megatron_nullmoe.megatron_lm.builders import (
@@ -21,5 +22,6 @@ from megatron_nullmoe.megatron_lm.upcycle import UpcycleLoad
 
 __all__ = [
     "TrainingLoopHooks", "UpcycleLoad", "add_null_moe_args", "chain_args_providers", "gpt_builder",
-    "llava_builder", "llava_specs", "null_config_from_args", "null_decoder_spec", "null_moe_flops",
+    "install_resume_check", "llava_builder", "llava_specs", "null_config_from_args",
+    "null_decoder_spec", "null_moe_flops",
 ]

@@ -13,11 +13,15 @@ import dataclasses
 import typing
 from typing import Callable, Optional
 
-from megatron_nullmoe.config import NullExpertConfig, NullExpertConfigError
+from megatron_nullmoe.config import NullExpertConfig, NullExpertConfigError, saved_defaults
 
 # Not offered as Megatron-LM flags: Megatron-LM's forward steps do not hand the routers a vision
 # mask, which the modality-fixed control needs (our trainer does).
 NOT_FOR_MEGATRON_LM = ("vision_topk", "text_topk")
+
+# What a resume (`--load` without `--finetune`) of a checkpoint trained with null slots must keep:
+# the gate rule changes what every expert output is scaled by, and its defaults changed in 2026-12.
+RESUME_KEEPS = ("gate_normalization", "gate_scale")
 
 
 def _dest(name: str) -> str:
@@ -73,3 +77,48 @@ def null_config_from_args(args) -> NullExpertConfig:
         raise NullExpertConfigError(
             f"--num-null-experts={cfg.num_null_experts} needs a MoE model: set --num-experts")
     return cfg
+
+
+def check_resume_args(checkpoint_args, args) -> None:
+    """Refuses a resume whose gate rule differs from the one its checkpoint trained with.
+
+    Megatron-LM checks a few architecture flags of a resumed checkpoint (`check_checkpoint_args`)
+    and takes every other flag from the command line, so a run started before the gate defaults
+    changed would resume under the new rule without a word. A checkpoint that does not name a
+    flag had its value before the flag existed (`config.saved_defaults`); one trained without
+    null slots is not checked (switching null experts on is a load, not a change)."""
+    saved = saved_defaults()
+
+    def value(ns, name):
+        return getattr(ns, _dest(name), saved[name])
+
+    if not value(checkpoint_args, "num_null_experts"):
+        return
+    diffs = [(name, value(checkpoint_args, name), getattr(args, _dest(name), saved[name]))
+             for name in RESUME_KEEPS
+             if value(checkpoint_args, name) != getattr(args, _dest(name), saved[name])]
+    if diffs:
+        flags = " ".join(f"--{_dest(n).replace('_', '-')} {old}" for n, old, _ in diffs)
+        said = "; ".join(f"--{_dest(n).replace('_', '-')} is {new!r} here, {old!r} in the "
+                         "checkpoint" for n, old, new in diffs)
+        raise NullExpertConfigError(
+            f"this resume would change the gate rule the checkpoint trained with: {said} (the "
+            f"defaults became keep_null_share and slot_ratio in 2026-12). Pass {flags} to resume "
+            "as it trained, or --finetune to start a new run from its weights")
+
+
+def install_resume_check(checkpointing) -> None:
+    """Wraps `check_checkpoint_args` of megatron.training.checkpointing (passed in: this package
+    never imports Megatron-LM), which `load_checkpoint` calls on a resume, with
+    `check_resume_args` after Megatron-LM's own checks."""
+    original = checkpointing.check_checkpoint_args
+    if getattr(original, "_null_moe_checked", False):
+        return
+
+    def checked(checkpoint_args, *rest, **kwargs):
+        out = original(checkpoint_args, *rest, **kwargs)
+        check_resume_args(checkpoint_args, checkpointing.get_args())
+        return out
+
+    checked._null_moe_checked = True
+    checkpointing.check_checkpoint_args = checked
