@@ -312,7 +312,9 @@ def test_trainer_resumes_mid_schedule_exactly_and_logs_the_target(text_data, tmp
     for key in a:
         assert a[key].dtype == b[key].dtype and torch.equal(a[key], b[key]), key
     assert [float(v) for k, v in a.items() if k.endswith("budget_step")] == [12.0, 12.0]
-    assert any(float(v) != 0.0 for k, v in a.items() if k.endswith("null_budget_bias"))
+    # the bias moved (a sign controller can be back at 0 at any one step, so both are read)
+    assert any(float(v) != 0.0 for state in (mid, a) for k, v in state.items()
+               if k.endswith("null_budget_bias")), (mid, a)
 
 
 LONG_STEPS, RAMP, TAIL_FROM = 96, 32, 49
