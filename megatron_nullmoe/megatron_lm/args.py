@@ -30,12 +30,17 @@ def _dest(name: str) -> str:
     return name if name == "num_null_experts" else f"null_expert_{name.removeprefix('null_')}"
 
 
+def _flag(name: str) -> str:
+    """NullExpertConfig field -> its Megatron-LM flag (`--num-null-experts`, `--null-expert-...`)."""
+    return "--" + _dest(name).replace("_", "-")
+
+
 def _fields() -> list[dataclasses.Field]:
     return [f for f in dataclasses.fields(NullExpertConfig) if f.name not in NOT_FOR_MEGATRON_LM]
 
 
 # flag -> NullExpertConfig field, derived from NullExpertConfig (a new field is a new flag)
-FLAGS = {"--" + _dest(f.name).replace("_", "-"): f.name for f in _fields()}
+FLAGS = {_flag(f.name): f.name for f in _fields()}
 
 
 def add_null_moe_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -70,7 +75,7 @@ def null_config_from_args(args) -> NullExpertConfig:
     missing = [name for name in FLAGS.values() if not hasattr(args, _dest(name))]
     if missing:
         raise NullExpertConfigError(
-            f"args lack {', '.join('--' + _dest(m).replace('_', '-') for m in missing)}: pass "
+            f"args lack {', '.join(_flag(m) for m in missing)}: pass "
             "add_null_moe_args as (or inside) Megatron-LM's extra_args_provider")
     cfg = NullExpertConfig(**{name: getattr(args, _dest(name)) for name in FLAGS.values()})
     if cfg.num_null_experts and not getattr(args, "num_experts", None):
@@ -94,13 +99,12 @@ def check_resume_args(checkpoint_args, args) -> None:
 
     if not value(checkpoint_args, "num_null_experts"):
         return
-    diffs = [(name, value(checkpoint_args, name), getattr(args, _dest(name), saved[name]))
-             for name in RESUME_KEEPS
-             if value(checkpoint_args, name) != getattr(args, _dest(name), saved[name])]
+    diffs = [(name, value(checkpoint_args, name), value(args, name)) for name in RESUME_KEEPS]
+    diffs = [(name, old, new) for name, old, new in diffs if old != new]
     if diffs:
-        flags = " ".join(f"--{_dest(n).replace('_', '-')} {old}" for n, old, _ in diffs)
-        said = "; ".join(f"--{_dest(n).replace('_', '-')} is {new!r} here, {old!r} in the "
-                         "checkpoint" for n, old, new in diffs)
+        flags = " ".join(f"{_flag(n)} {old}" for n, old, _ in diffs)
+        said = "; ".join(f"{_flag(n)} is {new!r} here, {old!r} in the checkpoint"
+                         for n, old, new in diffs)
         raise NullExpertConfigError(
             f"this resume would change the gate rule the checkpoint trained with: {said} (the "
             f"defaults became keep_null_share and slot_ratio in 2026-12). Pass {flags} to resume "
