@@ -262,20 +262,16 @@ class NullExpertRouter(TopKRouter):
         """Null slots added to a trained model start unpicked: the budget bias goes to
         `START_MARGIN` below the smallest gap, over this forward's tokens on every rank of the
         router's token group (one collective, on the logits' device), between a token's k-th real
-        selection value and its best null one. This forward then picks exactly what the model
+        selection value and its best null one, taken from the values selection compares (in the
+        router dtype, bf16 sigmoid rounding included: `rmath.unpicked_gap_T`). This forward then picks exactly what the model
         without null slots picks (and so, with top-k-then-softmax or sigmoid gates, computes what
         it computes); the budget control releases the bias from there."""
         self.start_unpicked = False
         if self.budget is None or not self.num_null:
             return
         self.null_budget_bias.zero_()
-        select_TS = logits_TS.float() if self.score_function == "softmax" \
-            else torch.sigmoid(logits_TS.float())
-        bias_S = self.selection_bias()
-        if bias_S is not None:
-            select_TS = select_TS + bias_S
-        kth_T = select_TS[:, : self.num_real].topk(min(self.topk, self.num_real), dim=-1).values[:, -1]
-        gap_T = (kth_T - select_TS[:, self.num_real :].max(dim=-1).values).double()
+        gap_T = rmath.unpicked_gap_T(logits_TS, self.topk, self.num_real, self.score_function,
+                                     self.selection_bias())
         gap = gap_T.min() if gap_T.numel() else torch.tensor(0.0, dtype=torch.float64,
                                                               device=gap_T.device)
         gap = collectives.reduce_tensor(gap.reshape(1), self.tp_dp_cp_group, op="min")[0]

@@ -100,6 +100,23 @@ def test_selection_bias_changes_picks_not_gates():
     assert float(routing.picked_TK[0][routing.index_TK[0] == 3]) == 1.5  # unbiased logit
 
 
+def test_unpicked_gap_is_taken_from_the_rounded_selection_values():
+    # bf16 logits, sigmoid: real 2**-8 (sigmoid 0.50098) and null -2**-9 (0.49951) both round to
+    # 0.5 in bf16, so selection sees a tie. From fp32 sigmoids the gap would be 1.46e-3, and a
+    # null bias of gap - 1e-3 would lift the null slot above the real expert.
+    logits = torch.tensor([[2.0**-8, -4.0, -(2.0**-9), -(2.0**-9)]], dtype=torch.bfloat16)
+    bias = torch.zeros(4)
+    gap = rm.unpicked_gap_T(logits, 1, 2, "sigmoid", bias)
+    assert gap.dtype == torch.float64 and gap.tolist() == [0.0]
+    below = torch.tensor([0.0, 0.0, -1e-3, -1e-3])
+    assert rm.topk_over_slots(logits, 1, "sigmoid", selection_bias_S=below).index_TK.tolist() == [[0]]
+    # softmax: the k-th real logit minus the best null one, the selection bias included
+    logits = torch.tensor([[2.0, 0.5, 3.0, 1.0, 1.25]])
+    bias = torch.tensor([0.0, 0.0, 0.0, 0.5, 0.0])
+    assert rm.unpicked_gap_T(logits, 2, E, "softmax", bias).tolist() == [0.5]
+    assert rm.unpicked_gap_T(logits, 2, E, "softmax").tolist() == [0.75]
+
+
 def test_count_routing_histogram_modality_and_padding():
     index = torch.tensor([[0, 3], [3, 4], [1, 2], [2, 0]])  # E=3: real counts 1, 0, 2, 2
     vision = torch.tensor([True, True, False, False])

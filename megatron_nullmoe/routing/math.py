@@ -64,19 +64,49 @@ def topk_over_slots(
     and null budget control). It is added to the logits for softmax and to the sigmoid scores for
     sigmoid, which is where megatron-core adds its expert bias.
     """
+    scores_TS, select_TS = selection_values(logits_TS, score_function, selection_bias_S)
+    _, index_TK = torch.topk(select_TS, k=topk, dim=-1)
+    if score_function == "softmax" and pre_softmax:
+        scores_TS = torch.softmax(logits_TS, dim=-1, dtype=torch.float32).type_as(logits_TS)
+    return SlotRouting(torch.gather(scores_TS, -1, index_TK), index_TK)
+
+
+def selection_values(
+    logits_TS: torch.Tensor,
+    score_function: str = "softmax",
+    selection_bias_S: Optional[torch.Tensor] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scores_TS, select_TS): the scores gates are made from (the logits for softmax, the
+    sigmoid rounded to the logits' dtype, as megatron-core rounds it) and the values top-k
+    selects on (scores plus `selection_bias_S`). The one place both are computed, so that
+    anything reasoning about which slots get picked sees the very values, dtype and rounding of
+    the selection (`unpicked_gap_T`)."""
     if score_function not in SCORE_FUNCTIONS:
         raise ValueError(f"score_function={score_function!r}; valid: {SCORE_FUNCTIONS}")
     if score_function == "softmax":
-        select_TS = logits_TS if selection_bias_S is None else logits_TS + selection_bias_S
-        _, index_TK = torch.topk(select_TS, k=topk, dim=-1)
-        if pre_softmax:
-            scores_TS = torch.softmax(logits_TS, dim=-1, dtype=torch.float32).type_as(logits_TS)
-            return SlotRouting(torch.gather(scores_TS, -1, index_TK), index_TK)
-        return SlotRouting(torch.gather(logits_TS, -1, index_TK), index_TK)
-    scores_TS = torch.sigmoid(logits_TS.float()).type_as(logits_TS)
+        scores_TS = logits_TS
+    else:
+        scores_TS = torch.sigmoid(logits_TS.float()).type_as(logits_TS)
     select_TS = scores_TS if selection_bias_S is None else scores_TS + selection_bias_S
-    _, index_TK = torch.topk(select_TS, k=topk, dim=-1)
-    return SlotRouting(torch.gather(scores_TS, -1, index_TK), index_TK)
+    return scores_TS, select_TS
+
+
+def unpicked_gap_T(
+    logits_TS: torch.Tensor,
+    topk: int,
+    num_real: int,
+    score_function: str = "softmax",
+    selection_bias_S: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Per token, float64 [T]: its k-th best real selection value minus its best null one, from
+    the values `topk_over_slots` selects on with the same bias. Adding less than the smallest gap
+    to every null slot's selection bias makes top-k pick real experts only (min(k, E) of them).
+    The gap is taken from the rounded selection values themselves: bf16 sigmoid scores lie
+    ~2e-3 apart near 0.5, so a gap from unrounded fp32 scores can be wrong by more than any small
+    margin."""
+    _, select_TS = selection_values(logits_TS, score_function, selection_bias_S)
+    kth_T = select_TS[:, :num_real].topk(min(topk, num_real), dim=-1).values[:, -1]
+    return kth_T.double() - select_TS[:, num_real:].max(dim=-1).values.double()
 
 
 def gate_scale_factor(gate_scale: str, num_real: int, num_null: int,
