@@ -129,6 +129,32 @@ class NullExpertRouter(TopKRouter):
         # Set by `start_null_slots_unpicked` (null slots added to a trained model): the next
         # forward first places the budget bias just below every token's k-th real choice.
         self.start_unpicked = False
+        self._null_state_built = True
+
+    # Router.__init__ calls reset_parameters before this class has built its state.
+    _null_state_built = False
+
+    def reset_parameters(self) -> None:
+        """Puts every parameter and buffer back to its construction value: megatron-core's weight
+        and bias by its own rule, the null rows by `_init_null_parameters` (the layer's seeded
+        draw or zero, as `null_init` says), the null bias and every buffer (budget bias, step
+        and counts, expert bias and token counts, global balancing counts) to zero, and the
+        routing statistics cleared. Megatron-FSDP's meta-device initialisation builds the model
+        on the meta device, materialises it with uninitialised memory and then calls this on each
+        module, so anything left out here would start as garbage. Every buffer of this router
+        starts at zero; `tests/test_router_init.py` checks that against a freshly built one."""
+        super().reset_parameters()
+        if not self._null_state_built:
+            return
+        if self.null_weight is not None:
+            self._init_null_parameters()
+        with torch.no_grad():
+            if self.null_bias is not None:
+                self.null_bias.zero_()
+            for buf in self._buffers.values():
+                if buf is not None:
+                    buf.zero_()
+        self.recorder.clear()
 
     def set_layer_number(self, layer_number: int) -> None:
         """megatron-core numbers a router's layer after building it: the null rows are drawn

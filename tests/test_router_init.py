@@ -48,3 +48,84 @@ def test_start_unpicked_picks_no_null_slot_on_the_first_forward(case):
         if not bool((real_T == 2).all()):
             failed.append((seed, int((real_T < 2).sum())))
     assert failed == [], f"{len(failed)} of {BATCHES} batches picked a null slot: {failed[:5]}"
+
+
+# ------------------------------------------------------------------------ reset_parameters
+# Configurations that between them hold every buffer a null router can have: budget control
+# with a compute schedule (null_budget_bias, budget_step, budget_counts), the expert bias
+# (expert_bias, local_tokens_per_expert), the global balancing loss (global_tokens_per_expert,
+# ga_steps); null rows shared or per expert, drawn or zero, with and without a null bias.
+RESET_CASES = {
+    "budget_schedule_normal": (
+        dict(),
+        dict(num_null_experts=4, target_real_per_token=1.0, target_start_real_per_token=2.0,
+             target_schedule_steps=10)),
+    "expert_bias_global_aux_per_expert": (
+        dict(moe_router_score_function="sigmoid", moe_router_enable_expert_bias=True,
+             moe_router_load_balancing_type="global_aux_loss", moe_aux_loss_coeff=0.1),
+        dict(num_null_experts=4, null_logits="per_expert")),
+    "budget_zero_init_with_bias": (
+        dict(add_bias_linear=True),
+        dict(num_null_experts=4, target_real_per_token=1.0, null_init="zero")),
+}
+
+
+def _build(case, meta=False):
+    config, null = RESET_CASES[case]
+    make = lambda: NullExpertRouter(moe_config(num_experts=4, topk=2, **config),  # noqa: E731
+                                    null_config=NullExpertConfig(**null))
+    if meta:
+        with torch.device("meta"):
+            router = make()
+    else:
+        router = make()
+    router.set_layer_number(1)
+    return router
+
+
+def _garbage(router):
+    """Every parameter and buffer overwritten: NaN for floats, large values for the rest."""
+    with torch.no_grad():
+        for t in list(router.parameters()) + list(router.buffers()):
+            t.fill_(float("nan") if t.is_floating_point() else 12345)
+
+
+@pytest.mark.parametrize("case", list(RESET_CASES))
+@pytest.mark.parametrize("route", ["meta", "trained"])
+def test_reset_parameters_puts_back_every_buffer_and_the_null_rows(case, route):
+    """Megatron-FSDP's `--init-model-with-meta-device` builds on the meta device, materialises
+    with uninitialised memory and calls each module's `reset_parameters()`: the router must come
+    out as if freshly built. Every buffer (enumerated, so a buffer added later is covered) equals
+    a freshly built router's, in dtype and value; the null rows follow the null-init rule (the
+    layer's own seeded draw, or zero), and the null bias is zero."""
+    fresh = _build(case)
+    if route == "meta":
+        router = _build(case, meta=True)
+        router.to_empty(device="cpu")
+    else:  # a router that has trained: routed, counted, its budget control stepped
+        router = _build(case)
+        router.train()
+        probs, _ = router(torch.randn(6, 2, HIDDEN, requires_grad=True))
+        probs.sum().backward()
+    _garbage(router)
+    router.reset_parameters()
+
+    fresh_buffers = dict(fresh.named_buffers())
+    buffers = dict(router.named_buffers())
+    assert buffers.keys() == fresh_buffers.keys() and buffers
+    for name, want in fresh_buffers.items():
+        got = buffers[name]
+        assert got.dtype == want.dtype and got.shape == want.shape, name
+        assert torch.equal(got, want), (name, got, want)
+    assert router.routing_stats() is None
+
+    assert torch.isfinite(router.weight).all() and router.weight.abs().sum() > 0
+    assert router.null_weight.dtype == fresh.null_weight.dtype
+    if RESET_CASES[case][1].get("null_init") == "zero":
+        assert torch.equal(router.null_weight, torch.zeros_like(router.null_weight))
+    else:  # the layer's seeded draw, as at construction: equal to the fresh router's rows
+        assert torch.equal(router.null_weight, fresh.null_weight)
+        assert bool((router.null_weight != 0).all())
+    if router.null_bias is not None:
+        assert torch.equal(router.null_bias, torch.zeros_like(router.null_bias))
+    assert router.bias is None or torch.isfinite(router.bias).all()

@@ -245,6 +245,10 @@ class RoutingRecorder:
                 self.counts[key] += value
         return counts
 
+    def clear(self) -> None:
+        """Drops the running counts (the masks stay: the model hands them in per batch)."""
+        self.counts = None
+
     def read(self, reset: bool = False) -> Optional[RoutingStats]:
         """Statistics accumulated since the last reset (this rank only), or None."""
         if self.counts is None:
