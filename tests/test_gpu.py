@@ -9,7 +9,6 @@ an NCCL process group, which cannot share a session with the CPU suite's gloo gr
 
 from __future__ import annotations
 
-import copy
 import importlib.util
 import os
 
@@ -94,7 +93,12 @@ def test_budget_state_stays_fp32_under_float16module(nccl):
     assert router.budget_counts.dtype == torch.float64
     with torch.no_grad():
         router.null_budget_bias.fill_(5.0)  # in bf16, 5.0 +- 0.01 rounds back to 5.0
-        model(torch.randn(T, B, layer.config.hidden_size, device="cuda"))
+    # A training forward with grad, as the trainer's: the router counts no forward of a
+    # training-mode layer under no_grad (activation recomputation's first pass), so the budget
+    # control would have no tokens and take no step.
+    assert layer.training and torch.is_grad_enabled()
+    model(torch.randn(T, B, layer.config.hidden_size, device="cuda"))
+    assert float(router.budget_counts[1]) == T * B  # the forward was counted
     update_null_budget(layer)
     assert abs(float(router.null_budget_bias) - 5.0) == pytest.approx(0.01, rel=1e-3)
 
@@ -102,7 +106,14 @@ def test_budget_state_stays_fp32_under_float16module(nccl):
 def test_dispatch_rows_equal_a_cpu_run(nccl):
     torch.manual_seed(1)
     cpu = _layer()
-    gpu = copy.deepcopy(cpu).cuda()
+    # A second layer with the first one's weights (a deepcopy would copy its process groups,
+    # which cannot be copied), then moved to the GPU.
+    gpu = _layer()
+    gpu.load_state_dict(cpu.state_dict())
+    gpu.cuda()
+    assert all(torch.equal(a, b.cpu()) for a, b in zip(cpu.state_dict().values(),
+                                                        gpu.state_dict().values())
+               if isinstance(a, torch.Tensor))
     x = torch.randn(T, B, cpu.config.hidden_size)
     with torch.no_grad():
         _, map_cpu = cpu.router(x.view(-1, x.shape[-1]))
