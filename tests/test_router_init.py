@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from megatron_nullmoe import NullExpertConfig, NullExpertRouter
+from megatron_nullmoe.router import START_MARGIN
 from tests._models import HIDDEN, moe_config
 
 pytestmark = pytest.mark.usefixtures("single_rank")
@@ -12,13 +13,14 @@ pytestmark = pytest.mark.usefixtures("single_rank")
 BATCHES = 300
 
 # (score function, router input dtype, moe_router_dtype): bf16 logits round the selection
-# scores (sigmoid ones to ~2e-3 near 0.5), fp32 and the fp32 router dtype do not.
+# scores (sigmoid ones to ~2e-3 near 0.5); fp32 logits and the fp32 / fp64 router dtypes do not.
 START_CASES = {
     "sigmoid_bf16": ("sigmoid", torch.bfloat16, None),
     "softmax_bf16": ("softmax", torch.bfloat16, None),
     "sigmoid_fp32": ("sigmoid", torch.float32, None),
     "softmax_fp32": ("softmax", torch.float32, None),
     "sigmoid_bf16_in_fp32_router": ("sigmoid", torch.bfloat16, "fp32"),
+    "softmax_bf16_in_fp64_router": ("softmax", torch.bfloat16, "fp64"),
 }
 
 
@@ -33,7 +35,7 @@ def test_start_unpicked_picks_no_null_slot_on_the_first_forward(case):
         num_null_experts=8, target_real_per_token=1.0))
     router.set_layer_number(1)
     router.eval()
-    failed = []
+    failed, loose = [], []
     for seed in range(BATCHES):
         g = torch.Generator().manual_seed(seed)
         with torch.no_grad():
@@ -47,7 +49,15 @@ def test_start_unpicked_picks_no_null_slot_on_the_first_forward(case):
         real_T = map_TE.sum(-1)
         if not bool((real_T == 2).all()):
             failed.append((seed, int((real_T < 2).sum())))
+        # and the bias sits just below the closest token, not anywhere below: lifted by twice
+        # the margin, the same batch picks a null slot
+        with torch.no_grad():
+            router.null_budget_bias += 2 * START_MARGIN
+            _, lifted_TE = router(x)
+        if bool((lifted_TE.sum(-1) == 2).all()):
+            loose.append(seed)
     assert failed == [], f"{len(failed)} of {BATCHES} batches picked a null slot: {failed[:5]}"
+    assert loose == [], f"{len(loose)} of {BATCHES} batches: bias far below the gap"
 
 
 # ------------------------------------------------------------------------ reset_parameters
