@@ -50,12 +50,21 @@ def free_port() -> int:
 def init_distributed(rank=None, world_size=None, backend=None, timeout_s: int = 300) -> str:
     """Initialises torch.distributed from arguments or torchrun's environment; returns backend.
 
-    On CPU it enables the CPU compatibility layer first (megatron-core is CUDA-first).
+    On CPU it enables the CPU compatibility layer first (megatron-core is CUDA-first); with
+    `NULLMOE_GPU_RULES=1` it runs the GPU path on the CPU with the GPU's rules enforced instead
+    (`_mcore.gpu_rules`: NCCL's rules, gloo's transport). A single process that no launcher gave
+    a MASTER_PORT takes a free port, so two runs on one machine do not collide on a fixed one.
     """
     rank = int(os.environ.get("RANK", 0)) if rank is None else rank
     world_size = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29500")
+    if "MASTER_PORT" not in os.environ:
+        # Several ranks must agree on one port, which only a launcher can tell them.
+        os.environ["MASTER_PORT"] = str(free_port()) if world_size == 1 else "29500"
+    from megatron_nullmoe._mcore import gpu_rules
+
+    if gpu_rules.requested():
+        gpu_rules.enable()  # the GPU's rules, with gloo moving the bytes
     if backend is None:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "gloo":

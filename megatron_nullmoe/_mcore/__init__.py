@@ -17,6 +17,9 @@ What differs, and where it is handled:
   `moe_metrics`, `clear_moe_metrics`.
 - 0.19: with `transformer_impl="inference_optimized"` a MoE layer swaps its dispatcher every
   forward: `set_token_dispatcher` replaces both.
+
+One fix applies to every release, on CPU and GPU alike: CLIP's norms without Transformer Engine
+(`_clip_vit_norms_without_te`, applied at import).
 """
 
 from __future__ import annotations
@@ -68,6 +71,24 @@ if not hasattr(moe_utils, "te_general_gemm"):
     # 0.16.1 reads this name in router_gating_linear's fallback path, but defines it only when
     # Transformer Engine imports; None is what later releases define it as without TE.
     moe_utils.te_general_gemm = None
+
+
+def _clip_vit_norms_without_te() -> None:
+    """Without Transformer Engine, CLIPViTModel's ln_pre/ln_post default to bare
+    torch.nn.LayerNorm, which it then builds with megatron's (config=, hidden_size=) signature: a
+    TypeError, on a GPU as on the CPU. megatron-core's WrappedTorchNorm takes that signature, and
+    LLaVAModel gives no way to pass the norm in, so the default is replaced (nothing changes where
+    TE is installed: the default is then TE's norm)."""
+    from megatron.core.models.vision import clip_vit_model
+    from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+    init = clip_vit_model.CLIPViTModel.__init__
+    if init.__defaults__ is not None:
+        init.__defaults__ = tuple(
+            WrappedTorchNorm if d is torch.nn.LayerNorm else d for d in init.__defaults__)
+
+
+_clip_vit_norms_without_te()
 
 
 def have_te() -> bool:

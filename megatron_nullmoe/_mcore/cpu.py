@@ -14,6 +14,9 @@ arguments. What megatron-core itself needs on CPU:
   no-op stand-ins;
 - the CUDA RNG tracker (weight init and dropout fork it): a tracker on the CPU generator.
 
+`gpu_rules.py` reuses the runtime stand-ins to run the GPU code path here with the GPU's
+placement rules enforced (the test harness for what this layer would hide).
+
 Differences between megatron-core releases are not handled here but in `megatron_nullmoe._mcore`.
 """
 
@@ -122,7 +125,21 @@ def enable(force: bool = False) -> bool:
         return True
     if torch.cuda.is_available() and not force:
         return False
-    _torch_norms_for_clip_vit()
+    patch_cuda_runtime()
+    mode = _CudaToCpu()
+    mode.__enter__()
+    _STATE.update(enabled=True, mode=mode)
+    return True
+
+
+def patch_cuda_runtime() -> None:
+    """What megatron-core calls of the CUDA runtime, as host stand-ins: device index 0, streams and
+    events that are already synchronous, seeds and memory counters, the RNG tracker on the CPU
+    generator, gradient clipping on any device. Shared with `gpu_rules`, which emulates a GPU on
+    top of it. Idempotent."""
+    if _STATE.get("runtime"):
+        return
+    _STATE["runtime"] = True
     _cpu_grad_clipping()
     torch.cuda.current_device = lambda: 0
     torch.cuda.set_device = lambda *a, **k: None
@@ -138,24 +155,6 @@ def enable(force: bool = False) -> bool:
     torch.cuda.max_memory_allocated = lambda *a, **k: 0
     torch.cuda.empty_cache = lambda *a, **k: None
     _install_rng_tracker()
-    mode = _CudaToCpu()
-    mode.__enter__()
-    _STATE.update(enabled=True, mode=mode)
-    return True
-
-
-def _torch_norms_for_clip_vit() -> None:
-    """CLIPViTModel defaults ln_pre/ln_post to bare torch.nn.LayerNorm when TE is absent, then
-    builds it with megatron's (config=, hidden_size=) signature and fails; megatron's own
-    WrappedTorchNorm takes that signature. LLaVAModel gives no way to pass the norm in."""
-    from megatron.core.models.vision import clip_vit_model
-    from megatron.core.transformer.torch_norm import WrappedTorchNorm
-
-    init = clip_vit_model.CLIPViTModel.__init__
-    if init.__defaults__ is not None:
-        init.__defaults__ = tuple(
-            WrappedTorchNorm if d is torch.nn.LayerNorm else d for d in init.__defaults__
-        )
 
 
 def _cpu_grad_clipping() -> None:
@@ -174,7 +173,3 @@ def _cpu_grad_clipping() -> None:
 
     clip_grads.clip_grad_by_total_norm_fp32 = clip_grad_by_total_norm_fp32
     optimizer.clip_grad_by_total_norm_fp32 = clip_grad_by_total_norm_fp32
-
-
-def is_enabled() -> bool:
-    return _STATE["enabled"]

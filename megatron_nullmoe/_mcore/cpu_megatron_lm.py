@@ -26,19 +26,33 @@ from megatron_nullmoe._mcore import cpu
 def enable_for_megatron_lm() -> list[str]:
     """Adapts Megatron-LM's training code to CPU when CUDA is absent; returns what was adapted
     (empty with CUDA: the GPU path is never touched). Idempotent. Needs Megatron-LM importable."""
-    if torch.cuda.is_available() or _ADAPTED:
+    from megatron_nullmoe._mcore import gpu_rules
+
+    if _ADAPTED or (torch.cuda.is_available() and not gpu_rules.is_enabled()):
         return list(_ADAPTED)
-    cpu.enable()
+    if gpu_rules.requested():
+        # Megatron-LM's GPU path itself, with the GPU's rules enforced (_mcore/gpu_rules.py):
+        # only what no GPU-path code would notice is adapted (kernels, the dataset helper).
+        gpu_rules.enable()
+        adaptations = (("the GPU path under emulated GPU rules (NULLMOE_GPU_RULES)",
+                        lambda initialize, training: True),
+                       ("no fused CUDA kernels", _no_fused_kernels),
+                       ("dataset helper built for this interpreter",
+                        _dataset_helper_for_this_python))
+    else:
+        cpu.enable()
+        adaptations = (
+            ("initialize_megatron(allow_no_cuda=True)", _allow_no_cuda),
+            ("model-parallel groups and seeds without a GPU", _one_device_for_setup),
+            ("no fused CUDA kernels", _no_fused_kernels),
+            ("CUDA RNG state save/restore as no-ops", _no_cuda_rng_state),
+            ("data iterators built without drawing from the restored CPU RNG",
+             _iterators_keep_rng),
+            ("dataset helper built for this interpreter", _dataset_helper_for_this_python),
+        )
     from megatron.training import initialize, training
 
-    for name, adapt in (
-        ("initialize_megatron(allow_no_cuda=True)", _allow_no_cuda),
-        ("model-parallel groups and seeds without a GPU", _one_device_for_setup),
-        ("no fused CUDA kernels", _no_fused_kernels),
-        ("CUDA RNG state save/restore as no-ops", _no_cuda_rng_state),
-        ("data iterators built without drawing from the restored CPU RNG", _iterators_keep_rng),
-        ("dataset helper built for this interpreter", _dataset_helper_for_this_python),
-    ):
+    for name, adapt in adaptations:
         if adapt(initialize, training):
             _ADAPTED.append(name)
     return list(_ADAPTED)

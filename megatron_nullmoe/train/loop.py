@@ -149,6 +149,11 @@ class Trainer:
         model, self.info = build_model(self.cfg, self.tokenizer.vocab_size,
                                        ProcessGroupCollection.use_mpu_process_groups(), self.dtype)
         check_routers(model)
+        if self.device.type != "cpu":
+            # megatron-core leaves some parameters where torch made them, on the CPU (plain
+            # torch.nn.Embedding positions, the local spec's norms, CLIP's conv1 and class
+            # token): everything moves before it is wrapped, as in Megatron-LM's get_model.
+            model.cuda(self.device)
         if self.dtype != torch.float32:
             from megatron.core.transformer.module import Float16Module
 
