@@ -5,32 +5,36 @@ there a tensor left on the CPU and a tensor "on the GPU" are the same thing, so 
 reaches the GPU, or a control value handed to an NCCL collective from the host, passes every CPU
 test and stops a GPU run at its first step. This mode keeps the two apart. With
 `NULLMOE_GPU_RULES=1` in the environment of a trainer or Megatron-LM entry process (read by
-`parallel.init_distributed` and `cpu_megatron_lm.adapt`), or `enable()` called before anything is
+`parallel.init_distributed` and `cpu_megatron_lm.enable_for_megatron_lm`), or `enable()` called before anything is
 built:
 
 - `torch.cuda.is_available()` is True, so the code under test takes its GPU branches: no CPU
   initialisation, `precision=auto` is bf16, the model builder asks for "cuda" devices, collectives
   pick their device from an NCCL backend;
-- every tensor allocated for "cuda" (a `device="cuda"`/index argument, `.cuda()`, `.to("cuda")`)
-  and every tensor computed from one is *marked* as living on the emulated GPU (its storage is,
-  so views and `.data` keep the mark); it reports `device` cuda:0 and `is_cuda` True. A tensor
-  made without a device is a CPU tensor, as on a real machine, and `.cpu()` copies;
+- every tensor lives on the emulated GPU except those the code puts on the host: a factory
+  called without a device (as torch puts it on the CPU), `.cpu()`/`.to("cpu")` (copies), and what
+  is computed from host tensors alone. Host storages are recorded until freed (so views and
+  `.data` share their side, and a freed address is never mistaken later); "cuda" devices,
+  `.cuda()` and `.to("cuda")` land on the emulated GPU, which reports `device` cuda:0,
+  `is_cuda` True and `torch.cuda.*Tensor` types. Gradients, which autograd allocates out of
+  Python's sight, are on the GPU, as their forward tensors are;
 - the rules, each checked where a GPU would fail, raise `GpuRuleError` with the place:
   1. a module handed to megatron-core's `Float16Module` or `DistributedDataParallel` holds a
      parameter or buffer on the CPU (megatron-core moves nothing itself: the caller must
      `.cuda()` first, as Megatron-LM's `get_model` does);
   2. a tensor handed to a collective of a group that NCCL would serve is on the CPU ("No backend
      type associated with device type cpu"); groups made with `backend="gloo"` serve the CPU;
-  3. an operation mixes a marked tensor with an unmarked one of one or more dimensions
-     ("Expected all tensors to be on the same device"); copies, device moves and indexing are
-     allowed to cross, as on a GPU.
+  3. an operation mixes a GPU tensor with a host tensor of one or more dimensions
+     ("Expected all tensors to be on the same device"); copies, device moves and indexing with
+     host indices may cross, as on a GPU.
 
-The collectives really run, over gloo on the CPU: a run under this mode trains, and its losses
-match a plain CPU run's. What it cannot see: CUDA kernels and their numerics, memory, streams
-and overlap (every stream is the host's), NCCL's own limits (timeouts, a tensor's dtype), Transformer
-Engine, anything torch does in C++ without a Python-visible call (autograd's own gradients are
-unmarked: megatron-core reduces its gradient buffers, which are marked), and collectives torch
-runs inside its object collectives (they pick their device themselves).
+The collectives really run, over gloo on the CPU: a run under this mode trains (with the GPU path's
+initialisation, so not the weights of a CPU run). What it cannot see: CUDA kernels and their
+numerics, memory, streams and overlap (every stream is the host's), NCCL's own limits (timeouts,
+dtypes), Transformer Engine and torch.compile (off), host tensors made where Python cannot see (in
+C++, or in data-loader worker processes: they count as on the GPU), collectives torch runs inside
+its object collectives (it picks their device itself), and a rank that skips a collective the
+others enter (that hangs here as there, until the collective timeout).
 """
 
 from __future__ import annotations
