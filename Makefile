@@ -13,7 +13,7 @@ STAMP  := $(VENV)/.installed
 PIP    := $(PY) -m pip install -q
 
 .PHONY: setup test test-slow test-all bench demo demo-data study study-data study-ablation text-study text-study-data clean \
-	gpu-wheels gpu-check
+	gpu-wheels gpu-check gpu-check-dry setup-gpu
 
 setup: $(STAMP)
 
@@ -100,23 +100,40 @@ text-study: text-study-data
 	$(PY) -m megatron_nullmoe.sweep report runs/sweeps/text-study
 
 # The one-call GPU check (README "GPU check"). `make gpu-wheels` here (PyPI access) fills the
-# ignored gpu_bundle/ with the cp312 wheels and the Megatron-LM archive the GPU machine lacks,
-# with a manifest, and fails if the carried set passes 64 MiB. `make gpu-check` there installs
-# from it offline into .venv-gpu (over the machine's torch) and writes runs/gpu_check/
-# gpu_check.{json,md} ($$GPU_CHECK_OUT). `GPU_CHECK_DRY=1 make gpu-check` runs the same steps here
-# on CPU with the project's venv, installing nothing.
+# ignored $(GPU_BUNDLE) with the wheels for Python $(GPU_PYTHON_VERSION) (the GPU machine's) and the
+# Megatron-LM archive the GPU machine lacks, with a manifest, and fails if the carried set passes
+# 64 MiB; GPU_PYTHON_VERSION=X.Y builds it for another Python. `make gpu-check` there installs it
+# offline into a venv over $(GPU_PYTHON)'s own packages (.venv-gpu, $$GPU_CHECK_VENV), runs the
+# steps in it and writes runs/gpu_check/gpu_check.{json,md} ($$GPU_CHECK_OUT).
+# `GPU_CHECK_DRY=1 GPU_PYTHON=PY make gpu-check` does the same install over PY (a venv's python
+# too), then the steps on CPU. `make gpu-check-dry`: that, here, over a stand-in of the GPU
+# machine's venv (CPU torch, transformers, sentencepiece, pytest, numpy; built once in .cache/)
+# with a bundle for this machine's Python, and no package index.
 GPU_PYTHON ?= python3
+GPU_PYTHON_VERSION ?= 3.12
+GPU_BUNDLE ?= gpu_bundle
+GPU_STANDIN := .cache/gpu-standin
+HERE_PYTHON_VERSION = $(shell $(PYTHON) -c 'import sys; print("%d.%d" % sys.version_info[:2])')
 
 gpu-wheels: $(STAMP)
-	$(PY) launch/gpu_check/bundle.py download
+	$(PY) launch/gpu_check/bundle.py download --python-version $(GPU_PYTHON_VERSION) --dir $(GPU_BUNDLE)
 
-ifeq ($(filter-out 0,$(GPU_CHECK_DRY)),)
 gpu-check:
-	$(GPU_PYTHON) launch/gpu_check/check.py
-else
-gpu-check: $(STAMP)
-	$(PY) launch/gpu_check/check.py
-endif
+	GPU_BUNDLE=$(GPU_BUNDLE) $(GPU_PYTHON) launch/gpu_check/check.py
+
+gpu-check-dry: $(STAMP)
+	$(PY) launch/gpu_check/bundle.py standin --venv $(GPU_STANDIN)/venv
+	$(MAKE) gpu-wheels GPU_PYTHON_VERSION=$(HERE_PYTHON_VERSION) \
+		GPU_BUNDLE=$(GPU_STANDIN)/bundle-$(HERE_PYTHON_VERSION)
+	PIP_NO_INDEX=1 PIP_CONFIG_FILE=/dev/null GPU_CHECK_DRY=1 GPU_CHECK_VENV=$(GPU_STANDIN)/venv-gpu \
+		$(MAKE) gpu-check GPU_PYTHON=$(GPU_STANDIN)/venv/bin/python \
+		GPU_BUNDLE=$(GPU_STANDIN)/bundle-$(HERE_PYTHON_VERSION)
+
+# Transformer Engine for the project's venv on a CUDA machine (optional; README "GPU"): the
+# requirement in requirements-gpu.txt with the core built for torch's CUDA major (cu12 or cu13),
+# read from torch.version.cuda; refused on a CPU torch.
+setup-gpu: $(STAMP)
+	$(PY) launch/setup_gpu.py
 
 clean:
 	rm -rf .venv .venv-mcore-*

@@ -1,13 +1,20 @@
 """The prepared GPU check: everything this project has not yet run on a GPU, in one call.
 
     make gpu-check                   # on the GPU machine: offline install from gpu_bundle/, then the steps
-    GPU_CHECK_DRY=1 make gpu-check   # here: the same steps on CPU (gloo, smaller sizes), nothing installed
+    GPU_CHECK_DRY=1 GPU_PYTHON=PY make gpu-check   # here: the same install over PY, the steps on CPU
+    make gpu-check-dry               # the same over a stand-in of the GPU machine's venv, built here
+
+Run by the interpreter whose packages the check uses (the GPU machine's `python3`, a venv's). The
+install step puts the bundle ($GPU_BUNDLE, default gpu_bundle/) into a venv over that interpreter
+($GPU_CHECK_VENV, default .venv-gpu/), offline, in the dry run as in the real one; every later
+step runs in that venv.
 
 Steps (launch/gpu_check/steps.py), each run in its own process with a time limit, each recorded
 with its status (ok / failed / skipped), its numbers and, where it failed, the error text; a
 failed step never stops the next, and gpu_check.json and gpu_check.md are always written to
 $GPU_CHECK_OUT (default runs/gpu_check):
-  install         the bundle into .venv-gpu (a venv over the machine's torch); not under DRY
+  install         the bundle into .venv-gpu (a venv over the machine's torch), no index; a module
+                  missing afterwards fails it
   environment     torch, CUDA, device, megatron-core, Transformer Engine
   demo_data       python -m megatron_nullmoe.train.data.demo, offline
   train_gpt       the trainer on examples/gpt_null_moe.yaml: NCCL world 1, bf16, budget control,
@@ -62,7 +69,8 @@ def markdown(report: dict) -> str:
              "the error where one failed.", ""]
     if report["dry"]:
         lines += ["DRY: CPU and gloo, smaller sizes; the trainer on fp32 (it refuses bf16 on CPU), "
-                  "the layer benchmark in bf16. Nothing was installed.", ""]
+                  "the layer benchmark in bf16. The install is the real run's: the bundle, offline, "
+                  f"over {report['python']}.", ""]
     lines += ["| step | status | seconds | summary |", "| --- | --- | --- | --- |"]
     for name, rec in report["steps"].items():
         summary = rec.get("summary") or rec.get("why") or rec.get("error", "")
@@ -82,19 +90,24 @@ def main() -> int:
     out = Path(os.environ.get("GPU_CHECK_OUT", ROOT / "runs" / "gpu_check")).resolve()
     out.mkdir(parents=True, exist_ok=True)
     only = [s for s in os.environ.get("GPU_CHECK_ONLY", "").split(",") if s]
-    ctx = steps.Context(dry=dry, out=out, python=sys.executable)
+    # without the install step (GPU_CHECK_ONLY), the steps use the venv an earlier run made
+    venv_python = bundle.VENV / "bin" / "python"
+    ctx = steps.Context(dry=dry, out=out, python=str(venv_python) if venv_python.exists() and
+                        "install" not in (only or STEPS) else sys.executable)
     report = {"dry": dry, "started": time.strftime("%Y-%m-%d %H:%M:%S"), "out": str(out),
-              "steps": {}}
+              "python": sys.executable, "bundle": str(bundle.BUNDLE), "steps": {}}
     t0 = time.perf_counter()
     for name, fn in STEPS.items():
         if only and name not in only:
             continue
-        if name == "install" and dry:
-            report["steps"][name] = {"status": "skipped", "seconds": 0.0,
-                                     "why": "DRY: uses the current environment, installs nothing"}
-            continue
         left = BUDGET_S - (time.perf_counter() - t0)
         ctx.time_left = left
+        if report["steps"].get("install", {}).get("status") == "failed" and name != "environment":
+            # the steps need the installed venv; `environment` still says what the machine has
+            report["steps"][name] = {"status": "skipped", "seconds": 0.0,
+                                     "why": "the install step failed (see its error)"}
+            print(f"[gpu-check] {name}: skipped (the install step failed)", flush=True)
+            continue
         report["steps"][name] = run_step(name, fn, ctx)
         report["seconds"] = round(time.perf_counter() - t0, 1)
         (out / "gpu_check.json").write_text(json.dumps(report, indent=1, default=str) + "\n")

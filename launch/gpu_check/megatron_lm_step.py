@@ -11,7 +11,10 @@ how the check supplies them without touching Megatron-LM (both are said in the r
   the two helpers.cpp are identical), so make finds it up to date; the venv's python3-config
   (bundle.py install) names its suffix.
 - `fused_kernels.load` reads `$CUDA_HOME/bin/nvcc -V` for arch flags and, at these tags, builds
-  nothing. Without a CUDA toolkit, a stand-in nvcc reports the CUDA release torch was built with.
+  nothing. Where torch's CUDA_HOME has no `bin/nvcc` (no toolkit, or a `/usr/local/cuda` holding
+  only runtime libraries), a stand-in nvcc reports the CUDA release torch was built with.
+The dry run does the same (the helper from the installed wheel), except the nvcc stand-in: a CPU
+torch has no CUDA release to report.
 """
 
 from __future__ import annotations
@@ -73,12 +76,21 @@ def seed_dataset_helper(ctx: Context, tree: Path) -> str:
         return "the wheel has no built helper: make will compile it"
     if (theirs / "helpers.cpp").read_bytes() != (ours / "helpers.cpp").read_bytes():
         return "the wheel's helpers.cpp differs from the tree's: make will compile it"
-    shutil.copy(theirs / f"helpers_cpp{built}", ours / f"helpers_cpp{built}")  # mtime: now
+    tmp = ours / f".helpers_cpp{built}.{os.getpid()}"
+    shutil.copy(theirs / f"helpers_cpp{built}", tmp)  # mtime: now, so make finds it up to date
+    os.replace(tmp, ours / f"helpers_cpp{built}")  # whole, for a run beside this one
     return f"copied helpers_cpp{built} from the megatron-core wheel"
 
 
+def has_nvcc(cuda_home: str | None) -> bool:
+    """Whether `cuda_home` (torch's CUDA_HOME) holds the nvcc Megatron-LM runs: the file, not
+    the folder (`/usr/local/cuda` often exists with runtime libraries only)."""
+    nvcc = Path(cuda_home or "/nonexistent") / "bin" / "nvcc"
+    return nvcc.is_file() and os.access(nvcc, os.X_OK)
+
+
 def nvcc_stand_in(ctx: Context) -> str | None:
-    if ctx.info.get("cuda_home"):
+    if has_nvcc(ctx.info.get("cuda_home")):
         return None
     home = ctx.out / "nvcc-stand-in"
     (home / "bin").mkdir(parents=True, exist_ok=True)
@@ -103,8 +115,8 @@ def megatron_lm(ctx: Context) -> dict:
     tree = find_tree(ctx.info["megatron_core"])
     record = {"tree": str(tree)}
     extra = {"PYTHONPATH": os.pathsep.join((str(tree), str(ROOT)))}
+    record["dataset_helper"] = seed_dataset_helper(ctx, tree)
     if not ctx.dry:
-        record["dataset_helper"] = seed_dataset_helper(ctx, tree)
         record["nvcc_stand_in"] = nvcc_stand_in(ctx)
         if record["nvcc_stand_in"]:
             extra["CUDA_HOME"] = record["nvcc_stand_in"]

@@ -18,7 +18,6 @@ from pathlib import Path
 import bundle
 
 ROOT = bundle.ROOT
-VENV = ROOT / ".venv-gpu"
 TARGET = 1.5  # real experts per token asked of budget control; the recipes' balanced rate is 2
 RATE = 0.05   # its bias step: 30 steps move the bias by up to 1.5
 
@@ -74,19 +73,39 @@ def _tail(text: str, n: int = 25) -> str:
 
 # ----------------------------------------------------------------------------- the steps
 def install(ctx: Context) -> dict:
-    bundle.install(bundle.BUNDLE, VENV)
-    ctx.python = str(VENV / "bin" / "python")
-    return {"summary": f"bundle installed into {VENV}", "venv": str(VENV)}
+    """The bundle, offline, into a venv over the interpreter running the check (the dry run's
+    too); the steps after it run in that venv."""
+    venv_python = bundle.VENV / "bin" / "python"
+    try:
+        record = bundle.install(bundle.BUNDLE, bundle.VENV)
+    except SystemExit as err:  # bundle.py's errors are for its command line; here, a failure
+        if venv_python.exists():  # made, but incomplete: `environment` says what it holds
+            ctx.python = str(venv_python)
+        raise RuntimeError(str(err)) from None
+    ctx.python = str(venv_python)
+    return {"summary": f"{bundle.BUNDLE.name} installed into {bundle.VENV} over {record['parent']}"
+                       f" (torch from {Path(record['torch']).parent.parent})", **record}
 
 
 PROBE = """
 import importlib.util as u, json, os, platform, sys, sysconfig, torch
-from importlib.metadata import version
+from importlib.metadata import PackageNotFoundError, version
 from torch.utils import cpp_extension
-out = dict(python=platform.python_version(), torch=torch.__version__, cuda=torch.version.cuda,
+def version_or_none(name):
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return None
+try:
+    core = u.find_spec("megatron.core.datasets")
+except ModuleNotFoundError:  # no megatron package at all
+    core = None
+out = dict(python=platform.python_version(), executable=sys.executable, torch=torch.__version__,
+           torch_file=torch.__file__, cuda=torch.version.cuda,
            cuda_available=torch.cuda.is_available(), cuda_home=cpp_extension.CUDA_HOME,
-           megatron_core=version("megatron-core"), transformer_engine=u.find_spec("transformer_engine") is not None,
-           mcore_datasets=os.path.dirname(u.find_spec("megatron.core.datasets").origin),
+           megatron_core=version_or_none("megatron-core"),
+           transformer_engine=u.find_spec("transformer_engine") is not None,
+           mcore_datasets=os.path.dirname(core.origin) if core else None,
            ext_suffix=sysconfig.get_config_var("EXT_SUFFIX"))
 if out["cuda_available"]:
     out["device"] = torch.cuda.get_device_name(0)
@@ -101,10 +120,14 @@ def environment(ctx: Context) -> dict:
     if not ctx.dry and not ctx.info["cuda_available"]:
         raise RuntimeError("no CUDA device visible: run with GPU_CHECK_DRY=1 on a CPU machine")
     where = ctx.info.get("device", "CPU")
-    return {"summary": f"{where}, torch {ctx.info['torch']} (CUDA {ctx.info['cuda']}), Python "
-                       f"{ctx.info['python']}, megatron-core {ctx.info['megatron_core']}, "
-                       f"Transformer Engine {'yes' if ctx.info['transformer_engine'] else 'no'}",
-            **ctx.info}
+    record = {"summary": f"{where}, torch {ctx.info['torch']} (CUDA {ctx.info['cuda']}), Python "
+                         f"{ctx.info['python']}, megatron-core {ctx.info['megatron_core']}, "
+                         f"Transformer Engine {'yes' if ctx.info['transformer_engine'] else 'no'}",
+              **ctx.info}
+    if ctx.info["megatron_core"] is None or ctx.info["mcore_datasets"] is None:
+        record.update(status="failed", error=f"megatron-core is not importable in {ctx.python}: "
+                                             "the install step put it there (did it fail?)")
+    return record
 
 
 def demo_data(ctx: Context) -> dict:
