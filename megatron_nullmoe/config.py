@@ -300,18 +300,54 @@ class NullExpertConfig:
             "moe_enable_routing_replay": (False, "False; replay records top-k over real experts"),
             "moe_router_force_load_balancing": (False, "False; random logits skip null slots"),
             "moe_router_force_biased": (None, "None; biased random logits skip null slots"),
-            "expert_tensor_parallel_size": (1, "1; expert tensor parallelism is not supported"),
+            "expert_tensor_parallel_size": (1, "1; expert tensor parallelism is not supported "
+                                            "(megatron-core defaults it to the tensor-parallel "
+                                            "size; Megatron-LM: --expert-tensor-parallel-size 1)"),
+            "overlap_moe_expert_parallel_comm": (False, OVERLAP_REFUSED),
         }
         for name, (allowed, why) in refused.items():
             value = getattr(config, name, allowed)
             if value != allowed and not (allowed is False and not value):
                 _fail(name, value, why)
-        if getattr(config, "cuda_graph_impl", "none") != "none":
-            _fail(
-                "cuda_graph_impl",
-                config.cuda_graph_impl,
-                "'none'; CUDA graphs assume a static row count per step",
-            )
+        graphed = _graphed_moe_scope(config)
+        if graphed is not None:
+            _fail("cuda_graph_impl", config.cuda_graph_impl,
+                  f"'none', or a scope that leaves the MoE layers out (graphs assume a static row "
+                  f"count per step): here {graphed[0]}={graphed[1]} graphs them"
+                  f"{'' if graphed[1] else ' (empty: the whole layer)'}. "
+                  f"Keep to {'/'.join(GRAPH_SCOPES_WITHOUT_MOE)} (Megatron-LM: --cuda-graph-impl "
+                  "transformer_engine --cuda-graph-scope attn, or --cuda-graph-modules attn from "
+                  "core_v0.19); the local implementation graphs a whole layer for attn")
+
+
+# megatron-core's CUDA graph scope names (CudaGraphScope to 0.18, CudaGraphModule from 0.19) that
+# leave the MoE layer's router and dispatch outside the graph; an empty scope is the whole layer.
+GRAPH_SCOPES_WITHOUT_MOE = ("attn", "mlp", "mamba")
+OVERLAP_REFUSED = (
+    "False; the null dispatcher reads its row counts on the host (.tolist()) inside the "
+    "dispatch, which blocks the host while the dispatch runs on the communication stream, so "
+    "nothing would overlap. Leave --overlap-moe-expert-parallel-comm off (the null dispatcher "
+    "already sends only real rows); --overlap-grad-reduce and --overlap-param-gather still "
+    "overlap the data-parallel communication")
+
+
+def _graphed_moe_scope(config: Any) -> Optional[tuple[str, list]]:
+    """(field, scope names) of a CUDA graph setting that captures the MoE layers, else None.
+
+    Per-layer graphs ("transformer_engine", "local") capture what their scope names; the local
+    implementation graphs a whole TransformerLayer (its MoE too) when the scope names attn.
+    A full-iteration graph ("full_iteration" impl from 0.19, scope before) captures everything."""
+    impl = getattr(config, "cuda_graph_impl", "none")
+    if impl == "none":
+        return None
+    name = "cuda_graph_modules" if hasattr(config, "cuda_graph_modules") else "cuda_graph_scope"
+    scope = getattr(config, name, None) or []
+    scope = scope.split(",") if isinstance(scope, str) else scope
+    names = [getattr(s, "name", s) for s in (scope if isinstance(scope, list) else [scope])]
+    safe = set(GRAPH_SCOPES_WITHOUT_MOE) - ({"attn"} if impl == "local" else set())
+    if impl == "full_iteration" or not names or not set(names) <= safe:
+        return name, names
+    return None
 
 
 def saved_defaults() -> dict[str, Any]:
