@@ -276,6 +276,8 @@ if __name__ == "__main__":
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
     p.add_argument("--json", help="also write the results here")
+    p.add_argument("--threads", type=int, help="torch threads of a 1-rank run (default: torch's; "
+                   "1 is steadier on a machine whose cores other work shares)")
     p.add_argument("--rows-tolerance", type=float, default=0.01,
                    help="largest relative gap of (b)'s timed rows from T*k_b before the run fails")
     a = p.parse_args()
@@ -289,7 +291,7 @@ if __name__ == "__main__":
 
     os.environ["MASTER_PORT"] = str(free_port())
     if a.ranks == 1:
-        torch.set_num_threads(max(1, torch.get_num_threads()))
+        torch.set_num_threads(a.threads or max(1, torch.get_num_threads()))
         main(0, 1, a)
     else:
         import torch.multiprocessing as mp
