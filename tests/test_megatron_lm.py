@@ -166,6 +166,66 @@ def test_unsupported_megatron_features_are_refused(single_rank):
         null_decoder_spec(args, config_from_args(args))
 
 
+def _moe_config(**fields) -> TransformerConfig:
+    """A TransformerConfig as megatron-core builds it (its __post_init__ has run)."""
+    return TransformerConfig(num_layers=2, hidden_size=32, num_attention_heads=4, num_moe_experts=8,
+                             moe_router_topk=4, moe_token_dispatcher_type="alltoall",
+                             add_bias_linear=False, use_cpu_initialization=True, **fields)
+
+
+def test_overlap_moe_expert_parallel_comm_is_refused_by_name(single_rank):
+    """Its overlap would be lost: the null dispatcher reads its row counts on the host while the
+    dispatch runs on the communication stream."""
+    args = parse(MIXTRAL_STYLE + ["--num-null-experts", "8"])
+    config = _moe_config(expert_model_parallel_size=2, bf16=True,
+                         overlap_moe_expert_parallel_comm=True)
+    with pytest.raises(NullExpertConfigError) as err:
+        null_decoder_spec(args, config)
+    said = str(err.value)
+    assert said.startswith("overlap_moe_expert_parallel_comm=True is not valid with null experts")
+    assert "blocks the host" in said and "Leave --overlap-moe-expert-parallel-comm off" in said
+    null_decoder_spec(args, _moe_config(expert_model_parallel_size=2, bf16=True))
+
+
+# CUDA graph scopes by megatron-core's names (CudaGraphScope up to 0.18, CudaGraphModule from
+# 0.19; "full" and an empty scope are the whole layer): refused when the graph holds the MoE layer.
+GRAPHS = [
+    ("transformer_engine", ["attn"], False),
+    ("transformer_engine", [], True),
+    ("transformer_engine", ["moe_router"], True),
+    ("transformer_engine", ["moe_router", "moe_preprocess"], True),
+    ("transformer_engine", ["attn", "moe_router"], True),
+    ("local", ["attn"], True),  # the local implementation graphs the whole layer for attn
+    ("local", [], True),
+]
+
+
+@pytest.mark.parametrize("impl,scope,refused", GRAPHS)
+def test_cuda_graphs_are_refused_only_when_they_hold_the_moe_layer(single_rank, impl, scope,
+                                                                    refused):
+    names = {f.name for f in dataclasses.fields(TransformerConfig)}
+    key = "cuda_graph_modules" if "cuda_graph_modules" in names else "cuda_graph_scope"
+    config = _moe_config(cuda_graph_impl=impl, **{key: list(scope)})
+    null = NullExpertConfig(num_null_experts=8)
+    if not refused:
+        null.check(config)
+        return
+    with pytest.raises(NullExpertConfigError) as err:
+        null.check(config)
+    said = str(err.value)
+    assert said.startswith(f"cuda_graph_impl={impl!r} is not valid with null experts")
+    assert f"{key}=" in said and "--cuda-graph-scope attn" in said
+
+
+def test_a_full_iteration_cuda_graph_is_refused(single_rank):
+    """megatron-core 0.19 names it as an implementation, earlier releases as a scope."""
+    names = {f.name for f in dataclasses.fields(TransformerConfig)}
+    config = (_moe_config(cuda_graph_impl="full_iteration") if "cuda_graph_modules" in names
+              else _moe_config(cuda_graph_impl="local", cuda_graph_scope=["full_iteration"]))
+    with pytest.raises(NullExpertConfigError, match="is not valid with null experts"):
+        NullExpertConfig(num_null_experts=8).check(config)
+
+
 def test_llava_specs_fix_pretrain_vlm_and_the_model_runs(single_rank):
     """Dense projector (pretrain_vlm.py hands it MoE submodules) and a real pre-MLP norm on MoE
     layers (its TE llava spec has none)."""
@@ -193,7 +253,7 @@ def test_training_loop_hooks_step_budget_after_each_optimizer_step(single_rank):
                                   "--null-expert-target-real-per-token", "1.0"])
     model = gpt_builder(args, True, True, config=config_from_args(args))
     router = null_routers(model)[0]
-    hooks = TrainingLoopHooks()
+    hooks = TrainingLoopHooks(get_args=lambda: args)
     seen = []
 
     def forward_step(data_iterator, model):
@@ -221,6 +281,66 @@ def test_training_loop_hooks_step_budget_after_each_optimizer_step(single_rank):
     with torch.no_grad():
         forward(iter([torch.randint(0, 64, (2, 16))]), model)  # evaluation does not count
     assert float(router.budget_counts[1]) == 0.0
+
+
+def test_training_loop_hooks_enter_the_same_collectives_whatever_the_stage_holds(monkeypatch):
+    """Under pipeline parallelism a stage may hold no MoE layer. Every rank of a run with null
+    experts (read from its args, the same everywhere) enters the step's world all-reduce, a
+    stage without routers with zeros, and names the null metrics in the MoE report (which
+    all-reduces each name over the pipeline group); a run without null experts enters none."""
+    from megatron_nullmoe.megatron_lm import hooks as hooks_module
+
+    reduced = []
+
+    def world_sum(tensor, group=None, op="sum"):
+        reduced.append((tensor.clone(), group))
+        return tensor + torch.tensor([6.0, 4.0], dtype=tensor.dtype)  # the other stage's counts
+
+    monkeypatch.setattr(hooks_module.collectives, "reduce_tensor", world_sum)
+    run = parse(MIXTRAL_STYLE + ["--num-null-experts", "4"])
+    dense = torch.nn.Sequential(torch.nn.Linear(4, 4))  # this stage's chunk: no MoE layer
+    hooks = TrainingLoopHooks(get_args=lambda: run)
+    hooks.forward_step(lambda data, model: None)(None, dense)
+    hooks.after_step()
+    assert len(reduced) == 1 and reduced[0][1] is None  # the world
+    assert reduced[0][0].dtype == torch.float64 and reduced[0][0].tolist() == [0.0, 0.0]
+    assert hooks.real_per_token == 1.5  # the world's rate, known on a stage without routers
+    names = []
+    hooks.metrics_report(lambda *a, track_names=None: names.append(track_names))(
+        1.0, 1, track_names=["load_balancing_loss"])
+    assert names == [["load_balancing_loss", "null_slot_fraction", "real_experts_per_token"]]
+
+    plain = TrainingLoopHooks(get_args=lambda: parse(MIXTRAL_STYLE))
+    plain.after_step()
+    plain.metrics_report(lambda *a, track_names=None: names.append(track_names))(
+        1.0, 1, track_names=["load_balancing_loss"])
+    assert len(reduced) == 1 and plain.real_per_token is None
+    assert names[-1] == ["load_balancing_loss"]
+    with pytest.raises(RuntimeError, match="install"):
+        TrainingLoopHooks().after_step()
+
+
+def test_null_runs_default_expert_tensor_parallelism_to_one(capsys):
+    """megatron-core sets expert TP to TP when unset, which null experts refuse: the entries'
+    provider defaults it to 1 for a run with null experts (and says so under TP > 1), keeps a
+    value on the command line, and leaves runs without null experts to Megatron-LM."""
+    from megatron_nullmoe.megatron_lm import null_run_defaults
+
+    def parsed(argv):
+        parser = megatron_parser()
+        parser.add_argument("--tensor-model-parallel-size", type=int, default=1)
+        parser.add_argument("--expert-tensor-parallel-size", type=int, default=None)
+        return chain_args_providers(add_null_moe_args, null_run_defaults(argv))(
+            parser).parse_args(argv)
+
+    null_tp2 = ["--num-experts", "4", "--num-null-experts", "4", "--tensor-model-parallel-size",
+                "2"]
+    assert parsed(null_tp2).expert_tensor_parallel_size == 1
+    assert "--expert-tensor-parallel-size 1 with null experts" in capsys.readouterr().out
+    assert parsed([*null_tp2, "--expert-tensor-parallel-size", "2"]).expert_tensor_parallel_size == 2
+    assert parsed(null_tp2[:2] + null_tp2[4:]).expert_tensor_parallel_size is None
+    assert parsed(null_tp2[:4]).expert_tensor_parallel_size == 1
+    assert capsys.readouterr().out == ""  # nothing changes under TP 1: no note
 
 
 def test_training_loop_hooks_count_megatron_lm_flops_at_the_realised_rate():

@@ -32,15 +32,14 @@ def main() -> None:
     from megatron_nullmoe.megatron_lm import (
         TrainingLoopHooks,
         UpcycleLoad,
-        add_null_moe_args,
-        chain_args_providers,
+        entry_args_provider,
         gpt_builder,
         install_resume_check,
     )
 
     modelopt = getattr(pretrain_gpt, "add_modelopt_args", None)
-    extra = chain_args_providers(
-        add_null_moe_args, modelopt if getattr(pretrain_gpt, "has_nvidia_modelopt", False) else None)
+    extra = entry_args_provider(
+        sys.argv[1:], modelopt if getattr(pretrain_gpt, "has_nvidia_modelopt", False) else None)
     hooks = TrainingLoopHooks()
     hooks.install(megatron_training)
     # a checkpoint without null slots loads (--pretrained-checkpoint, --finetune, --load)

@@ -68,8 +68,7 @@ def main() -> None:
     from megatron_nullmoe.megatron_lm import (
         TrainingLoopHooks,
         UpcycleLoad,
-        add_null_moe_args,
-        chain_args_providers,
+        entry_args_provider,
         install_resume_check,
     )
 
@@ -83,7 +82,7 @@ def main() -> None:
     run_pretrain(
         pretrain_vlm.train_valid_test_datasets_provider, model_provider,
         hooks.forward_step(pretrain_vlm.forward_step),
-        extra_args_provider=chain_args_providers(add_null_moe_args, pretrain_vlm.add_vlm_extra_args),
+        extra_args_provider=entry_args_provider(sys.argv[1:], pretrain_vlm.add_vlm_extra_args),
         args_defaults={"tokenizer_type": "GPT2BPETokenizer"},
         get_embedding_ranks=pretrain_vlm.llava_embedding_ranks,
         get_position_embedding_ranks=pretrain_vlm.llava_position_embedding_ranks,

@@ -8,8 +8,10 @@ launch/megatron_lm/ do, with a Megatron-LM checkout on PYTHONPATH.
 from megatron_nullmoe.megatron_lm.args import (
     add_null_moe_args,
     chain_args_providers,
+    entry_args_provider,
     install_resume_check,
     null_config_from_args,
+    null_run_defaults,
 )
 from megatron_nullmoe.megatron_lm.builders import (
     gpt_builder,
@@ -21,7 +23,7 @@ from megatron_nullmoe.megatron_lm.hooks import TrainingLoopHooks, null_moe_flops
 from megatron_nullmoe.megatron_lm.upcycle import UpcycleLoad
 
 __all__ = [
-    "TrainingLoopHooks", "UpcycleLoad", "add_null_moe_args", "chain_args_providers", "gpt_builder",
-    "install_resume_check", "llava_builder", "llava_specs", "null_config_from_args",
-    "null_decoder_spec", "null_moe_flops",
+    "TrainingLoopHooks", "UpcycleLoad", "add_null_moe_args", "chain_args_providers",
+    "entry_args_provider", "gpt_builder", "install_resume_check", "llava_builder", "llava_specs",
+    "null_config_from_args", "null_decoder_spec", "null_moe_flops", "null_run_defaults",
 ]

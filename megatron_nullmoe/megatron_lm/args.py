@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import typing
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 from megatron_nullmoe.config import NullExpertConfig, NullExpertConfigError, saved_defaults
 
@@ -60,6 +61,34 @@ def add_null_moe_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     return parser
 
 
+def null_run_defaults(argv: Sequence[str]) -> Callable:
+    """An extra_args_provider that defaults `--expert-tensor-parallel-size` to 1 for a run with
+    null experts (`--num-null-experts` > 0 in argv, the command line Megatron-LM parses).
+
+    megatron-core sets expert tensor parallelism to the tensor-parallel size when it is unset,
+    and null experts refuse expert TP > 1 (config.check), so every TP > 1 run would stop; whole
+    experts on each rank (expert parallelism may then span the tensor-parallel ranks) is what
+    they support. A flag on the command line wins, and a run without null experts keeps
+    Megatron-LM's default. Says so once (rank 0) where it changes the layout (TP > 1)."""
+    peek = argparse.ArgumentParser(allow_abbrev=False, add_help=False)
+    peek.add_argument("--num-null-experts", type=int, default=0)
+    peek.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    peek.add_argument("--expert-tensor-parallel-size", type=int, default=None)
+    seen, _ = peek.parse_known_args(list(argv))
+
+    def provider(parser):
+        if not seen.num_null_experts or seen.expert_tensor_parallel_size is not None:
+            return parser
+        parser.set_defaults(expert_tensor_parallel_size=1)
+        if seen.tensor_model_parallel_size > 1 and os.environ.get("RANK", "0") == "0":
+            print("megatron-nullmoe: --expert-tensor-parallel-size 1 with null experts (Megatron-"
+                  f"LM's default, the tensor-parallel size {seen.tensor_model_parallel_size}, is "
+                  "not supported); pass the flag to set it yourself", flush=True)
+        return parser
+
+    return provider
+
+
 def chain_args_providers(*providers: Optional[Callable]) -> Callable:
     """One extra_args_provider that applies several in turn (e.g. ours and Megatron-LM's own)."""
     def provider(parser):
@@ -68,6 +97,12 @@ def chain_args_providers(*providers: Optional[Callable]) -> Callable:
                 parser = p(parser)
         return parser
     return provider
+
+
+def entry_args_provider(argv: Sequence[str], *others: Optional[Callable]) -> Callable:
+    """The entry scripts' extra_args_provider: the null-expert flags, the defaults of a null run
+    (`null_run_defaults(argv)`), then the script's own providers."""
+    return chain_args_providers(add_null_moe_args, null_run_defaults(argv), *others)
 
 
 def null_config_from_args(args) -> NullExpertConfig:

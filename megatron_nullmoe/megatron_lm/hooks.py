@@ -47,12 +47,26 @@ class TrainingLoopHooks:
     the ranks whose tokens differ), as the project's trainer does. `real_per_token` is the last
     training step's realised real experts per token over all ranks and MoE layers (None before
     the first step, and without null experts).
+
+    Whether the run has null experts is read from the run's args (`get_args`, Megatron-LM's own,
+    set by `install`), never from the modules a rank holds: under pipeline parallelism a stage
+    may hold no MoE layer (a dense first stage, the embedding alone), and every rank must enter
+    the same world collectives whatever its stage holds (a rank without routers adds zeros).
     """
 
-    def __init__(self):
+    def __init__(self, get_args: Optional[Callable] = None):
         self.real_per_token: Optional[float] = None
+        self._get_args = get_args
         self._chunks: dict[int, torch.nn.Module] = {}
         self._said = False
+
+    def null_experts(self) -> bool:
+        """Whether this run has null experts: from its args, the same on every rank."""
+        if self._get_args is None:
+            raise RuntimeError("TrainingLoopHooks needs the run's args: call install(training) "
+                               "or pass get_args=")
+        args = self._get_args()
+        return bool(getattr(args, "num_null_experts", 0) and getattr(args, "num_experts", None))
 
     def forward_step(self, forward_step: Callable) -> Callable:
         """Wraps Megatron-LM's forward_step(data_iterator, model, ...) to learn the model chunks."""
@@ -66,12 +80,15 @@ class TrainingLoopHooks:
 
     def after_step(self) -> None:
         """Once per optimizer step on every rank: realised rate of the step over the world (every
-        pipeline stage's layers), then budget control."""
+        pipeline stage's layers; one collective that every rank enters, a stage without routers
+        with zeros), then budget control (collectives only over the routers' own groups, which
+        lie within one stage)."""
+        if not self.null_experts():
+            return
         chunks = list(self._chunks.values())
         routers = null_routers(chunks)
-        if not routers:
-            return
-        local = torch.stack([r.budget_counts for r in routers]).sum(0)  # [real picks, tokens]
+        local = (torch.stack([r.budget_counts for r in routers]).sum(0).double() if routers
+                 else torch.zeros(2, dtype=torch.float64))  # [real picks, tokens]
         real, tokens = collectives.reduce_tensor(local).tolist()
         if tokens > 0:
             self.real_per_token = real_per_token(real, tokens)
@@ -106,10 +123,14 @@ class TrainingLoopHooks:
         return counted
 
     def metrics_report(self, report: Callable) -> Callable:
-        """A MoE metrics report (track_names=...) that also names the null-expert metrics."""
+        """A MoE metrics report (track_names=...) that also names the null-expert metrics.
+
+        The report all-reduces each named metric over the pipeline group, after creating it as
+        zeros where a stage recorded none: the names must be the same on every rank, so they
+        follow the run's args, not whether this rank's stage has routers."""
         @functools.wraps(report)
         def reported(*args, track_names=None, **kwargs):
-            if self.real_per_token is not None and track_names is not None:
+            if track_names is not None and self.null_experts():
                 track_names = [*track_names, *(m for m in NULL_METRICS if m not in track_names)]
             return report(*args, track_names=track_names, **kwargs)
 
@@ -117,7 +138,10 @@ class TrainingLoopHooks:
 
     def install(self, training) -> None:
         """Rebinds `train_step`, `num_floating_point_operations` and the MoE metrics report in
-        megatron.training.training (the module, passed in: this package never imports it)."""
+        megatron.training.training (the module, passed in: this package never imports it), and
+        reads the run's args through its `get_args`."""
+        if self._get_args is None:
+            self._get_args = training.get_args
         training.train_step = self.train_step(training.train_step)
         training.num_floating_point_operations = self.flops(training.num_floating_point_operations)
         if hasattr(training, "track_moe_metrics"):  # up to core_v0.17
