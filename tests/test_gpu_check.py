@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -114,6 +115,23 @@ def test_the_new_venv_sees_a_venvs_own_packages(tmp_path):
         subprocess.run([sys.executable, "-m", "venv", "--without-pip", "--system-site-packages",
                         str(old)], check=True)
         assert _import_origin(old / "bin" / "python", "torch") is None
+
+
+def test_pip_comes_from_the_bundle_where_the_machine_has_none(tmp_path):
+    """A parent without pip (a uv-made venv) and maybe without ensurepip: the bundle's pip wheel
+    bootstraps pip into the check's venv (here the wheel ensurepip carries stands in for it)."""
+    import ensurepip
+
+    wheels = sorted((Path(ensurepip.__file__).parent / "_bundled").glob("pip-*.whl"))
+    if not wheels:
+        pytest.skip("this Python carries no pip wheel")
+    venv, wheel_dir = tmp_path / "venv", tmp_path / "bundle"
+    bundle.make_venv(venv, site_dirs=[str(tmp_path / "empty")])  # sees no pip
+    wheel_dir.mkdir()
+    shutil.copy(wheels[-1], wheel_dir)
+    assert bundle.ensure_pip(venv, wheel_dir) == f"{wheels[-1].name} from the bundle"
+    assert _import_origin(venv / "bin" / "python", "pip").startswith(str(venv))
+    assert "pip" in bundle.PACKAGES  # so the real bundle carries one
 
 
 def test_install_probe_fails_naming_a_missing_or_broken_module():

@@ -65,6 +65,7 @@ PACKAGES = {
     "deprecation": "energon",
     "matplotlib": "the trainer's end-of-run plot", "contourpy": "matplotlib", "cycler": "matplotlib",
     "fonttools": "matplotlib", "kiwisolver": "matplotlib", "pyparsing": "matplotlib",
+    "pip": "the check's venv, where the machine's venv has none (uv makes venvs without pip)",
 }
 # Assumed on the GPU machine (torch 2.11 with its triton, transformers 5.x, sentencepiece,
 # pytest); `install` checks them by name. Megatron-LM's initialize.py imports triton, on CPU too.
@@ -236,16 +237,25 @@ def make_venv(venv: Path, python: str = sys.executable,
     return want
 
 
-def ensure_pip(venv: Path) -> str:
-    """pip for the venv: the parent's, seen through the .pth, else the interpreter's ensurepip."""
+def ensure_pip(venv: Path, bundle: Path) -> str:
+    """pip for the venv: the parent's, seen through the .pth; else the bundle's pip wheel, run
+    from the wheel itself; else the interpreter's ensurepip (absent from some distributions)."""
     py = str(venv / "bin" / "python")
     if subprocess.run([py, "-c", "import pip"], capture_output=True).returncode == 0:
         return "the parent interpreter's pip"
+    tried = []
+    for wheel in sorted(bundle.glob("pip-*.whl")):
+        done = subprocess.run([py, str(wheel / "pip"), "install", "--no-index", "--no-deps", "-q",
+                               str(wheel)], env=offline_env(), capture_output=True, text=True)
+        if done.returncode == 0:
+            return f"{wheel.name} from the bundle"
+        tried.append(f"{wheel.name}: {done.stdout}{done.stderr}")
     done = subprocess.run([py, "-m", "ensurepip", "--default-pip"], capture_output=True, text=True)
-    if done.returncode != 0:
-        raise SystemExit(f"no pip for {venv}: the parent interpreter has none and ensurepip "
-                         f"failed:\n{done.stdout}{done.stderr}")
-    return "ensurepip"
+    if done.returncode == 0:
+        return "ensurepip"
+    tried.append(f"ensurepip: {done.stdout}{done.stderr}")
+    raise SystemExit(f"no pip for {venv}: the parent interpreter has none, and\n  "
+                     + "\n  ".join(tried))
 
 
 PROBE = """
@@ -302,7 +312,7 @@ def install(bundle: Path = BUNDLE, venv: Path = VENV) -> dict:
     if problems or problem:
         raise SystemExit(f"gpu bundle {bundle} is not usable:\n  " + "\n  ".join(problems or [problem]))
     parent = make_venv(venv)
-    pip_from = ensure_pip(venv)
+    pip_from = ensure_pip(venv, bundle)
     done = subprocess.run(pip_command(bundle, venv), env=offline_env(), capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(f"offline install from {bundle} failed:\n{done.stdout}{done.stderr}"[-4000:])
