@@ -22,7 +22,7 @@ cpu_compat.enable()
 # short one and neither worker idles long at the end. Seconds measured on 2 cores, 2 workers,
 # megatron-core 0.16.1; files not listed follow in their usual order.
 LONGEST_FIRST = {
-    "test_train_e2e.py": 500, "test_megatron_lm_upcycle.py": 300,
+    "test_train_e2e.py": 500, "test_megatron_lm_upcycle.py": 300, "test_gpu_rules.py": 260,
     "test_megatron_lm_pretrain.py": 200, "test_init_from.py": 180, "test_export.py": 150,
     "test_export_megatron_lm.py": 100, "test_multirank.py": 80, "test_budget_schedule.py": 70,
     "test_cluster_path.py": 60, "test_export_vlm.py": 50, "test_evaluate.py": 50,

@@ -75,6 +75,39 @@ def test_the_rules_catch_what_a_gpu_refuses():
         assert seen[allowed] is None, (allowed, seen[allowed])
 
 
+def test_a_rank_that_skips_a_collective_is_named_at_the_next_one():
+    """Rule 4 on 2 real ranks: rank 1 skips an all-reduce the other enters (as a pipeline stage
+    without null routers did in Megatron-LM's loop hooks); both ranks stop at the next
+    collective with what each entered, instead of pairing the wrong collectives or hanging."""
+    from megatron_nullmoe.parallel import free_port
+
+    code = textwrap.dedent("""
+        import torch, torch.distributed as dist
+        from megatron_nullmoe import parallel
+        from megatron_nullmoe._mcore import gpu_rules
+
+        parallel.init_distributed(timeout_s=60)
+        x = torch.ones(2, device="cuda")
+        dist.all_reduce(x)  # both ranks: fine
+        try:
+            if dist.get_rank() == 0:
+                dist.all_reduce(x)  # rank 1 skips this one
+            dist.all_gather_into_tensor(torch.empty(4, device="cuda"), x)
+        except gpu_rules.GpuRuleError as err:
+            print("RULE", err, flush=True)
+    """)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MASTER_", "RANK", "WORLD_"))}
+    env.update(OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", MASTER_PORT=str(free_port()),
+               WORLD_SIZE="2", **RULES)
+    ranks = [subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env={**env, "RANK": str(r)},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for r in range(2)]
+    outs = [p.communicate(timeout=120) for p in ranks]
+    for out, err in outs:
+        assert "RULE" in out, err[-3000:]
+        assert "rank 0: all_reduce(float32); rank 1: all_gather_into_tensor(float32" in out
+
+
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("gpu_rules_data")
@@ -127,26 +160,38 @@ def test_the_trainer_follows_the_gpu_rules(data, tmp_path, name):
     assert (run_dir / "checkpoints" / "iter_0000003").is_dir()
 
 
-def _megatron_lm_gpu_flags() -> list[str]:
+def _megatron_lm_gpu_flags(**values: str) -> list[str]:
     """The tests' tiny Megatron-LM flags as a GPU user gives them: no CPU initialisation, the
-    default (NCCL) backend, bf16."""
+    default (NCCL) backend, bf16; `values` replace flags' values (num_layers="4")."""
     flags = [f for f in MLM_TINY if f != "--use-cpu-initialization"]
     at = flags.index("--distributed-backend")
     del flags[at:at + 2]
+    for name, value in values.items():
+        flags[flags.index("--" + name.replace("_", "-")) + 1] = value
     return [*flags, "--bf16", "--train-iters", "2", "--disable-bias-linear"]
 
 
-@pytest.mark.parametrize("script, extra", [
-    ("pretrain_gpt_nullmoe.py", []),
-    ("pretrain_vlm_nullmoe.py", ["--img-h", "32", "--img-w", "32", "--patch-dim", "16",
-                                 "--dataloader-seq-length", "64"]),
-])
-def test_megatron_lm_entries_follow_the_gpu_rules(tree, tmp_path, monkeypatch, script, extra):
+VLM = ["--img-h", "32", "--img-w", "32", "--patch-dim", "16", "--dataloader-seq-length", "64"]
+ENTRIES = {
+    "gpt": ("pretrain_gpt_nullmoe.py", _megatron_lm_gpu_flags()),
+    "vlm": ("pretrain_vlm_nullmoe.py", [*_megatron_lm_gpu_flags(), *VLM]),
+    # 2 pipeline stages, the first dense (no null routers): every rank still enters the hooks'
+    # collectives (issue 31, defect 2)
+    "gpt_dense_first_stage": ("pretrain_gpt_nullmoe.py", [
+        *_megatron_lm_gpu_flags(num_layers="4", expert_model_parallel_size="1"),
+        "--pipeline-model-parallel-size", "2", "--moe-layer-freq", "[0,0,1,1]",
+        "--distributed-timeout-minutes", "2"]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(ENTRIES))
+def test_megatron_lm_entries_follow_the_gpu_rules(tree, tmp_path, monkeypatch, name):
     """Megatron-LM's own pretrain() through our entries on its GPU path: its get_model moves the
     model before wrapping, our hooks' collectives run on device tensors."""
     assert "--use-cpu-initialization" in CPU_FLAGS  # what the GPU flags leave out
     monkeypatch.setenv("NULLMOE_GPU_RULES", "1")
-    log = pretrain(tree, script, tmp_path, *_megatron_lm_gpu_flags(), *extra)
+    script, flags = ENTRIES[name]
+    log = pretrain(tree, script, tmp_path, *flags)
     assert "GpuRuleError" not in log, log[-6000:]
     found = iterations(log)
     assert sorted(found) == [1, 2], log[-6000:]

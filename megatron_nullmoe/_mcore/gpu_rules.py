@@ -26,7 +26,10 @@ built:
      type associated with device type cpu"); groups made with `backend="gloo"` serve the CPU;
   3. an operation mixes a GPU tensor with a host tensor of one or more dimensions
      ("Expected all tensors to be on the same device"); copies, device moves and indexing with
-     host indices may cross, as on a GPU.
+     host indices may cross, as on a GPU;
+  4. the ranks of a group enter different collectives (one skipped a collective the others
+     entered: on a GPU they wait until the timeout). Each collective first compares what every
+     rank of its group entered, so the place is named at the next collective.
 
 The collectives really run, over gloo on the CPU: a run under this mode trains (with the GPU path's
 initialisation, so not the weights of a CPU run). What it cannot see: CUDA kernels and their
@@ -34,12 +37,13 @@ numerics, memory, streams and overlap (every stream is the host's), NCCL's own l
 dtypes), Transformer Engine and torch.compile (off), host tensors made where Python cannot see (in
 C++, or in data-loader worker processes: they count as on the GPU), collectives torch runs inside
 its object collectives (it picks their device itself), and a rank that skips a collective the
-others enter (that hangs here as there, until the collective timeout).
+others enter and then enters none (that hangs here as there, until the collective timeout).
 """
 
 from __future__ import annotations
 
 import functools
+import inspect
 import os
 import weakref
 
@@ -228,20 +232,45 @@ def served_by_nccl(group) -> bool:
     return group is None or group not in _STATE["gloo_groups"]
 
 
-def _group_of(name, args, kwargs):
-    if "group" in kwargs:
-        return kwargs["group"]
+_POINT_TO_POINT = ("send", "recv", "batch_isend_irecv")  # pairs of ranks, not the whole group
+
+
+def _group_of(name, fn, args, kwargs):
     if name == "batch_isend_irecv":
         return getattr(args[0][0], "group", None) if args and args[0] else None
-    return None
+    try:
+        bound = inspect.signature(fn).bind(*args, **kwargs)
+    except TypeError:  # torch reports the call's own error
+        return kwargs.get("group")
+    return bound.arguments.get("group")
+
+
+def _same_collective(name: str, group, tensors) -> None:
+    """Rule 4: every rank of `group` enters the same collective. Each rank's (name, dtypes) is
+    gathered over the group first (torch's object collective, unaudited), so a rank that skipped
+    one is named at the next collective instead of pairing with the wrong one or hanging."""
+    if group is dist.GroupMember.NON_GROUP_MEMBER or dist.get_world_size(group) < 2:
+        return
+    mine = f"{name}({', '.join(str(t.dtype).replace('torch.', '') for t in tensors)})"
+    seen = [None] * dist.get_world_size(group)
+    dist.distributed_c10d.all_gather_object(seen, mine, group=group)
+    if len(set(seen)) > 1:
+        ranks = dist.get_process_group_ranks(group) if group is not None else range(len(seen))
+        entered = "; ".join(f"rank {r}: {what}" for r, what in zip(ranks, seen))
+        raise GpuRuleError(
+            f"the ranks of one group entered different collectives ({entered}): on a GPU the "
+            "ranks wait for each other until the collective timeout. Every rank must enter the "
+            "same collectives in the same order, whatever its pipeline stage holds")
 
 
 def _audited(name: str, fn):
     @functools.wraps(fn)
     def collective(*args, **kwargs):
-        group = _group_of(name, args, kwargs)
+        group = _group_of(name, fn, args, kwargs)
         tensors = ([op.tensor for op in args[0]] if name == "batch_isend_irecv"
                    else list(_tensors(args)) + list(_tensors(kwargs.values())))
+        if name not in _POINT_TO_POINT:
+            _same_collective(name, group, tensors)
         if served_by_nccl(group):
             host = [t for t in tensors if not on_gpu(t)]
             if host:
