@@ -31,7 +31,7 @@ _STATE = {"enabled": False, "mode": None}
 _CPU = torch.device("cpu")
 
 
-def _is_cuda(device) -> bool:
+def is_cuda_device(device) -> bool:
     if isinstance(device, torch.device):
         return device.type == "cuda"
     if isinstance(device, str):
@@ -46,9 +46,9 @@ class _CudaToCpu(TorchFunctionMode):
         kwargs = dict(kwargs or {})
         if func is torch.Tensor.cuda:
             return args[0]
-        if _is_cuda(kwargs.get("device")):
+        if is_cuda_device(kwargs.get("device")):
             kwargs["device"] = _CPU
-        if func is torch.Tensor.to and len(args) > 1 and _is_cuda(args[1]):
+        if func is torch.Tensor.to and len(args) > 1 and is_cuda_device(args[1]):
             args = (args[0], _CPU, *args[2:])
         return func(*args, **kwargs)
 

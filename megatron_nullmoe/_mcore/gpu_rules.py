@@ -103,18 +103,6 @@ def _mark(t: torch.Tensor, gpu: bool) -> None:
         host[key] = weakref.finalize(storage, host.pop, key, None)
 
 
-def _is_cuda(device) -> bool:
-    if isinstance(device, torch.device):
-        return device.type == "cuda"
-    if isinstance(device, str):
-        return device.startswith("cuda")
-    return isinstance(device, int) and not isinstance(device, bool)
-
-
-def _is_cpu(device) -> bool:
-    return (isinstance(device, torch.device) and device.type == "cpu") or device == "cpu"
-
-
 def _tensors(values):
     for v in values:
         if isinstance(v, torch.Tensor):
@@ -182,7 +170,7 @@ class _EmulatedGpu(TorchFunctionMode):
             return name.replace("torch.", "torch.cuda.", 1) if on_gpu(args[0]) else name
         explicit = None
         if "device" in kwargs and kwargs["device"] is not None:
-            explicit = _is_cuda(kwargs["device"])
+            explicit = cpu.is_cuda_device(kwargs["device"])
             kwargs["device"] = _CPU
         inputs = list(_tensors(args)) + list(_tensors(kwargs.values()))
         marked = [on_gpu(t) for t in inputs]
@@ -210,14 +198,14 @@ class _EmulatedGpu(TorchFunctionMode):
         rest = [a for a in args[1:] if not (isinstance(a, (torch.device, str, torch.Tensor))
                                             or (isinstance(a, int) and not isinstance(a, bool)))]
         kwargs.pop("device", None)
-        if target is None or _is_cuda(target) == on_gpu(t):
+        if target is None or cpu.is_cuda_device(target) == on_gpu(t):
             out = t.to(*rest, **kwargs)
             if out is not t:
                 _mark(out, on_gpu(t))
             return out
         kwargs["copy"] = True
         out = t.to(*rest, **kwargs)
-        _mark(out, _is_cuda(target))
+        _mark(out, cpu.is_cuda_device(target))
         return out
 
 
