@@ -21,7 +21,7 @@ sys.path.insert(0, str(ROOT / "launch" / "gpu_check"))
 sys.path.insert(0, str(ROOT / "launch"))
 import bundle  # noqa: E402
 import setup_gpu  # noqa: E402
-from megatron_lm_step import has_nvcc, nvcc_stand_in  # noqa: E402
+from megatron_lm_step import has_nvcc, nvcc_stand_in, seed_dataset_helper  # noqa: E402
 from steps import Context  # noqa: E402
 
 HERE = ".".join(map(str, sys.version_info[:2]))
@@ -84,9 +84,8 @@ def test_download_and_install_commands_are_offline_and_by_name(tmp_path, monkeyp
 
 
 def _import_origin(python: Path, module: str) -> str | None:
-    done = subprocess.run([str(python), "-c", f"import importlib.util as u; s = u.find_spec({module!r});"
-                           " print(s.origin if s else None)"], capture_output=True, text=True,
-                          check=True)
+    code = f"import importlib.util as u; s = u.find_spec({module!r}); print(s.origin if s else None)"
+    done = subprocess.run([str(python), "-c", code], capture_output=True, text=True, check=True)
     return None if done.stdout.strip() == "None" else done.stdout.strip()
 
 
@@ -178,6 +177,31 @@ def test_nvcc_stand_in_is_decided_on_the_nvcc_file_not_the_folder(tmp_path):
     assert "release 13.0" in release
     nvcc.chmod(0o755)
     assert has_nvcc(str(home)) and nvcc_stand_in(ctx) is None
+
+
+def test_dataset_helper_is_taken_from_the_wheel_only_when_its_source_is_the_trees(tmp_path):
+    """A fresh Megatron-LM tree on a machine without a compiler: the installed megatron-core
+    wheel's compiled helper goes into the tree when both helpers.cpp are the same file."""
+    import sysconfig
+    from importlib.util import find_spec
+
+    wheel = Path(find_spec("megatron.core.datasets").origin).parent
+    suffix = sysconfig.get_config_var("EXT_SUFFIX")
+    if not (wheel / f"helpers_cpp{suffix}").is_file():
+        pytest.skip("this megatron-core carries no compiled dataset helper")
+    ctx = Context(dry=True, out=tmp_path, python=sys.executable,
+                  info={"mcore_datasets": str(wheel), "ext_suffix": suffix})
+    ours = tmp_path / "tree" / "megatron" / "core" / "datasets"
+    ours.mkdir(parents=True)
+    (ours / "helpers.cpp").write_bytes((wheel / "helpers.cpp").read_bytes() + b"// changed\n")
+    assert "differs" in seed_dataset_helper(ctx, tmp_path / "tree")
+    assert not (ours / f"helpers_cpp{suffix}").exists()
+    shutil.copy(wheel / "helpers.cpp", ours / "helpers.cpp")
+    helper = f"helpers_cpp{suffix}"
+    assert seed_dataset_helper(ctx, tmp_path / "tree") == f"copied {helper} from the megatron-core wheel"
+    assert (ours / helper).read_bytes() == (wheel / helper).read_bytes()
+    assert (ours / f"helpers_cpp{suffix}").stat().st_mtime >= (ours / "helpers.cpp").stat().st_mtime
+    assert seed_dataset_helper(ctx, tmp_path / "tree") == "already built in the tree"
 
 
 @pytest.mark.parametrize("cuda,extra", [("12.8", "core_cu12"), ("13.0", "core_cu13"),

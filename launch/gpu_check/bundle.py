@@ -229,9 +229,9 @@ def make_venv(venv: Path, python: str = sys.executable,
     if not (marker.is_file() and json.loads(marker.read_text()) == want
             and (venv / "bin" / "python").exists()):
         subprocess.run(venv_command(venv, python), check=True)
-        purelib = subprocess.run(
-            [str(venv / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-            capture_output=True, text=True, check=True).stdout.strip()
+        code = "import sysconfig; print(sysconfig.get_paths()['purelib'])"
+        purelib = subprocess.run([str(venv / "bin" / "python"), "-c", code], capture_output=True,
+                                 text=True, check=True).stdout.strip()
         Path(purelib, "_gpu_check_parent.pth").write_text(parent_pth(site_dirs))
         marker.write_text(json.dumps(want, indent=1) + "\n")
     return want
@@ -285,8 +285,10 @@ def probe(python: str, present=PRESENT, imports=IMPORTS) -> dict:
     if "GPU_CHECK_PROBE" not in done.stdout:
         raise SystemExit(f"the install probe crashed in {python}:\n{done.stdout}{done.stderr}"[-3000:])
     found = json.loads(done.stdout.split("GPU_CHECK_PROBE", 1)[1].splitlines()[0])
-    problems = [f"{m} is not importable: the GPU machine should have it (PRESENT in "
-                f"{Path(__file__).name}), and the bundle does not carry it" for m in found["missing"]]
+    problems = [f"{m} is not importable: the interpreter the check runs on (GPU_PYTHON; the GPU "
+                f"machine's python3) should have it (PRESENT in {Path(__file__).name}), and the "
+                f"bundle does not carry it; here, `make gpu-check-dry` builds a stand-in that has it"
+                for m in found["missing"]]
     problems += [f"import {m} failed after install: {err} (a package PACKAGES in "
                  f"{Path(__file__).name} lacks?)" for m, err in found["broken"].items()]
     if problems:
