@@ -110,8 +110,8 @@ def iterations(log: str) -> dict[int, dict[str, str]]:
 
 
 def megatron_lm(ctx: Context) -> dict:
-    if "megatron_core" not in ctx.info:
-        raise Skip("the environment step did not run")
+    if not ctx.info.get("megatron_core"):
+        raise Skip("the environment step did not run or found no megatron-core")
     tree = find_tree(ctx.info["megatron_core"])
     record = {"tree": str(tree)}
     extra = {"PYTHONPATH": os.pathsep.join((str(tree), str(ROOT)))}
