@@ -148,10 +148,10 @@ def place_null_bias(layer, x, target_rows: int) -> int:
         hi *= 2
     for _ in range(60):  # a float32 bias: lo and hi are adjacent long before 60 halvings
         mid = (lo + hi) / 2
-        if real_rows(mid) > target_rows:
-            lo = mid
-        else:
-            hi = mid
+        n = real_rows(mid)
+        if n == target_rows:
+            return n
+        lo, hi = (mid, hi) if n > target_rows else (lo, mid)
     best = min((lo, hi), key=lambda b: abs(real_rows(b) - target_rows))
     return real_rows(best)
 
