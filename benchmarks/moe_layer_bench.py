@@ -113,7 +113,8 @@ def summed(values, device) -> list:
 
 
 def rows(layer, device):
-    """(rows dispatched, rows computed) per step, summed over ranks; None for the stock dispatcher."""
+    """(rows dispatched, rows computed) per step, summed over ranks; None for the stock
+    dispatcher (it counts nothing: T*k_b rows by construction)."""
     stats = getattr(layer.token_dispatcher, "stats", None)
     if stats is None or not stats.steps:
         return None
@@ -239,7 +240,8 @@ def report(args, world, device, times, counted, syncs, target, placed) -> dict:
               "rows_tolerance": args.rows_tolerance, "rows_on_target": not flag, "variants": {}}
     for v in "abc":
         result["variants"][v] = {
-            "label": labels[v], "ms_fwd_bwd": med[v] * 1e3, "ms_rounds": [t * 1e3 for t in times[v]],
+            "label": labels[v], "ms_fwd_bwd": med[v] * 1e3,
+            "ms_rounds": [t * 1e3 for t in times[v]],
             "us_per_real_row": med[v] * 1e6 / disp[v], "vs_a": med[v] / med["a"],
             "vs_a_paired_median": paired[v],
             "rows_dispatched_per_step": disp[v], "rows_computed_per_step": comp[v],
