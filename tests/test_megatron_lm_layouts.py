@@ -4,6 +4,12 @@
   layouts have): every rank must enter the same collectives whatever its stage holds. Trained
   through the real `pretrain()` on 2 CPU ranks with a 2-minute collective timeout, so that a rank
   that skips a collective fails the test in minutes instead of hanging it.
+- A checkpoint without null slots loaded into that layout (`--pretrained-checkpoint`, or a plain
+  `--load` whose optimizer state cannot fit): the load's decisions are agreed over every rank's
+  request, so the "loaded a checkpoint without null slots" message prints with a dense first
+  stage (rank 0 holds no router), and a refused load stops every rank with the same message. The
+  refusal is run as a plain launcher runs it (srun: one process per rank, no torchrun agent to
+  kill the others), so each rank's own output says why it stopped.
 - Tensor parallelism > 1: megatron-core sets expert tensor parallelism to the tensor-parallel size
   when unset, which null experts refuse. Megatron-LM's own `parse_args` and `validate_args` with
   the entry scripts' extra_args_provider give the run `--expert-tensor-parallel-size 1`; without
@@ -18,9 +24,11 @@ import os
 import re
 import subprocess
 import sys
+import time
 
 import pytest
 
+from megatron_nullmoe.parallel import free_port
 from tests._megatron_lm_run import TINY, TOPK, iterations, pretrain
 from tests._megatron_lm_tree import ROOT
 
@@ -56,6 +64,110 @@ def test_pipeline_with_a_stage_without_moe_layers_trains(tree, tmp_path):
                      r"(\d+)", log)
     assert said, log[-4000:]
     assert 0.0 < float(said.group(1)) < TOPK
+
+
+# PP 2, 4 layers, MoE on the last two only (stage 0, rank 0, holds no router); a short collective
+# timeout, so that a rank left waiting in a collective fails in minutes.
+DENSE_FIRST = [*_with(TINY, num_layers="4", expert_model_parallel_size="1"),
+               "--pipeline-model-parallel-size", "2", "--moe-layer-freq", "[0,0,1,1]",
+               "--disable-bias-linear", "--distributed-timeout-minutes", "2"]
+
+
+@pytest.fixture(scope="module")
+def dense_first_source(tree, tmp_path_factory):
+    """DENSE_FIRST without null slots, 2 iterations, saved with its optimizer state."""
+    tmp = tmp_path_factory.mktemp("dense_first")
+    pretrain(tree, "pretrain_gpt_nullmoe.py", tmp, *_with(DENSE_FIRST, num_null_experts="0"),
+             "--train-iters", "2", "--save", str(tmp / "ckpt"), "--save-interval", "1000")
+    return tmp / "ckpt"
+
+
+def test_a_dense_first_stage_reports_the_switch_to_null_slots(tree, dense_first_source,
+                                                              tmp_path):
+    """--pretrained-checkpoint of the source with --num-null-experts 4: rank 0 (the dense stage,
+    no null-slot tensor of its own) says what the load did for the whole model, the last stage's
+    two routers are armed to start without null picks, and the run trains."""
+    log = pretrain(tree, "pretrain_gpt_nullmoe.py", tmp_path, *DENSE_FIRST,
+                   "--pretrained-checkpoint", str(dense_first_source), "--train-iters", "2",
+                   "--null-expert-target-real-per-token", "1.0",
+                   "--null-expert-budget-update-rate", "0.05")
+    said = re.findall(r"megatron-nullmoe: loaded (\S+)/iter_0+2, a checkpoint without null slots: (\d+) "
+                      r"null-slot tensors start fresh; (\d+) router\(s\) start with no null picks",
+                      log)
+    # printed once (rank 0), counting the model's tensors once whatever the stages and replicas:
+    # 2 MoE layers x (null logit rows, budget bias)
+    assert said == [(str(dense_first_source), "4", "2")], log[-4000:]
+    lines = iterations(log)
+    assert sorted(lines) == [1, 2], log[-4000:]
+    # Armed: the first step picks (almost) only real experts. Not exactly top-k: the start bias
+    # is placed from the step's first micro-batch (of 2 here, PP 2 with DP 1), and a token of the
+    # second whose gap is smaller still picks a null slot (1 pick in 1024 here).
+    assert TOPK - 0.01 < float(lines[1]["real_experts_per_token"]) <= TOPK, lines[1]
+
+
+def per_rank(tree, folder, *flags: str, deadline: float = 300) -> list[tuple[int, str, float]]:
+    """The entry script as plain launchers (srun, mpirun) run it: one process per rank with
+    RANK/WORLD_SIZE/MASTER_* set, no agent that stops the others when one fails. Returns each
+    rank's (exit status, output, seconds); a rank still running at `deadline` is killed (-9)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_", "MASTER_",
+                                                                      "LOCAL_"))}
+    env.update(PYTHONPATH=os.pathsep.join(p for p in (str(tree), env.get("PYTHONPATH")) if p),
+               OMP_NUM_THREADS="1", WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
+               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    folder.mkdir(parents=True, exist_ok=True)
+    script = ROOT / "launch" / "megatron_lm" / "pretrain_gpt_nullmoe.py"
+    start, procs = time.monotonic(), []
+    for rank in range(2):
+        out = open(folder / f"rank{rank}.log", "w+")
+        procs.append((subprocess.Popen(
+            [sys.executable, str(script), *flags], cwd=folder, stdout=out,
+            stderr=subprocess.STDOUT, text=True,
+            env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)}), out))
+    found = []
+    for proc, out in procs:
+        try:
+            proc.wait(timeout=max(1.0, deadline - (time.monotonic() - start)))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        out.seek(0)
+        found.append((proc.returncode, out.read(), time.monotonic() - start))
+        out.close()
+    return found
+
+
+REFUSED = {
+    # a plain --load: the source's optimizer state cannot fit a model with null slots
+    "optimizer": ([], ["--load"], ("its optimizer state does not fit a model with null slots",
+                                   "--pretrained-checkpoint or --finetune, or add --no-load-optim")),
+    # another architecture: only the last stage holds the tensors that differ
+    "architecture": (["--num-experts", "8"], ["--pretrained-checkpoint"],
+                     ("does not fit this model: only null-slot router state",
+                      "decoder.layers.3.mlp.router.weight (saved [4, 64], this model [8, 64])")),
+}
+
+
+@pytest.mark.parametrize("case", sorted(REFUSED))
+def test_a_refused_load_stops_every_rank_with_the_same_message(tree, dense_first_source,
+                                                               tmp_path, case):
+    """A load refused by what only the last stage holds: the dense stage's rank refuses as the
+    last stage's does, with the same message, well before the 2-minute collective timeout.
+    Before the fix only the last stage refused, and rank 0 went on into the checkpoint load:
+    here it failed there when gloo saw its peer exit ("Connection closed by peer"), without a
+    word on why; with NCCL it waits for the collective timeout."""
+    changed, load, wanted = REFUSED[case]
+    flags = list(DENSE_FIRST)
+    for i in range(0, len(changed), 2):
+        flags[flags.index(changed[i]) + 1] = changed[i + 1]
+    ranks = per_rank(tree, tmp_path, *flags, *load, str(dense_first_source), "--train-iters", "3")
+    for rank, (status, log, seconds) in enumerate(ranks):
+        assert status not in (0, -9), (rank, status, log[-3000:])
+        assert "UpcycleError: " in log, (rank, log[-3000:])
+        for text in wanted:
+            assert text in log, (rank, text, log[-3000:])
+        assert seconds < 110, (rank, seconds)  # refused, not the collective timeout
+    messages = [re.search(r"UpcycleError: (.*)", log).group(1) for _, log, _ in ranks]
+    assert messages[0] == messages[1], messages
 
 
 PROBE = """

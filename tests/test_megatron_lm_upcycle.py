@@ -164,3 +164,29 @@ def test_a_checkpoint_without_null_slots_is_refused_where_it_cannot_fit(tree, pl
     log = pretrain(tree, "pretrain_gpt_nullmoe.py", tmp_path / "b", *bigger, **env_fail)
     assert "does not fit this model: only null-slot router state" in log
     assert "router.weight (saved [2, 4, 64], this model [2, 8, 64])" in log, log[-3000:]
+
+
+def test_every_rank_agrees_on_a_load_whatever_its_stage_holds():
+    """`agree` over every rank's fit: a dense stage's rank (nothing of its own to fit or refuse)
+    refuses with the same message as the rank that found the reason, and reports the whole
+    model's switch, each tensor counted once over replicas."""
+    from megatron_nullmoe.megatron_lm.upcycle import Agreed, RankFit, agree
+    from megatron_nullmoe.upcycle import UpcycleError
+
+    def layer(i):
+        return frozenset({(f"decoder.layers.{i}.mlp.router.null_weight", (0, 0)),
+                          (f"decoder.layers.{i}.mlp.router.null_budget_bias", ())})
+
+    dense, moe = RankFit(optimizer=True), RankFit(absent=layer(2) | layer(3), optimizer=True)
+    for fits in ([dense, moe], [moe, dense]):
+        with pytest.raises(UpcycleError, match=r"checkpoint c has no null-slot state \(4 tensors\)"
+                                               ".*--no-load-optim"):
+            agree(fits, "checkpoint c")
+    weights_only = [RankFit(), RankFit(absent=layer(2) | layer(3)), RankFit(absent=layer(3)),
+                    RankFit(absent=layer(2) | layer(3))]  # a replica; a stage of one layer
+    assert agree(weights_only, "c") == Agreed(absent=4, widened=0, armed=2)
+    assert agree([RankFit(), RankFit()], "c") == Agreed(absent=0, widened=0, armed=0)
+    assert not agree([RankFit(), RankFit()], "c").fitted
+    refused = [RankFit(), RankFit(refused="rank 1 says no"), RankFit(refused="rank 2 says no")]
+    with pytest.raises(UpcycleError, match="^rank 1 says no$"):
+        agree(refused, "c")

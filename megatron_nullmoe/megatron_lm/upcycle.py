@@ -15,15 +15,86 @@ bias was missing (`start_null_slots_unpicked`): the first step picks what the so
 
 Optimizer state of a source without null slots cannot fill a model with them (Megatron-LM keys
 it by parameter position); such a load is refused with the flags that skip it.
+
+Every rank decides together. A rank's request holds only its pipeline stage's tensors: a dense
+stage (or the embedding alone) has no router, so on its own it would find nothing to fit or
+refuse, go on into dist_checkpointing's load and wait there for ranks that refused. So each rank
+fits its own request, then one gather over the world (`agree`; dist_checkpointing.load is itself
+entered by every rank) gives every rank the same view of the whole model: all refuse with the
+same message or all load, and rank 0 reports the switch whatever its own stage holds.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
-from typing import Callable
+from typing import Callable, Optional
 
+from megatron_nullmoe import collectives
 from megatron_nullmoe.model_utils import start_null_slots_unpicked
-from megatron_nullmoe.upcycle import UpcycleError, fit_request, saved_shapes
+from megatron_nullmoe.upcycle import UpcycleError, fit_request, saved_shapes, sharded_leaves
+
+BUDGET_BIAS = "router.null_budget_bias"  # a router has it iff it has budget control and nulls
+
+
+@dataclasses.dataclass(frozen=True)
+class RankFit:
+    """One rank's fit of its own request, in plain values (gathered across ranks). Tensors are
+    named (key, global offset), so replicas of one tensor on other ranks count once."""
+
+    refused: Optional[str] = None
+    absent: frozenset = frozenset()  # null-slot tensors the checkpoint lacks
+    widened: frozenset = frozenset()  # expert biases saved for fewer slots
+    optimizer: bool = False  # the request asks for optimizer state
+
+
+@dataclasses.dataclass(frozen=True)
+class Agreed:
+    """What the load does to the whole model, the same on every rank."""
+
+    absent: int  # null-slot tensors that start fresh
+    widened: int  # expert biases padded to E + Z
+    armed: int  # routers whose budget bias starts fresh: they start with no null pick
+
+    @property
+    def fitted(self) -> bool:
+        return bool(self.absent or self.widened)
+
+
+def agree(fits: list[RankFit], where: str) -> Agreed:
+    """Every rank's fit -> one decision: UpcycleError (the lowest rank's refusal, or optimizer
+    state asked of a checkpoint without null-slot state anywhere in the model), else what the
+    load does. Pure: the same list gives the same answer on every rank."""
+    refused = next((f.refused for f in fits if f.refused), None)
+    if refused:
+        raise UpcycleError(refused)
+    absent = frozenset().union(*(f.absent for f in fits))
+    if absent and any(f.optimizer for f in fits):
+        raise UpcycleError(
+            f"{where} has no null-slot state ({len(absent)} tensors), so its optimizer state "
+            "does not fit a model with null slots: load its weights with --pretrained-checkpoint "
+            "or --finetune, or add --no-load-optim to --load")
+    return Agreed(absent=len(absent),
+                  widened=len(frozenset().union(*(f.widened for f in fits))),
+                  armed=sum(1 for key, _ in absent if key.endswith(BUDGET_BIAS)))
+
+
+def fit_rank(request, checkpoint_dir):
+    """(this rank's Fit or None, its RankFit): fits the model part of `request` in place."""
+    models = tuple(k for k in request if str(k).startswith("model"))
+    optimizer = "optimizer" in request
+    if not models:
+        return None, RankFit(optimizer=optimizer)
+    names = {path: (sh.key, tuple(sh.global_offset))
+             for m in models for path, sh in sharded_leaves(request[m], (m,))}
+    try:
+        fit = fit_request(request, saved_shapes(checkpoint_dir),
+                          where=f"checkpoint {checkpoint_dir}", only_under=models)
+    except UpcycleError as err:
+        return None, RankFit(refused=str(err), optimizer=optimizer)
+    return fit, RankFit(absent=frozenset(names[p] for p in fit.absent),
+                        widened=frozenset(names[p] for p, _, _ in fit.widened),
+                        optimizer=optimizer)
 
 
 class _DistCheckpointing:
@@ -36,21 +107,15 @@ class _DistCheckpointing:
         return getattr(self._wrapped, name)
 
     def load(self, sharded_state_dict, checkpoint_dir, *args, **kwargs):
-        models = tuple(k for k in sharded_state_dict if str(k).startswith("model"))
-        fit = None
-        if models:
-            fit = fit_request(sharded_state_dict, saved_shapes(checkpoint_dir),
-                              where=f"checkpoint {checkpoint_dir}", only_under=models)
-            if fit.absent and "optimizer" in sharded_state_dict:
-                raise UpcycleError(
-                    f"checkpoint {checkpoint_dir} has no null-slot state ({len(fit.absent)} "
-                    "tensors), so its optimizer state does not fit a model with null slots: load "
-                    "its weights with --pretrained-checkpoint or --finetune, or add "
-                    "--no-load-optim to --load")
+        """Every rank: fit its request, agree over the world (one gather), then all refuse or
+        all load. No rank returns or raises before the gather."""
+        fit, mine = fit_rank(sharded_state_dict, checkpoint_dir)
+        agreed = agree(collectives.gather_objects(mine), f"checkpoint {checkpoint_dir}")
         loaded = self._wrapped.load(sharded_state_dict, checkpoint_dir, *args, **kwargs)
-        if fit is not None and (fit.absent or fit.widened):
+        if fit is not None and fit.widened:
             fit.restore(loaded)
-            self._owner.fitted.append((str(checkpoint_dir), fit))
+        if agreed.fitted:  # the same on every rank
+            self._owner.fitted.append((str(checkpoint_dir), fit, agreed))
         return loaded
 
 
@@ -64,15 +129,16 @@ class UpcycleLoad:
         def loaded(model, *args, **kwargs):
             self.fitted.clear()
             out = load_checkpoint(model, *args, **kwargs)
-            if self.fitted:
-                path, fit = self.fitted[-1]
-                armed = start_null_slots_unpicked(model) if fit.fresh_budget_bias else 0
+            if self.fitted:  # agreed over every rank, so rank 0 reports a switch it holds no part of
+                path, fit, agreed = self.fitted[-1]
+                if fit is not None and fit.fresh_budget_bias:
+                    start_null_slots_unpicked(model)  # this rank's routers, no collective
                 if os.environ.get("RANK", "0") == "0":
                     print(f"megatron-nullmoe: loaded {path}, a checkpoint without null slots: "
-                          f"{len(fit.absent)} null-slot tensors start fresh"
-                          + (f"; {armed} router(s) start with no null picks (budget bias below "
-                             "every token's k-th real choice at the first forward)" if armed
-                             else ""), flush=True)
+                          f"{agreed.absent} null-slot tensors start fresh"
+                          + (f"; {agreed.armed} router(s) start with no null picks (budget bias "
+                             "below every token's k-th real choice at the first forward)"
+                             if agreed.armed else ""), flush=True)
             return out
 
         return loaded
