@@ -71,8 +71,8 @@ def vlm_exactness() -> None:
     from megatron.core.process_groups_config import ProcessGroupCollection
 
     from megatron_nullmoe.export.vlm import hf_vlm_from_megatron, mcore_vlm_logits, sample_inputs
-    from megatron_nullmoe.train.config import load_config
-    from megatron_nullmoe.train.model import build_model
+    from megatron_nullmoe.run.config import load_config
+    from megatron_nullmoe.run.model import build_model
     from tests._train import ROOT, TINY
 
     print("\n| VLM gates | null logits | decoder | max abs diff |")
@@ -114,8 +114,8 @@ def speed(runs: Path, seed: int, rounds: int) -> None:
         source = resolve(folder)
         models[variant] = hf_from_megatron(load_megatron(source), source.tokenizer)[0]
         print(f"{variant}: {folder} (step {source.step})", file=sys.stderr)
-    from megatron_nullmoe.train.data.text import read_windows
-    from megatron_nullmoe.train.data.tokenizer import Tokenizer
+    from megatron_nullmoe.run.data.text import read_windows
+    from megatron_nullmoe.run.tokenizer import Tokenizer
 
     # real text: the study's own validation windows (the budget bias was learnt on such text)
     windows = read_windows(source.cfg.data.valid_path, Tokenizer(source.tokenizer), 128)

@@ -68,8 +68,8 @@ def main() -> None:
     torch.set_num_threads(1)
     from megatron_nullmoe.export.base import single_process
     from megatron_nullmoe.export.source import hf_from_megatron, load_megatron, resolve
-    from megatron_nullmoe.train.data.text import read_windows
-    from megatron_nullmoe.train.data.tokenizer import Tokenizer
+    from megatron_nullmoe.run.data.text import read_windows
+    from megatron_nullmoe.run.tokenizer import Tokenizer
 
     single_process()
     seeds = [int(s) for s in a.seeds.split(",")]

@@ -40,7 +40,7 @@ def _fail(name: str, value: Any, valid: str) -> None:
 
 def _knob(default: Any, help: str, **check: Any) -> Any:
     """A field with what every front end shows of it: the help text, and `choices`, `min` or
-    `above` for the range. The recipe loader (train/config.py) and the Megatron-LM flags
+    `above` for the range. The recipe loader (run/config.py) and the Megatron-LM flags
     (megatron_lm/args.py) are built from these fields; this class's own checks are the authority."""
     return field(default=default, metadata={"help": help, **check})
 

@@ -128,8 +128,8 @@ def _seq_length(a, source, max_positions: int, image_positions: int = 0) -> int:
 
 def _windows(path: Path, tokenizer, seq_length: int):
     from megatron_nullmoe.inference.perplexity import EvaluationError
-    from megatron_nullmoe.train.data import DataError
-    from megatron_nullmoe.train.data.text import iter_texts, read_windows
+    from megatron_nullmoe.run.data import DataError
+    from megatron_nullmoe.run.data.text import iter_texts, read_windows
 
     try:
         return read_windows(path, tokenizer, seq_length)
@@ -188,7 +188,7 @@ def run(a) -> dict:
     """Everything the summary shows (what --json prints)."""
     from megatron_nullmoe.export.source import resolve
     from megatron_nullmoe.inference.perplexity import EvaluationError, evaluate
-    from megatron_nullmoe.train.data.tokenizer import Tokenizer
+    from megatron_nullmoe.run.tokenizer import Tokenizer
 
     if a.batch_size < 1:
         raise EvaluationError(f"--batch-size {a.batch_size}: give 1 or more")
@@ -254,8 +254,8 @@ def caption_batches(path: Path, tokenizer, seq_length: int, image_size: int, ima
     from megatron.energon import WorkerConfig, get_loader, get_val_dataset, reraise_exception
 
     from megatron_nullmoe.inference.perplexity import EvaluationError
-    from megatron_nullmoe.train.data import DataError
-    from megatron_nullmoe.train.data.energon import CaptionEncoder, check_dataset, to_model_inputs
+    from megatron_nullmoe.run.data import DataError
+    from megatron_nullmoe.run.data.energon import CaptionEncoder, check_dataset, to_model_inputs
 
     check_dataset(path)
     encoder = CaptionEncoder(tokenizer, seq_length, image_size)
@@ -300,11 +300,11 @@ def caption_batches(path: Path, tokenizer, seq_length: int, image_size: int, ima
 def run_vlm(a, source) -> dict:
     """run() for a VLM run, checkpoint or export."""
     from megatron_nullmoe.inference.perplexity import EvaluationError, evaluate_vlm
-    from megatron_nullmoe.train.data.tokenizer import Tokenizer
+    from megatron_nullmoe.run.tokenizer import Tokenizer
 
     data = _vlm_data_path(a, source)  # refuse before loading anything
     if source.kind == "checkpoint":
-        from megatron_nullmoe.train.model import image_tokens
+        from megatron_nullmoe.run.model import image_tokens
 
         cfg = source.cfg
         max_positions, n_img = cfg.model.max_position_embeddings, image_tokens(cfg)
@@ -374,8 +374,8 @@ def main(argv=None) -> None:
     from megatron_nullmoe.export.hf import ExportError
     from megatron_nullmoe.export.source import SourceError
     from megatron_nullmoe.inference.perplexity import EvaluationError
-    from megatron_nullmoe.train.data import DataError
-    from megatron_nullmoe.train.data.tokenizer import TokenizerError
+    from megatron_nullmoe.run.data import DataError
+    from megatron_nullmoe.run.tokenizer import TokenizerError
 
     try:
         result = run(a)

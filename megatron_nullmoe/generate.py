@@ -71,7 +71,7 @@ def run(a) -> tuple[str, dict]:
                                                 load_megatron, resolve)
     from megatron_nullmoe.inference.decode import (GenerationError, Sampling, hf_generate,
                                                    mcore_generate, prompt_ids)
-    from megatron_nullmoe.train.data.tokenizer import Tokenizer
+    from megatron_nullmoe.run.tokenizer import Tokenizer
 
     sampling = (Sampling(a.temperature, a.top_k, a.top_p, a.seed) if a.sample else None)
     source = resolve(a.source, a.config, a.tokenizer)
@@ -107,7 +107,7 @@ def run(a) -> tuple[str, dict]:
         if counts:
             info["real_experts_per_token"] = hf_model.routing_totals()["real_experts_per_token"]
     else:
-        from megatron_nullmoe.train.model import image_tokens
+        from megatron_nullmoe.run.model import image_tokens
 
         image = (load_image(a.image, source.cfg.model.vision.image_size, a.resize) if vlm
                  else None)
@@ -124,7 +124,7 @@ def main(argv=None) -> None:
     from megatron_nullmoe.export.hf import ExportError
     from megatron_nullmoe.export.source import SourceError
     from megatron_nullmoe.inference.decode import GenerationError
-    from megatron_nullmoe.train.data.tokenizer import TokenizerError
+    from megatron_nullmoe.run.tokenizer import TokenizerError
 
     try:
         text, info = run(a)

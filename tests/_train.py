@@ -67,7 +67,7 @@ def tiny_text(root: Path, train_docs: int, val_docs: int, words_per_doc: int) ->
     sentencepiece tokenizer root/tok.model trained on them; returns root."""
     import torch
 
-    from megatron_nullmoe.train.data.tokenizer import train_tokenizer
+    from megatron_nullmoe.run.tokenizer import train_tokenizer
 
     g = torch.Generator().manual_seed(0)
     for name, n in (("train", train_docs), ("val", val_docs)):

@@ -107,7 +107,7 @@ def test_the_start_is_checked_against_top_k():
 
 
 def test_recipe_keys_carry_the_schedule_and_name_refusals():
-    from megatron_nullmoe.train.config import ConfigError, load_config
+    from megatron_nullmoe.run.config import ConfigError, load_config
 
     keys = ["model.null_experts.num_null_experts=8", "model.null_experts.target_real_per_token=2",
             "model.null_experts.target_start_real_per_token=4",
@@ -156,8 +156,8 @@ def test_megatron_lm_flags_exist_and_parse():
 
 
 def test_sweep_plans_a_scheduled_run_at_its_mean_target():
+    from megatron_nullmoe.run.config import load_config
     from megatron_nullmoe.sweep.checks import _why, expected_real_per_token
-    from megatron_nullmoe.train.config import load_config
 
     keys = ["model.num_experts=8", "model.router_topk=4", "model.null_experts.num_null_experts=8",
             "model.null_experts.target_real_per_token=2",

@@ -68,8 +68,8 @@ def evaluate_json(capsys, args: list[str]) -> dict:
 def test_run_and_export_give_megatron_core_perplexity_and_real_experts(trained, capsys):
     from megatron_nullmoe.export.source import load_megatron, resolve
     from megatron_nullmoe.inference.perplexity import mcore_mean_nll
-    from megatron_nullmoe.train.data.text import read_windows
-    from megatron_nullmoe.train.data.tokenizer import Tokenizer
+    from megatron_nullmoe.run.data.text import read_windows
+    from megatron_nullmoe.run.tokenizer import Tokenizer
 
     run_dir, export, root = trained
     ours = evaluate_json(capsys, [str(run_dir)])  # data and seq-length: the run's
@@ -174,9 +174,9 @@ def vlm(tmp_path_factory):
 def test_vlm_run_and_export_give_the_trainers_caption_perplexity(vlm, capsys):
     from megatron_nullmoe.export.source import load_megatron, resolve
     from megatron_nullmoe.inference.perplexity import mcore_vlm_mean_nll
-    from megatron_nullmoe.train.data.energon import EnergonData
-    from megatron_nullmoe.train.data.tokenizer import PAD, Tokenizer
-    from megatron_nullmoe.train.model import image_tokens
+    from megatron_nullmoe.run.data.energon import EnergonData
+    from megatron_nullmoe.run.model import image_tokens
+    from megatron_nullmoe.run.tokenizer import PAD, Tokenizer
 
     run_dir, export, demo = vlm
     ours = evaluate_json(capsys, [str(run_dir)])  # data and seq-length: the run's
@@ -300,7 +300,7 @@ def _lm_eval_pair(sp, bos_text: str, context: str, continuation: str) -> tuple[l
     tok_encode lets the tokenizer add <s> unless the string starts with decode(prefix_token_id);
     an empty context becomes the prefix token (<s>) and the continuation is encoded without it.
     """
-    from megatron_nullmoe.train.data.tokenizer import BOS
+    from megatron_nullmoe.run.tokenizer import BOS
 
     def tok_encode(text: str) -> list[int]:
         return ([] if text.startswith(bos_text) else [BOS]) + sp.encode(text)
@@ -336,7 +336,7 @@ def test_lm_eval_loglikelihood_equals_the_export_by_hand(trained, hflm):
     from lm_eval.api.instance import Instance
 
     from megatron_nullmoe.export.source import load_hf
-    from megatron_nullmoe.train.data.tokenizer import BOS, Tokenizer
+    from megatron_nullmoe.run.tokenizer import BOS, Tokenizer
 
     _, export, _ = trained
     assert hflm.backend == "causal" and hflm.max_length == 64
@@ -376,7 +376,7 @@ def test_lm_eval_loglikelihood_equals_the_export_by_hand(trained, hflm):
 def test_lm_eval_contexts_begin_with_bos_as_training_documents_do(trained, hflm):
     """Every training document begins with <s>: lm_eval must score contexts after it too (it
     prepends <s> unless the text already decodes as starting with it)."""
-    from megatron_nullmoe.train.data.tokenizer import BOS
+    from megatron_nullmoe.run.tokenizer import BOS
 
     ctx, _ = hflm._encode_pair("the cat", " sat")
     assert ctx[0] == BOS

@@ -187,7 +187,7 @@ def cli(args: list[str]) -> subprocess.CompletedProcess:
 def test_the_export_folder_loads_with_auto_classes_and_equals_the_run(trained_run, single_rank):
     from megatron_nullmoe.export.check import mcore_logits
     from megatron_nullmoe.export.source import load_hf, load_megatron, resolve
-    from megatron_nullmoe.train.data.tokenizer import Tokenizer
+    from megatron_nullmoe.run.tokenizer import Tokenizer
 
     run_dir, export, stdout = trained_run
     names = sorted(p.name for p in export.iterdir())
@@ -349,7 +349,7 @@ def test_mixtral_export_is_refused_where_it_is_not_exact(single_rank, tmp_path, 
 
 
 def _tokenizer(tmp_path):
-    from megatron_nullmoe.train.data.tokenizer import train_tokenizer
+    from megatron_nullmoe.run.tokenizer import train_tokenizer
 
     path = tmp_path / "tok.model"
     if not path.exists():

@@ -125,7 +125,7 @@ def torchrun(tree: Path, script: Path, folder: Path, *flags: str) -> str:
 @pytest.fixture(scope="module")
 def trained(tree, tmp_path_factory):  # noqa: F811 (the fixture imported above)
     """(save folder, tokenizer, reference) of one Megatron-LM run of the GPT entry script."""
-    from megatron_nullmoe.train.data.tokenizer import train_tokenizer
+    from megatron_nullmoe.run.tokenizer import train_tokenizer
 
     tmp = tmp_path_factory.mktemp("megatron_lm_export")
     texts = [f"the quick brown fox {i} jumps over the lazy dog number {i * 7}" for i in range(200)]

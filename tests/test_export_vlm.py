@@ -29,8 +29,8 @@ ALLOWED_IMPORTS = {"math", "os", "shutil", "dataclasses", "typing", "torch", "tr
 # ----------------------------------------------------------------------------- helpers
 @pytest.fixture(scope="module")
 def tokenizer_model(tmp_path_factory):
+    from megatron_nullmoe.run.tokenizer import train_tokenizer
     from megatron_nullmoe.train.data.shapes import sample
-    from megatron_nullmoe.train.data.tokenizer import train_tokenizer
 
     path = tmp_path_factory.mktemp("tok") / "tok.model"
     captions = [sample(0, i, 32)[1] for i in range(200)]
@@ -41,9 +41,9 @@ def build_llava(tokenizer_model, overrides=()):
     """The demo VLM at test size, random weights, budget bias 0.15 on every null router."""
     from megatron.core.process_groups_config import ProcessGroupCollection
 
-    from megatron_nullmoe.train.config import load_config
-    from megatron_nullmoe.train.data.tokenizer import Tokenizer
-    from megatron_nullmoe.train.model import build_model
+    from megatron_nullmoe.run.config import load_config
+    from megatron_nullmoe.run.model import build_model
+    from megatron_nullmoe.run.tokenizer import Tokenizer
 
     cfg = load_config(str(ROOT / "examples" / "demo_vlm.yaml"),
                       TINY + ["model.null_experts.target_real_per_token=2.0", *overrides])
@@ -138,12 +138,12 @@ def test_the_vlm_export_equals_megatron_core_logits_and_greedy_captions(single_r
 
 def test_a_causal_vit_as_megatron_core_016s_local_spec_builds_it_exports_exactly(
         single_rank, monkeypatch, tokenizer_model):
-    """The trainer builds a bidirectional ViT everywhere (megatron_nullmoe.train.model
+    """The trainer builds a bidirectional ViT everywhere (megatron_nullmoe.run.model
     `_bidirectional`), but megatron-core 0.16's own local ViT spec is causal: a model built that
     way (e.g. a CPU checkpoint of an older release of this project) exports with its causal
     mask. The export follows the model it is given."""
     from megatron_nullmoe.export.vlm import hf_vlm_from_megatron, mcore_vlm_logits
-    from megatron_nullmoe.train import model as train_model
+    from megatron_nullmoe.run import model as train_model
     from megatron.core.transformer.enums import AttnMaskType
 
     def causal(vit_spec):
@@ -200,7 +200,7 @@ def test_labels_give_megatron_cores_training_loss(single_rank, tokenizer_model):
     """labels (HF layout: input_ids, shifted inside) give the loss the trainer's LLaVAModel
     computes on the same sample (image positions predict nothing, padding masked)."""
     from megatron_nullmoe.export.vlm import hf_vlm_from_megatron
-    from megatron_nullmoe.train.data.tokenizer import IMAGE_TOKEN, PAD
+    from megatron_nullmoe.run.tokenizer import IMAGE_TOKEN, PAD
 
     model, _, _ = build_llava(tokenizer_model)
     hf_model, _ = hf_vlm_from_megatron(model)
@@ -224,8 +224,8 @@ def test_the_folder_auto_classes_processor_and_refusals(single_rank, tmp_path, t
     from megatron_nullmoe.export.vlm import export_vlm
     from megatron_nullmoe.generate import load_image
     from megatron_nullmoe.inference.decode import prompt_ids
-    from megatron_nullmoe.train.data.energon import CaptionEncoder, VLMBatch, to_model_inputs
-    from megatron_nullmoe.train.data.tokenizer import IMAGE_TOKEN, Tokenizer
+    from megatron_nullmoe.run.data.energon import CaptionEncoder, VLMBatch, to_model_inputs
+    from megatron_nullmoe.run.tokenizer import IMAGE_TOKEN, Tokenizer
 
     model, cfg, info = build_llava(tokenizer_model)
     out = export(model, tokenizer_model, tmp_path / "vlm")

@@ -17,8 +17,8 @@ import pytest
 import torch
 
 from megatron_nullmoe import NullExpertConfig, routing_stats, start_null_slots_unpicked
-from megatron_nullmoe.train.checkpoint import (MANIFEST, CheckpointError, init_weights_from,
-                                               locate)
+from megatron_nullmoe.run.checkpoint import MANIFEST, CheckpointError, locate
+from megatron_nullmoe.train.checkpoint import init_weights_from
 from tests._models import VOCAB, build_gpt
 
 BUDGET = dict(num_null_experts=4, target_real_per_token=1.0, target_start_real_per_token=2.0,

@@ -16,7 +16,7 @@ import math
 import pytest
 import torch
 
-from megatron_nullmoe.train.config import ConfigError, load_config
+from megatron_nullmoe.run.config import ConfigError, load_config
 from tests._train import ROOT, losses, run, tiny_demo
 
 GPT = str(ROOT / "examples" / "gpt_null_moe.yaml")
@@ -34,7 +34,7 @@ MIXTRAL = ["model.normalization=RMSNorm", "model.position_embedding=rope",
 def _build(overrides):
     from megatron.core.process_groups_config import ProcessGroupCollection
 
-    from megatron_nullmoe.train.model import build_model, check_model
+    from megatron_nullmoe.run.model import build_model, check_model
 
     cfg = load_config(GPT, overrides)
     check_model(cfg, torch.float32)
@@ -114,7 +114,7 @@ def test_mixtral_style_vlm_language_model(single_rank):
     GELU and their learned positions."""
     from megatron.core.process_groups_config import ProcessGroupCollection
 
-    from megatron_nullmoe.train.model import build_model, check_model
+    from megatron_nullmoe.run.model import build_model, check_model
     from tests._train import TINY
 
     cfg = load_config(str(ROOT / "examples" / "demo_vlm.yaml"),
@@ -222,7 +222,7 @@ def test_swiglu_and_gqa_flops_differ_by_the_formula():
       "parallel.tensor=3"], ["model.num_query_groups=4", "parallel.tensor=3"]),
 ])
 def test_bad_architecture_is_refused_by_key(overrides, needles):
-    from megatron_nullmoe.train.model import check_model
+    from megatron_nullmoe.run.model import check_model
 
     with pytest.raises(ConfigError) as err:  # at load (type, range, choice) or at the check
         check_model(load_config(GPT, [*SMALL, *overrides]), torch.float32)
@@ -234,7 +234,7 @@ def test_rmsnorm_is_refused_where_the_local_norm_is_apex(monkeypatch):
     """Without TE and with apex, the local spec's final norm is FusedLayerNorm (LayerNorm only)."""
     from megatron.core.models.gpt import gpt_layer_specs
 
-    from megatron_nullmoe.train import model
+    from megatron_nullmoe.run import model
 
     class FusedLayerNorm:  # stands in for apex's; only its identity matters
         pass
@@ -249,7 +249,7 @@ def test_rmsnorm_is_refused_where_the_local_norm_is_apex(monkeypatch):
 
 def test_router_topk_scaling_factor_reaches_megatron_core_and_scales_every_gate():
     from megatron_nullmoe.routing import math as rmath
-    from megatron_nullmoe.train.model import decoder_config
+    from megatron_nullmoe.run.model import decoder_config
 
     cfg = load_config(str(ROOT / "examples/gpt_null_moe.yaml"), ["model.router_topk_scaling_factor=2.5"])
     assert decoder_config(cfg, torch.float32).moe_router_topk_scaling_factor == 2.5

@@ -23,8 +23,8 @@ NULL = ["model.router_topk=2", "model.null_experts.num_null_experts=8", "seed=5"
 def _parameters(recipe: str, overrides: list[str]) -> dict:
     from megatron.core.process_groups_config import ProcessGroupCollection
 
-    from megatron_nullmoe.train.config import load_config
-    from megatron_nullmoe.train.model import build_model
+    from megatron_nullmoe.run.config import load_config
+    from megatron_nullmoe.run.model import build_model
 
     cfg = load_config(str(ROOT / "examples" / recipe), overrides)
     parallel.init_model_parallel(seed=cfg.seed)

@@ -661,8 +661,8 @@ def test_a_kept_seed_is_judged_by_the_config_it_trained(tmp_path):
     trained something else under the same overrides (a default changed since)."""
     import yaml
 
+    from megatron_nullmoe.run.config import save_config
     from megatron_nullmoe.sweep.state import read_plan, write_plan
-    from megatron_nullmoe.train.config import save_config
 
     def plan_for(seeds, variants):
         path = write_sweep(tmp_path, overrides={"steps": 4}, variants=variants, seeds=seeds)
@@ -688,8 +688,8 @@ def test_an_earlier_seed_of_a_variant_that_starts_from_another_is_kept(tmp_path)
     """A variant with `checkpoint.init_from: "@SOURCE"` starts each seed from that seed's source
     run: the path differs by seed, the setting does not, so adding seeds keeps the earlier ones
     (with or without the config.yaml a started run saves)."""
+    from megatron_nullmoe.run.config import save_config
     from megatron_nullmoe.sweep.state import read_plan, write_plan
-    from megatron_nullmoe.train.config import save_config
 
     variants = {"src": {}, "b": {"checkpoint.init_from": "@src", "model.router_topk": 1}}
     for saved in (False, True):

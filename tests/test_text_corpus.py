@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from megatron_nullmoe.train.data import DataError
+from megatron_nullmoe.run.data import DataError
 from megatron_nullmoe.train.data import corpus
 
 
@@ -18,7 +18,7 @@ def test_prepares_a_pinned_corpus_with_a_held_out_split_and_tokenizer(tmp_path):
     val = (out / "val.jsonl").read_text().splitlines()
     assert len(val) * (corpus.VAL_EVERY - 1) <= len(train) < (len(val) + 1) * corpus.VAL_EVERY
     assert "def forward" in "".join(json.loads(line)["text"] for line in train[:200])
-    from megatron_nullmoe.train.data.tokenizer import Tokenizer
+    from megatron_nullmoe.run.tokenizer import Tokenizer
 
     assert Tokenizer(out / "tokenizer.model").vocab_size == 512
     before = (out / "train.jsonl").stat().st_mtime_ns

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron_nullmoe.train import model
+from megatron_nullmoe.run import model
+from megatron_nullmoe.run.config import ConfigError, RunConfig, load_config, save_config
 from megatron_nullmoe.train import validate as checks
-from megatron_nullmoe.train.config import ConfigError, RunConfig, load_config, save_config
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "examples").glob("*.yaml"))
@@ -415,8 +415,8 @@ def test_null_expert_config_is_the_one_source_of_its_knobs():
     from megatron_nullmoe.config import NullExpertConfig
     from megatron_nullmoe.megatron_lm.args import (
         FLAGS, NOT_FOR_MEGATRON_LM, add_null_moe_args, null_config_from_args)
-    from megatron_nullmoe.train.config import load_config
-    from megatron_nullmoe.train.model import null_config
+    from megatron_nullmoe.run.config import load_config
+    from megatron_nullmoe.run.model import null_config
 
     names = [f.name for f in dataclasses.fields(NullExpertConfig)]
     assert set(FLAGS.values()) == set(names) - set(NOT_FOR_MEGATRON_LM)
@@ -445,7 +445,7 @@ def test_null_expert_config_is_the_one_source_of_its_knobs():
     ("model.null_experts.budget_update_rate=0", "model.null_experts.budget_update_rate=0"),
 ])
 def test_null_expert_recipe_errors_name_the_key(override, message):
-    from megatron_nullmoe.train.config import ConfigError, load_config
+    from megatron_nullmoe.run.config import ConfigError, load_config
 
     with pytest.raises(ConfigError, match=message):
         load_config(None, [override])
@@ -475,8 +475,8 @@ def test_a_saved_run_config_without_a_newer_null_field_reads_its_value_before_th
     import yaml
 
     from megatron_nullmoe import config as null_config_module
+    from megatron_nullmoe.run.config import load_run_config
     from megatron_nullmoe.train.checkpoint import identity_differences
-    from megatron_nullmoe.train.config import load_run_config
     from megatron_nullmoe.train.loop import run_identity
 
     # the gate rule's defaults changed in 2026-12 (renormalize, none -> keep_null_share, slot_ratio)

@@ -18,11 +18,10 @@ import pytest
 import torch
 from PIL import Image
 
-from megatron_nullmoe.train.data import DataSource, shapes
-from megatron_nullmoe.train.data.demo import prepare_demo_data
-from megatron_nullmoe.train.data.energon import DataError, EnergonData, to_model_inputs
-from megatron_nullmoe.train.data.text import JsonlData, read_windows
-from megatron_nullmoe.train.data.tokenizer import (
+from megatron_nullmoe.run.data import DataSource
+from megatron_nullmoe.run.data.energon import DataError, EnergonData, to_model_inputs
+from megatron_nullmoe.run.data.text import JsonlData, read_windows
+from megatron_nullmoe.run.tokenizer import (
     BOS,
     EOS,
     IMAGE_TOKEN,
@@ -30,6 +29,8 @@ from megatron_nullmoe.train.data.tokenizer import (
     Tokenizer,
     TokenizerError,
 )
+from megatron_nullmoe.train.data import shapes
+from megatron_nullmoe.train.data.demo import prepare_demo_data
 
 DEMO = dict(train_samples=64, val_samples=16, samples_per_shard=32)
 SEED, SIDE, L, IMAGE_TOKENS, MBS = 0, 48, 12, 36, 4
@@ -480,7 +481,7 @@ def test_jsonl_too_few_tokens(tmp_path, tok):
 
 def test_every_loader_has_the_data_source_methods():
     """The trainer and the checkpointer call these four, by these parameter names, on any loader."""
-    from megatron_nullmoe.train.data.indexed import IndexedData
+    from megatron_nullmoe.run.data.indexed import IndexedData
 
     for cls in (EnergonData, JsonlData, IndexedData):
         for name in ("next_train", "val_batches", "state", "restore"):

@@ -43,7 +43,7 @@ def test_vlm_two_ranks_expert_parallel_learns_and_reports(demo, tmp_path):
         assert summary[key] is not None and summary[key] > 0, key
     # FLOPs come from the realised real experts per token: below what top-4 would claim.
     from megatron_nullmoe.flops import train_flops_per_sample
-    from megatron_nullmoe.train.config import load_config
+    from megatron_nullmoe.run.config import load_config
     from megatron_nullmoe.train.flops import shapes_from_config
 
     cfg = load_config(str(out / "config.yaml"))

@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
-from megatron_nullmoe.train.data.energon import DataError
-from megatron_nullmoe.train.data.indexed import IndexedData, jsonl_to_indexed
-from megatron_nullmoe.train.data.tokenizer import EOS
+from megatron_nullmoe.run.data.energon import DataError
+from megatron_nullmoe.run.data.indexed import IndexedData, jsonl_to_indexed
+from megatron_nullmoe.run.tokenizer import EOS
 from tests._train import tiny_demo
 
 
@@ -21,7 +21,7 @@ def demo(tmp_path_factory):
 def test_written_documents_read_back_through_megatron_core(demo, tmp_path):
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
-    from megatron_nullmoe.train.data.tokenizer import Tokenizer
+    from megatron_nullmoe.run.tokenizer import Tokenizer
 
     tok = Tokenizer(demo / "tokenizer.model")
     texts = ["two small red circles in the top left", "one large blue square in the centre"]
@@ -34,7 +34,7 @@ def test_written_documents_read_back_through_megatron_core(demo, tmp_path):
 
 
 def make(demo, tmp_path, dp_rank=0, dp_size=1, valid=True):
-    from megatron_nullmoe.train.data.tokenizer import Tokenizer
+    from megatron_nullmoe.run.tokenizer import Tokenizer
 
     prefix = str(demo / "text" / "train_text_document")
     valid_prefix = str(demo / "text" / "val_text_document") if valid else None
@@ -68,7 +68,7 @@ def test_ranks_read_different_samples(demo, tmp_path):
 
 
 def test_missing_files_are_named(demo, tmp_path):
-    from megatron_nullmoe.train.data.tokenizer import Tokenizer
+    from megatron_nullmoe.run.tokenizer import Tokenizer
 
     with pytest.raises(DataError, match=r"nope\.bin does not exist"):
         IndexedData(str(tmp_path / "nope"), None, Tokenizer(demo / "tokenizer.model"), 16, 4, 0,

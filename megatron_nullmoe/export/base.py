@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from megatron_nullmoe.train.config import RunConfig
+from megatron_nullmoe.run.config import RunConfig
 
 
 class SourceError(ValueError):

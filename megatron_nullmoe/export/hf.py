@@ -224,7 +224,7 @@ def write_provenance(out: Path, provenance: dict, dtype: torch.dtype, **fields) 
 
 def write_tokenizer(tokenizer_model: Path, out: Path) -> dict:
     """tokenizer.model and its remote-code class; returns the special token ids."""
-    from megatron_nullmoe.train.data.tokenizer import BOS, EOS, PAD, UNK
+    from megatron_nullmoe.run.tokenizer import BOS, EOS, PAD, UNK
 
     shutil.copyfile(tokenizer_model, out / "tokenizer.model")
     specials = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>"}

@@ -107,7 +107,7 @@ def _is_iteration_folder(p: Path) -> bool:
 
 def _ours(p: Path) -> bool:
     """An iteration folder of this project's trainer (its manifest, or its per-rank extras)."""
-    from megatron_nullmoe.train.checkpoint import MANIFEST
+    from megatron_nullmoe.run.checkpoint import MANIFEST
 
     return (p / MANIFEST).is_file() or (p / "extra").is_dir()
 
@@ -437,7 +437,7 @@ def load_weights(ckpt: Path, model, content_metadata: Optional[dict] = None) -> 
 def tokenizer_from_args(args) -> tuple[Optional[Path], str]:
     """(the run's sentencepiece model, "") when it exists here and has the id layout the export's
     tokenizer writes (pad 0, unk 1, <s> 2, </s> 3), else (None, why not)."""
-    from megatron_nullmoe.train.data.tokenizer import BOS, EOS, PAD, UNK
+    from megatron_nullmoe.run.tokenizer import BOS, EOS, PAD, UNK
 
     kind, model = getattr(args, "tokenizer_type", None), getattr(args, "tokenizer_model", None)
     if kind not in SENTENCEPIECE_TYPES:

@@ -23,9 +23,9 @@ from typing import Optional
 import torch
 
 from megatron_nullmoe.export.base import Source, SourceError, single_process
-from megatron_nullmoe.train.checkpoint import (MANIFEST, CheckpointError, newest_checkpoint,
-                                               read_manifest)
-from megatron_nullmoe.train.config import ConfigError, RunConfig, load_run_config
+from megatron_nullmoe.run.checkpoint import (MANIFEST, CheckpointError, newest_checkpoint,
+                                             read_manifest)
+from megatron_nullmoe.run.config import ConfigError, RunConfig, load_run_config
 
 
 KINDS = ("a run folder (config.yaml and checkpoints/)", "a checkpoint folder (iter_NNNNNNN with "
@@ -126,10 +126,10 @@ def load_megatron(source: Source):
     import torch
     from megatron.core.process_groups_config import ProcessGroupCollection
 
-    from megatron_nullmoe.train.checkpoint import load_model_weights
-    from megatron_nullmoe.train.config import Parallel
-    from megatron_nullmoe.train.data.tokenizer import Tokenizer
-    from megatron_nullmoe.train.model import build_model
+    from megatron_nullmoe.run.checkpoint import load_model_weights
+    from megatron_nullmoe.run.config import Parallel
+    from megatron_nullmoe.run.model import build_model
+    from megatron_nullmoe.run.tokenizer import Tokenizer
 
     if source.kind == "megatron-lm":
         from megatron_nullmoe.export.megatron_lm import load_megatron_lm
@@ -188,7 +188,7 @@ def hf_from_megatron(model, tokenizer_model: Path):
     from megatron_nullmoe.export.hf_code.modeling_nullmoe import NullMoEForCausalLM
     from megatron_nullmoe.export.hf_code.tokenization_nullmoe import NullMoETokenizer
     from megatron_nullmoe.export.vlm import hf_vlm_from_megatron, is_llava
-    from megatron_nullmoe.train.data.tokenizer import BOS, EOS, PAD
+    from megatron_nullmoe.run.tokenizer import BOS, EOS, PAD
 
     if is_llava(model):
         return hf_vlm_from_megatron(model)[0].eval(), NullMoETokenizer(str(tokenizer_model))

@@ -289,7 +289,7 @@ def hf_vlm_from_megatron(model, tokenizer_model: Path | None = None):
     LLaVAModel: the export without the folder (same classes, same weights)."""
     from megatron_nullmoe.export.hf_code.configuration_nullmoe import NullMoEConfig
     from megatron_nullmoe.export.hf_code.modeling_nullmoe import NullMoEForConditionalGeneration
-    from megatron_nullmoe.train.data.tokenizer import BOS, EOS, PAD
+    from megatron_nullmoe.run.tokenizer import BOS, EOS, PAD
 
     config = NullMoEConfig(**hf_vlm_config(model), bos_token_id=BOS, eos_token_id=EOS,
                            pad_token_id=PAD)
@@ -321,7 +321,7 @@ def mcore_vlm_logits(model, images_B3HW: torch.Tensor, ids_BL: torch.Tensor) -> 
 def sample_inputs(model, length: int = 12, batch: int = 2, seed: int = 0):
     """(images [B, 3, S, S] in [-1, 1], ids [B, L] = [placeholder, <s>, random ids]) for a
     LLaVAModel, the trainer's layout."""
-    from megatron_nullmoe.train.data.tokenizer import BOS
+    from megatron_nullmoe.run.tokenizer import BOS
 
     g = torch.Generator().manual_seed(seed)
     S = model.vision_model.img_h

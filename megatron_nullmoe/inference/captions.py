@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from megatron_nullmoe.train.data.tokenizer import BOS, EOS, PAD
+from megatron_nullmoe.run.tokenizer import BOS, EOS, PAD
 
 
 def caption_images(run: Path, count: int, max_new_tokens: int) -> list[dict]:
@@ -29,9 +29,9 @@ def caption_images(run: Path, count: int, max_new_tokens: int) -> list[dict]:
     from megatron_nullmoe.export.source import SourceError, load_megatron, resolve
     from megatron_nullmoe.inference.decode import mcore_generate, prompt_ids
     from megatron_nullmoe.model_utils import routing_stats
-    from megatron_nullmoe.train.data.energon import EnergonData
-    from megatron_nullmoe.train.data.tokenizer import Tokenizer
-    from megatron_nullmoe.train.model import image_tokens
+    from megatron_nullmoe.run.data.energon import EnergonData
+    from megatron_nullmoe.run.model import image_tokens
+    from megatron_nullmoe.run.tokenizer import Tokenizer
 
     source = resolve(run)
     cfg = source.cfg
@@ -102,7 +102,7 @@ def main(argv=None) -> None:
     a = p.parse_args(argv)
     warnings.filterwarnings("ignore")
     from megatron_nullmoe.export.source import SourceError
-    from megatron_nullmoe.train.data import DataError
+    from megatron_nullmoe.run.data import DataError
 
     if a.images < 1:
         sys.exit("captions error: --images must be 1 or more")

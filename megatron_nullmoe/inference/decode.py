@@ -14,7 +14,7 @@ from typing import Optional
 
 import torch
 
-from megatron_nullmoe.train.data.tokenizer import BOS, EOS, IMAGE_TOKEN
+from megatron_nullmoe.run.tokenizer import BOS, EOS, IMAGE_TOKEN
 
 
 class GenerationError(ValueError):

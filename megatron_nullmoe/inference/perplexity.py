@@ -1,12 +1,12 @@
 """Perplexity on packed windows (GPT) or on image + caption samples (VLM), and the real experts
 per token inference ran on them.
 
-GPT. A window is seq_length + 1 tokens (as the trainer's jsonl data cuts them, train/data/text.py):
+GPT. A window is seq_length + 1 tokens (as the trainer's jsonl data cuts them, run/data/text.py):
 the model reads its first L tokens at positions 0..L-1 and predicts its last L, so every window
 contributes L predictions and there is no padding. The mean negative log-likelihood is over all
 predicted positions of all windows (natural log); perplexity is its exponential.
 
-VLM. A sample is what the trainer feeds megatron-core's LLaVAModel (train/data/energon.py,
+VLM. A sample is what the trainer feeds megatron-core's LLaVAModel (run/data/energon.py,
 `to_model_inputs`): the image, input_ids = [placeholder, <s>, caption, </s>, <pad>...] (L + 1),
 labels = the text shifted (L + 1) and loss_mask = labels != <pad>. The decoder runs over the
 combined sequence of N image positions and L text positions; the text position of input_ids[k]
@@ -117,7 +117,7 @@ def evaluate_vlm(hf_model, batches) -> dict:
     (`real_experts_per_token`, `_image_token`, `_text_token`: MoE-layer means, None without MoE
     layers) and their counts (`real_picks`, `token_layers`, `image_real_picks`,
     `image_token_layers`). Resets the model's routing totals."""
-    from megatron_nullmoe.train.data.tokenizer import PAD
+    from megatron_nullmoe.run.tokenizer import PAD
 
     c = hf_model.config
     n_img = int(c.image_seq_length)

@@ -19,10 +19,10 @@ from pathlib import Path
 from typing import Optional
 
 from megatron_nullmoe.flops import expected_real, train_flops_per_sample
+from megatron_nullmoe.run.config import ConfigError, RunConfig
+from megatron_nullmoe.run.model import image_tokens
 from megatron_nullmoe.sweep.spec import Run, Sweep, SweepError
-from megatron_nullmoe.train.config import ConfigError, RunConfig
 from megatron_nullmoe.train.flops import shapes_from_config
-from megatron_nullmoe.train.model import image_tokens
 
 
 def expected_real_per_token(cfg: RunConfig) -> float:
@@ -81,8 +81,8 @@ def check_runtime(runs: list[Run], world_size: int) -> None:
     import torch
 
     from megatron_nullmoe.config import NullExpertConfigError
+    from megatron_nullmoe.run.model import decoder_config, image_tokens, null_config
     from megatron_nullmoe.train.validate import check
-    from megatron_nullmoe.train.model import decoder_config, image_tokens, null_config
 
     seen = set()
     for run in runs:
@@ -105,7 +105,7 @@ def vocab_size(cfg: RunConfig, given: Optional[int]) -> tuple[int, str]:
         return given, "--vocab-size"
     path = Path(cfg.data.tokenizer or Path(cfg.data.path) / "tokenizer.model")
     if path.is_file():
-        from megatron_nullmoe.train.data.tokenizer import Tokenizer
+        from megatron_nullmoe.run.tokenizer import Tokenizer
 
         return Tokenizer(str(path)).vocab_size, str(path)
     return 32000, "assumed (no tokenizer file here; give --vocab-size)"

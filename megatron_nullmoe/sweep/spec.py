@@ -34,7 +34,7 @@ from typing import Any, Optional
 
 import yaml
 
-from megatron_nullmoe.train.config import ConfigError, RunConfig, load_config
+from megatron_nullmoe.run.config import ConfigError, RunConfig, load_config
 
 TOP_KEYS = ("name", "dir", "base", "overrides", "variants", "grid", "seeds", "iso_flop", "compare",
             "launch")

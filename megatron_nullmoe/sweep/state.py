@@ -166,7 +166,7 @@ def _resolved(config: dict, root: Path) -> dict:
 def _trains_the_same(entry: dict, root: Path, setting: tuple, resolved: dict) -> bool:
     """Whether an earlier plan's run trains what its label is planned to train now: by the
     config.yaml it saved when it started (read as it trained), else by overrides and steps."""
-    from megatron_nullmoe.train.config import ConfigError, load_run_config
+    from megatron_nullmoe.run.config import ConfigError, load_run_config
 
     saved = root / str(entry.get("folder", "")) / "config.yaml"
     if not saved.is_file():

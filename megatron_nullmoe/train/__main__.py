@@ -23,7 +23,7 @@ def main(argv=None) -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
 
-    from megatron_nullmoe.train.config import ConfigError, load_config
+    from megatron_nullmoe.run.config import ConfigError, load_config
 
     try:
         cfg = load_config(args.config, args.overrides)
@@ -35,9 +35,9 @@ def main(argv=None) -> None:
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
         return
     from megatron_nullmoe.config import NullExpertConfigError
-    from megatron_nullmoe.train.checkpoint import CheckpointError
-    from megatron_nullmoe.train.data import DataError
-    from megatron_nullmoe.train.data.tokenizer import TokenizerError
+    from megatron_nullmoe.run.checkpoint import CheckpointError
+    from megatron_nullmoe.run.data import DataError
+    from megatron_nullmoe.run.tokenizer import TokenizerError
     from megatron_nullmoe.train.loop import NonFiniteError, train
 
     # Every rank meets the same error; rank 0 alone says it (torchrun interleaves their output).

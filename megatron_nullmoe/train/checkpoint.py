@@ -1,12 +1,9 @@
-"""Checkpoints with megatron-core dist_checkpointing, written so that a crash never costs one.
+"""The trainer's checkpoints: saving, resuming, and starting from another run's weights.
 
-    <dir>/iter_0000100/            dist_checkpointing (model, optimizer, scheduler, step)
-        extra/rank_00000.pt        per rank: data position, RNG states and running totals
-        nullmoe.json               manifest: step, model config, sha256 of every file
-    <dir>/latest                   name of the newest complete checkpoint
-
-A checkpoint is written into `iter_N.tmp` and renamed into place only after every rank has
-finished and the manifest is written; `latest` is replaced atomically after that. A run killed
+Written with megatron-core dist_checkpointing so that a crash never costs one, in the layout that
+run/checkpoint.py describes and reads. A checkpoint is written into `iter_N.tmp` and renamed into
+place only after every rank has finished and the manifest is written; `latest` is replaced
+atomically after that. A run killed
 mid-save leaves a `.tmp` folder (removed on the next start) and the previous checkpoint intact.
 dist_checkpointing has no checksums (flipped bytes load silently), hence the manifest's hashes,
 checked by rank 0 before loading; the verdict is broadcast so that no rank hangs on a bad file.
@@ -14,7 +11,6 @@ checked by rank 0 before loading; the verdict is broadcast so that no rank hangs
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -27,12 +23,8 @@ import torch
 import torch.distributed as dist
 
 from megatron_nullmoe import collectives
-
-MANIFEST = "nullmoe.json"
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that is corrupt, incomplete, or made for a different model."""
+from megatron_nullmoe.run.checkpoint import (MANIFEST, CheckpointError, dist_load, read_manifest,
+                                             sha256, verify_files)
 
 
 def _rank() -> int:
@@ -46,14 +38,6 @@ def _barrier() -> None:
 def _broadcast_text(text: Optional[str]) -> Optional[str]:
     """Rank 0's verdict to every rank."""
     return collectives.broadcast_object(text, src=0)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _rng_state() -> dict:
@@ -106,7 +90,7 @@ class Checkpointer:
                    tmp / "extra" / f"rank_{_rank():05d}.pt")
         _barrier()
         if _rank() == 0:
-            files = {str(p.relative_to(tmp)): _sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
+            files = {str(p.relative_to(tmp)): sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
             manifest = {"step": step, "identity": self.identity, "files": files}
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
             if final.exists():
@@ -143,7 +127,7 @@ class Checkpointer:
         problem = _broadcast_text(problem)
         if problem:
             raise CheckpointError(problem)
-        loaded = _dist_load(_state(model, optimizer, scheduler, 0, is_loading=True), path)
+        loaded = dist_load(_state(model, optimizer, scheduler, 0, is_loading=True), path)
         model.load_state_dict(loaded["model"])
         optimizer.load_state_dict(loaded["optimizer"])
         scheduler.load_state_dict(loaded["opt_param_scheduler"])
@@ -172,80 +156,7 @@ class Checkpointer:
         return verify_files(path, manifest)
 
 
-def read_manifest(path: Path) -> dict:
-    """A checkpoint's manifest (step, identity, file hashes); CheckpointError if it has none."""
-    manifest_path = Path(path) / MANIFEST
-    if not manifest_path.is_file():
-        raise CheckpointError(f"checkpoint {path} has no {MANIFEST}: it is incomplete or not ours")
-    try:
-        return json.loads(manifest_path.read_text())
-    except json.JSONDecodeError as err:
-        raise CheckpointError(f"checkpoint {path}: {MANIFEST} is corrupt ({err})") from None
-
-
-def verify_files(path: Path, manifest: dict) -> Optional[str]:
-    """None if every file the manifest lists is there with its recorded sha256, else what is not."""
-    for name, digest in manifest["files"].items():
-        file = Path(path) / name
-        if not file.is_file():
-            return f"checkpoint {path} is missing {name}"
-        if _sha256(file) != digest:
-            return f"checkpoint {path} is corrupt: {name} does not match its recorded sha256"
-    return None
-
-
-def load_model_weights(path: Path, model) -> int:
-    """Only the model's weights from checkpoint `path` (verified first), into `model`, whatever
-    the parallel layout it was saved with (dist_checkpointing reshards); returns its step."""
-    manifest = read_manifest(path)
-    problem = verify_files(path, manifest)
-    if problem:
-        raise CheckpointError(problem)
-    model.load_state_dict(_dist_load({"model": model.sharded_state_dict()}, path)["model"])
-    return int(manifest["step"])
-
-
 # ------------------------------------------------------------------------ starting from another run
-def newest_checkpoint(ckpt_dir: Path) -> Optional[Path]:
-    """The checkpoint `latest` names in `ckpt_dir`, else its newest complete one; None if none."""
-    ckpt_dir = Path(ckpt_dir)
-    pointer = ckpt_dir / "latest"
-    if pointer.is_file():
-        found = ckpt_dir / pointer.read_text().strip()
-        if (found / MANIFEST).is_file():
-            return found
-    done = sorted(c.parent for c in ckpt_dir.glob(f"iter_*/{MANIFEST}")
-                  if not c.parent.name.endswith(".tmp"))
-    return done[-1] if done else None
-
-
-def locate(path: str | Path) -> Path:
-    """The checkpoint meant by `path`: a checkpoint folder (iter_N), a checkpoints folder (its
-    newest), or a run folder (the newest checkpoint of its checkpoint.dir). CheckpointError names
-    what was found instead."""
-    p = Path(path)
-    if not p.is_dir():
-        raise CheckpointError(f"{str(p)!r} does not exist or is not a folder; give a run folder, "
-                              "its checkpoints folder, or a checkpoint (iter_N)")
-    if (p / MANIFEST).is_file():
-        return p
-    ckpt_dir = p
-    if (p / "config.yaml").is_file():
-        import yaml
-
-        try:
-            named = ((yaml.safe_load((p / "config.yaml").read_text()) or {}).get("checkpoint")
-                     or {}).get("dir")
-        except yaml.YAMLError as err:
-            raise CheckpointError(f"{p / 'config.yaml'} is not valid YAML ({err})") from None
-        ckpt_dir = Path(named) if named else p / "checkpoints"
-    found = newest_checkpoint(ckpt_dir)
-    if found is None:
-        raise CheckpointError(f"{p} holds no complete checkpoint (looked in {ckpt_dir}: a "
-                              f"checkpoint is an iter_N folder with a {MANIFEST})")
-    return found
-
-
 def identity_differences(source: dict, target: dict, defaults: Optional[dict] = None,
                          may_differ: tuple[str, ...] = ()) -> list[str]:
     """'key: checkpoint X, this run Y' for each identity key that differs, skipping keys that
@@ -284,7 +195,7 @@ def init_weights_from(path: Path, model, identity: dict, defaults: Optional[dict
         fit = fit_request(request, saved_shapes(path), where=f"checkpoint {path}")
     except UpcycleError as err:
         raise CheckpointError(str(err)) from None
-    loaded = _dist_load({"model": request}, path)["model"]
+    loaded = dist_load({"model": request}, path)["model"]
     fit.restore(loaded)
     kept = [state_dict_name(p) for p in fit.absent]
     missing, unexpected = model.load_state_dict(loaded, strict=False)
@@ -292,20 +203,6 @@ def init_weights_from(path: Path, model, identity: dict, defaults: Optional[dict
     if extra:
         raise CheckpointError(f"checkpoint {path}: state-dict keys did not load: {extra}")
     return int(read_manifest(path).get("step", 0)), kept
-
-
-def _dist_load(state: dict, path: Path) -> dict:
-    """dist_checkpointing.load, its failures as a CheckpointError with the gist of the cause."""
-    from megatron.core import dist_checkpointing
-
-    try:
-        return dist_checkpointing.load(state, str(path))
-    except (KeyboardInterrupt, SystemExit):
-        raise
-    except BaseException as err:  # torch's CheckpointException is a BaseException
-        # dist_checkpointing wraps per-rank tracebacks; keep the gist
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"checkpoint {path} could not be loaded: {first}") from err
 
 
 def _state(model, optimizer, scheduler, step: int, is_loading: bool = False) -> dict:

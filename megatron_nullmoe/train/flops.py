@@ -13,8 +13,8 @@ from typing import Optional
 
 from megatron_nullmoe import flops
 from megatron_nullmoe.flops import DecoderShape, VisionShape, moe_layer_pattern
-from megatron_nullmoe.train.config import RunConfig
-from megatron_nullmoe.train.model import image_tokens, null_config
+from megatron_nullmoe.run.config import RunConfig
+from megatron_nullmoe.run.model import image_tokens, null_config
 
 
 def shapes_from_config(cfg: RunConfig,
@@ -58,8 +58,8 @@ def main(argv=None) -> None:
     import torch
 
     from megatron_nullmoe.config import NullExpertConfigError
-    from megatron_nullmoe.train.config import ConfigError, load_config
-    from megatron_nullmoe.train.model import decoder_config
+    from megatron_nullmoe.run.config import ConfigError, load_config
+    from megatron_nullmoe.run.model import decoder_config
 
     warnings.filterwarnings("ignore", category=UserWarning)  # megatron-core's config chatter
     try:

@@ -23,16 +23,16 @@ import torch.distributed as dist
 from megatron_nullmoe import (check_routers, collectives, parallel, set_vision_mask,
                               start_null_slots_unpicked, update_null_budget)
 from megatron_nullmoe.config import saved_defaults
+from megatron_nullmoe.run.checkpoint import CheckpointError, locate
+from megatron_nullmoe.run.config import ConfigError, Model, RunConfig, save_config
+from megatron_nullmoe.run.data import DataSource
+from megatron_nullmoe.run.model import build_model, describe, image_tokens, null_config
+from megatron_nullmoe.run.tokenizer import Tokenizer
 from megatron_nullmoe.train import faults
 from megatron_nullmoe.train.accounting import RunAccounting
-from megatron_nullmoe.train.checkpoint import (CheckpointError, Checkpointer, init_weights_from,
-                                               locate)
-from megatron_nullmoe.train.config import ConfigError, Model, RunConfig, save_config
-from megatron_nullmoe.train.validate import validate
-from megatron_nullmoe.train.data import DataSource
-from megatron_nullmoe.train.data.tokenizer import Tokenizer
+from megatron_nullmoe.train.checkpoint import Checkpointer, init_weights_from
 from megatron_nullmoe.train.metrics import RunLog
-from megatron_nullmoe.train.model import build_model, describe, image_tokens, null_config
+from megatron_nullmoe.train.validate import validate
 
 
 def _build_data(cfg: RunConfig, tokenizer: Tokenizer, dp_rank: int, dp_size: int) -> DataSource:
@@ -41,7 +41,7 @@ def _build_data(cfg: RunConfig, tokenizer: Tokenizer, dp_rank: int, dp_size: int
         if cfg.model.kind != "vlm":
             raise ConfigError("data.kind=energon holds image+caption samples: use model.kind=vlm "
                               "(or data.kind=jsonl for a GPT)")
-        from megatron_nullmoe.train.data.energon import EnergonData
+        from megatron_nullmoe.run.data.energon import EnergonData
 
         return EnergonData(d.path, tokenizer, d.seq_length, cfg.model.vision.image_size,
                            image_tokens(cfg), d.micro_batch_size, dp_rank, dp_size, cfg.seed,
@@ -49,14 +49,14 @@ def _build_data(cfg: RunConfig, tokenizer: Tokenizer, dp_rank: int, dp_size: int
     if cfg.model.kind != "gpt":
         raise ConfigError(f"data.kind={d.kind} is text only: use model.kind=gpt")
     if d.kind == "indexed":
-        from megatron_nullmoe.train.data.indexed import IndexedData
+        from megatron_nullmoe.run.data.indexed import IndexedData
 
         return IndexedData(
             d.path, d.valid_path, tokenizer, d.seq_length, d.micro_batch_size, dp_rank, dp_size,
             cfg.seed, train_samples=cfg.steps * d.global_batch_size,
             valid_samples=cfg.logging.eval_steps * d.micro_batch_size * dp_size,
             cache_dir=Path(cfg.dir) / "data_cache")
-    from megatron_nullmoe.train.data.text import JsonlData
+    from megatron_nullmoe.run.data.text import JsonlData
 
     return JsonlData(d.path, d.valid_path, tokenizer, d.seq_length, d.micro_batch_size, dp_rank,
                      dp_size, cfg.seed)

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from megatron_nullmoe.train.config import RunConfig
+from megatron_nullmoe.run.config import RunConfig
 
 
 TAIL_EVALS = 4  # evaluations averaged into summary.json's tail_val_loss

@@ -1,7 +1,7 @@
 """Every check of a run's configuration, in one place, run once per run by `validate`.
 
 `check` needs the world size (what only a running job knows); `check_device` what this machine
-can run; `check_model` (train/model.py) what megatron-core and null experts would refuse when the
+can run; `check_model` (run/model.py) what megatron-core and null experts would refuse when the
 model is built. Each error names the recipe key and what would be valid.
 """
 
@@ -12,13 +12,13 @@ from pathlib import Path
 import torch
 
 from megatron_nullmoe import _mcore
+from megatron_nullmoe.run.config import ConfigError, RunConfig
 from megatron_nullmoe.train import faults
-from megatron_nullmoe.train.config import ConfigError, RunConfig
 
 
 def check(cfg: RunConfig, world_size: int) -> tuple[int, int]:
     """Checks what only a running job knows (world size); returns (dp size, micro-batches)."""
-    from megatron_nullmoe.train.model import check_pipeline
+    from megatron_nullmoe.run.model import check_pipeline
 
     p, d = cfg.parallel, cfg.data
     for name in ("tensor", "expert"):
@@ -77,7 +77,7 @@ def validate(cfg: RunConfig, world_size: int) -> tuple[int, int, torch.dtype]:
     """Every check of a run's configuration, once, before anything is built: sizes against the
     world size, what this machine can run, the run folder, and the decoder's megatron-core config
     with null experts. Returns (data-parallel size, micro-batches per step, dtype)."""
-    from megatron_nullmoe.train.model import check_model
+    from megatron_nullmoe.run.model import check_model
 
     dp, micro = check(cfg, world_size)
     dtype = run_dtype(cfg)

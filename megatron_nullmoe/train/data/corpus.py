@@ -18,8 +18,8 @@ import hashlib
 import json
 from pathlib import Path
 
-from megatron_nullmoe.train.data import DataError
-from megatron_nullmoe.train.data.tokenizer import train_tokenizer
+from megatron_nullmoe.run.data import DataError
+from megatron_nullmoe.run.tokenizer import train_tokenizer
 
 PACKAGE, VERSION = "torch", "2.13.0"
 SUBPACKAGES = ("autograd", "distributed", "distributions", "nn", "optim", "utils")

@@ -27,9 +27,9 @@ from pathlib import Path
 
 import yaml
 
+from megatron_nullmoe.run.data.indexed import jsonl_to_indexed
+from megatron_nullmoe.run.tokenizer import Tokenizer, train_tokenizer
 from megatron_nullmoe.train.data import shapes
-from megatron_nullmoe.train.data.indexed import jsonl_to_indexed
-from megatron_nullmoe.train.data.tokenizer import Tokenizer, train_tokenizer
 
 SPLITS = ("train", "val")
 

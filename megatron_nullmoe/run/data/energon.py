@@ -32,8 +32,8 @@ from megatron.energon import (
 )
 from megatron.energon.edataclass import edataclass
 
-from megatron_nullmoe.train.data import DataError
-from megatron_nullmoe.train.data.tokenizer import BOS, EOS, IMAGE_TOKEN, PAD, Tokenizer
+from megatron_nullmoe.run.data import DataError
+from megatron_nullmoe.run.tokenizer import BOS, EOS, IMAGE_TOKEN, PAD, Tokenizer
 
 
 @edataclass

@@ -16,9 +16,9 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from megatron_nullmoe.train.data import DataError, PositionState
-from megatron_nullmoe.train.data.text import iter_texts
-from megatron_nullmoe.train.data.tokenizer import EOS, PAD, Tokenizer
+from megatron_nullmoe.run.data import DataError, PositionState
+from megatron_nullmoe.run.data.text import iter_texts
+from megatron_nullmoe.run.tokenizer import EOS, PAD, Tokenizer
 
 
 class _MegatronTokenizerView:

@@ -22,9 +22,9 @@ import torch
 from megatron_nullmoe import _mcore
 from megatron_nullmoe.config import NullExpertConfig, NullExpertConfigError
 from megatron_nullmoe.flops import moe_layer_pattern
+from megatron_nullmoe.run.config import ConfigError, RunConfig
+from megatron_nullmoe.run.tokenizer import IMAGE_TOKEN
 from megatron_nullmoe.spec import with_null_experts
-from megatron_nullmoe.train.config import ConfigError, RunConfig
-from megatron_nullmoe.train.data.tokenizer import IMAGE_TOKEN
 
 
 @dataclass(frozen=True)

@@ -13,8 +13,8 @@ from typing import Iterator
 
 import torch
 
-from megatron_nullmoe.train.data import DataError, PositionState
-from megatron_nullmoe.train.data.tokenizer import BOS, EOS, Tokenizer
+from megatron_nullmoe.run.data import DataError, PositionState
+from megatron_nullmoe.run.tokenizer import BOS, EOS, Tokenizer
 
 
 def iter_texts(path: str | Path) -> Iterator[str]:
