@@ -23,6 +23,7 @@ cpu_compat.enable()
 # megatron-core 0.16.1; files not listed follow in their usual order.
 LONGEST_FIRST = {
     "test_train_e2e.py": 500, "test_megatron_lm_upcycle.py": 300, "test_gpu_rules.py": 260,
+    "test_megatron_lm_layouts.py": 180,
     "test_megatron_lm_pretrain.py": 200, "test_init_from.py": 180, "test_export.py": 150,
     "test_export_megatron_lm.py": 100, "test_multirank.py": 80, "test_budget_schedule.py": 70,
     "test_cluster_path.py": 60, "test_export_vlm.py": 50, "test_evaluate.py": 50,
