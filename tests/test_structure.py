@@ -97,3 +97,19 @@ def test_nothing_below_the_trainer_imports_it():
         and not module.startswith(above)
     )
     assert not wrong, "imports up into megatron_nullmoe.train: " + ", ".join(wrong)
+
+
+def test_only_the_trainer_and_sweeps_reach_into_train_and_the_run_layer_stays_below_them():
+    # what a run *is* (config, model builder, tokenizer, data, checkpoint reading) lives in run/,
+    # which export, inference, generate and evaluate read; train/ holds what only training needs
+    graph = import_graph()
+    into_train = sorted(f"{m} -> {d}" for m, deps in graph.items() for d in deps
+                        if d.startswith(f"{ROOT}.train")
+                        and not m.startswith((f"{ROOT}.train", f"{ROOT}.sweep")))
+    assert not into_train, "imports into train/ from outside train/ and sweep/: " + \
+        ", ".join(into_train)
+    above_run = (f"{ROOT}.train", f"{ROOT}.sweep", f"{ROOT}.export", f"{ROOT}.inference",
+                 f"{ROOT}.generate", f"{ROOT}.evaluate")
+    up = sorted(f"{m} -> {d}" for m, deps in graph.items() for d in deps
+                if m.startswith(f"{ROOT}.run") and d.startswith(above_run))
+    assert not up, "run/ imports a layer above it: " + ", ".join(up)
