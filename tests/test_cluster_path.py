@@ -59,6 +59,13 @@ def strict_devices():
             setattr(dist, name, fn)
 
 
+def _null_run_args():
+    """What the hooks read of Megatron-LM's args: the run has null experts."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(num_experts=4, num_null_experts=4)
+
+
 def control_values_worker(rank, world):
     from megatron_nullmoe.megatron_lm import TrainingLoopHooks
     from megatron_nullmoe.train import faults
@@ -67,7 +74,7 @@ def control_values_worker(rank, world):
     config = moe_config(num_experts=4, topk=2, ep=world)
     layer = build_layer(config, NullExpertConfig(num_null_experts=4, target_real_per_token=1.0))
     layer(torch.randn(6, 2, HIDDEN))
-    hooks = TrainingLoopHooks()
+    hooks = TrainingLoopHooks(get_args=_null_run_args)
     hooks.forward_step(lambda data, model: None)(None, layer)
     world_group = dist.group.WORLD
     with strict_devices():
@@ -141,7 +148,7 @@ def tp_budget_worker(rank, world):
     pgs = ProcessGroupCollection.use_mpu_process_groups()
     routers = torch.nn.ModuleList(
         [NullExpertRouter(config, pg_collection=pgs, null_config=nc) for _ in range(2)])
-    hooks = TrainingLoopHooks()
+    hooks = TrainingLoopHooks(get_args=_null_run_args)
     hooks.forward_step(lambda data, model: None)(None, routers)
     g = torch.Generator().manual_seed(rank)
     history = []
