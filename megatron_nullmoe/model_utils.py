@@ -165,6 +165,7 @@ def update_null_budget(model) -> list[Optional[float]]:
     routers = null_routers(model)
     groups: dict[int, tuple] = {}
     for router in routers:
+        router.end_start()  # a step that started with no null pick is over
         groups.setdefault(id(router.tp_dp_cp_group), (router.tp_dp_cp_group, []))[1].append(router)
     realised: dict[int, Optional[float]] = {}
     for group, members in groups.values():
@@ -182,13 +183,13 @@ def update_null_budget(model) -> list[Optional[float]]:
 def start_null_slots_unpicked(model) -> int:
     """For null slots added to a trained model (its weights loaded, its null state fresh): the
     next forward of each router with budget control places the null budget bias just below
-    every token's k-th real choice, so that forward picks only real experts, as the model
-    without null slots did; the budget control then releases the bias towards its target (a
+    every token's k-th real choice, so that step (each of its micro-batches) picks only real
+    experts, as the model without null slots did; the budget control then releases the bias towards its target (a
     compute schedule from k makes the release gradual). With top-k-then-softmax or sigmoid gates
     the outputs are then the source model's exactly, in both gate normalisations; pre-softmax
     gates still share their softmax with the null logits. Returns how many routers were armed
     (0: no router has budget control, and null slots are live from the first forward)."""
     armed = [r for r in null_routers(model) if r.budget is not None and r.num_null]
     for router in armed:
-        router.start_unpicked = True
+        router.arm_start()
     return len(armed)

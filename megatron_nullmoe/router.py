@@ -126,9 +126,11 @@ class NullExpertRouter(TopKRouter):
             self.budget_step = None
         self.register_buffer("budget_counts", self._zeros(2, torch.float64), False)
         self.recorder = RoutingRecorder(self.num_real, self.topk)
-        # Set by `start_null_slots_unpicked` (null slots added to a trained model): the next
-        # forward first places the budget bias just below every token's k-th real choice.
+        # Set by `start_null_slots_unpicked` (null slots added to a trained model): each forward
+        # of the next step first places the budget bias just below every token's k-th real
+        # choice; `end_start` (from `update_null_budget`, at the step's end) stops it.
         self.start_unpicked = False
+        self._start_placed = False
         self._null_state_built = True
 
     # Router.__init__ calls reset_parameters before this class has built its state.
@@ -233,11 +235,22 @@ class NullExpertRouter(TopKRouter):
             logits[..., : self.num_real], logits[..., self.num_real :], self.num_null
         )
 
-    def selection_bias(self) -> Optional[torch.Tensor]:
-        """Bias on slot selection only: expert bias (sigmoid) plus the null budget bias."""
+    def arm_start(self) -> None:
+        """The next step's forwards pick no null slot (see `_place_budget_bias_below_real`)."""
+        self.start_unpicked, self._start_placed = True, False
+
+    def end_start(self) -> None:
+        """The step that started unpicked is over: budget control alone moves the bias now."""
+        self.start_unpicked, self._start_placed = False, False
+
+    def selection_bias(self, without_budget: bool = False) -> Optional[torch.Tensor]:
+        """Bias on slot selection only: expert bias (sigmoid) plus the null budget bias (as 0
+        with `without_budget`)."""
         bias = self.expert_bias if self.enable_expert_bias else None
         if self.budget is not None:
-            null_S = self.budget.selection_bias_S(self.null_budget_bias)
+            null_S = self.budget.selection_bias_S(
+                torch.zeros_like(self.null_budget_bias) if without_budget
+                else self.null_budget_bias)
             bias = null_S if bias is None else bias + null_S
         return bias
 
@@ -289,19 +302,24 @@ class NullExpertRouter(TopKRouter):
         `START_MARGIN` below the smallest gap, over this forward's tokens on every rank of the
         router's token group (one collective, on the logits' device), between a token's k-th real
         selection value and its best null one, taken from the values selection compares (in the
-        router dtype, bf16 sigmoid rounding included: `rmath.unpicked_gap_T`). This forward then picks exactly what the model
-        without null slots picks (and so, with top-k-then-softmax or sigmoid gates, computes what
-        it computes); the budget control releases the bias from there."""
-        self.start_unpicked = False
+        router dtype, bf16 sigmoid rounding included: `rmath.unpicked_gap_T`). Every forward
+        of the first step (each micro-batch) places it, lower where its tokens need it, so the
+        whole step picks exactly what the model without null slots picks (and so, with
+        top-k-then-softmax or sigmoid gates, computes what it computes); `update_null_budget`
+        ends the start at the step's end, and the budget control releases the bias from there."""
         if self.budget is None or not self.num_null:
+            self.start_unpicked = False
             return
-        self.null_budget_bias.zero_()
         gap_T = rmath.unpicked_gap_T(logits_TS, self.topk, self.num_real, self.score_function,
-                                     self.selection_bias())
+                                     self.selection_bias(without_budget=True))
         gap = gap_T.min() if gap_T.numel() else torch.tensor(0.0, dtype=torch.float64,
                                                               device=gap_T.device)
         gap = collectives.reduce_tensor(gap.reshape(1), self.tp_dp_cp_group, op="min")[0]
-        self.null_budget_bias.copy_((gap - START_MARGIN).to(self.null_budget_bias.device))
+        bias = (gap - START_MARGIN).to(self.null_budget_bias.device, self.null_budget_bias.dtype)
+        if self._start_placed:  # a later micro-batch of the first step: only ever lower
+            bias = torch.minimum(bias, self.null_budget_bias)
+        self.null_budget_bias.copy_(bias)
+        self._start_placed = True
 
     def _attach_balancing_losses(self, probs_TE, logits_TS, pad_T, seq_length, bsz):
         """Switch-style losses over all S slots, through megatron-core's own loss functions."""

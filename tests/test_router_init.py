@@ -42,10 +42,10 @@ def test_start_unpicked_picks_no_null_slot_on_the_first_forward(case):
             router.weight.copy_(torch.randn(8, HIDDEN, generator=g) * 0.3)
             router.null_weight.copy_(torch.randn(1, HIDDEN, generator=g) * 0.3)
         x = torch.randn(16, 4, HIDDEN, generator=g).to(dtype)
-        router.start_unpicked = True
+        router.arm_start()
         with torch.no_grad():
             _, map_TE = router(x)
-        assert not router.start_unpicked
+        router.end_start()
         real_T = map_TE.sum(-1)
         if not bool((real_T == 2).all()):
             failed.append((seed, int((real_T < 2).sum())))
@@ -58,6 +58,36 @@ def test_start_unpicked_picks_no_null_slot_on_the_first_forward(case):
             loose.append(seed)
     assert failed == [], f"{len(failed)} of {BATCHES} batches picked a null slot: {failed[:5]}"
     assert loose == [], f"{len(loose)} of {BATCHES} batches: bias far below the gap"
+
+
+def test_every_micro_batch_of_the_first_step_picks_no_null_slot():
+    """With several micro-batches in the step that starts unpicked, the bias is placed at each
+    forward, lowered where a later micro-batch needs it (the first one placed it from its own
+    tokens only), until `update_null_budget` ends the step; then budget control alone moves it."""
+    from megatron_nullmoe.model_utils import start_null_slots_unpicked, update_null_budget
+
+    config = moe_config(num_experts=8, topk=2)
+    router = NullExpertRouter(config, null_config=NullExpertConfig(
+        num_null_experts=8, target_real_per_token=1.0))
+    router.set_layer_number(1)
+    router.train()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        router.weight.copy_(torch.randn(8, HIDDEN, generator=g) * 0.3)
+        router.null_weight.copy_(torch.randn(1, HIDDEN, generator=g) * 0.3)
+    micro = [torch.randn(16, 4, HIDDEN, generator=g) for _ in range(6)]
+    assert start_null_slots_unpicked(router) == 1
+    placed = []
+    for x in micro:
+        _, map_TE = router(x)
+        assert bool((map_TE.sum(-1) == 2).all())
+        placed.append(float(router.null_budget_bias))
+    assert placed == sorted(placed, reverse=True) and placed[-1] < placed[0]
+    update_null_budget(router)
+    assert not router.start_unpicked
+    before = float(router.null_budget_bias)
+    _, map_TE = router(micro[0] * 3)  # no longer placed: the bias stays where control put it
+    assert float(router.null_budget_bias) == before
 
 
 # ------------------------------------------------------------------------ reset_parameters
