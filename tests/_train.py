@@ -31,7 +31,8 @@ def run(args: list[str], ranks: int = 1, check: bool = True) -> subprocess.Compl
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     if ranks == 1:
         cmd = [sys.executable, "-m", "megatron_nullmoe.train", *args]
-        env["MASTER_PORT"] = str(_free_port())
+        # the process takes a free port of its own; this one's (conftest) is taken by its store
+        env.pop("MASTER_PORT", None)
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                f"--nproc-per-node={ranks}", "-m", "megatron_nullmoe.train", *args]
@@ -40,12 +41,6 @@ def run(args: list[str], ranks: int = 1, check: bool = True) -> subprocess.Compl
         raise AssertionError(f"training failed ({out.returncode}):\n{out.stdout[-3000:]}\n"
                              f"{out.stderr[-5000:]}")
     return out
-
-
-def _free_port() -> int:
-    from megatron_nullmoe.parallel import free_port
-
-    return free_port()
 
 
 def vlm_args(demo: Path, run_dir: Path, *extra: str) -> list[str]:

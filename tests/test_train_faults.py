@@ -169,8 +169,8 @@ def test_one_rank_sigint_exit_code_and_exit_at_step(demo, tmp_path):
     """Ctrl-C on a laptop (SIGINT, one process) saves too, and the process exits 75; exit_at_step
     stops a run at an absolute step with a checkpoint and exit code 0."""
     run_dir = tmp_path / "run"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore",
-           "FAULT_SLOW_STEP_S": "0.5", "MASTER_PORT": str(_free_port())}
+    env = {**_one_process_env(), "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore",
+           "FAULT_SLOW_STEP_S": "0.5"}
     proc = subprocess.Popen([sys.executable, ENTRY, *vlm_args(demo, run_dir, "steps=20",
                                                               "checkpoint.save_every=2")],
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -192,8 +192,8 @@ def test_ctrl_c_to_the_whole_process_group_with_data_workers(demo, tmp_path):
     workers and dist_checkpointing's writer process too. The trainer still saves the step it
     reached and exits 75 (8 micro-batches a step: more than the worker has prefetched)."""
     run_dir = tmp_path / "run"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore",
-           "FAULT_SLOW_STEP_S": "0.5", "MASTER_PORT": str(_free_port())}
+    env = {**_one_process_env(), "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore",
+           "FAULT_SLOW_STEP_S": "0.5"}
     proc = subprocess.Popen([sys.executable, ENTRY, *vlm_args(demo, run_dir, "steps=20",
                                                               "checkpoint.save_every=2",
                                                               "data.num_workers=1",
@@ -277,10 +277,10 @@ def test_bad_signal_name_is_a_config_error(demo, tmp_path):
     assert "faults.exit_signals: 'KILLME' is not one of TERM, USR1, USR2, INT, HUP" in out.stderr
 
 
-def _free_port() -> int:
-    from megatron_nullmoe.parallel import free_port
-
-    return free_port()
+def _one_process_env() -> dict:
+    """This environment less MASTER_PORT: one trainer process takes a free port of its own
+    (parallel.init_distributed); this process's (conftest) is taken by its store."""
+    return {k: v for k, v in os.environ.items() if k != "MASTER_PORT"}
 
 
 def test_watchdog_waits_out_long_phases_but_not_a_stall():

@@ -40,15 +40,13 @@ def command(run: Run, base: Path, nproc: int) -> list[str]:
 
 def _env(parallel: int, nproc: int) -> dict:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if nproc == 1:
+        # A lone trainer process takes a free port of its own (parallel.init_distributed); one
+        # inherited from this shell would be shared by every run side by side.
+        env.pop("MASTER_PORT", None)
     # Runs side by side share the cores instead of each taking all of them.
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // (parallel * nproc))))
     return env
-
-
-def _free_port() -> str:
-    from megatron_nullmoe.parallel import free_port
-
-    return str(free_port())
 
 
 class _Stop(Exception):
@@ -128,8 +126,7 @@ def run_local(runs: list[Run], base: Path, parallel: int = 1, nproc: int = 1,
                     log.flush()
                     proc = subprocess.Popen(
                         command(run, base, nproc), stdout=log, stderr=subprocess.STDOUT,
-                        env={**env, "MASTER_PORT": _free_port()} if nproc == 1 else env,
-                        start_new_session=True)
+                        env=env, start_new_session=True)
                 write_state(run.folder, "running", launcher="local", pid=proc.pid)
                 active[run.key] = (run, proc)
                 resume = saved_step(run.folder)
