@@ -6,7 +6,6 @@ prints and writes to TensorBoard. Shared by the test_megatron_lm_*.py and export
 from __future__ import annotations
 
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -32,7 +31,6 @@ TINY = [
     "--eval-iters", "0", "--eval-interval", "1000", "--num-workers", "0",
     "--log-interval", "1", "--seed", "1234", *CPU_FLAGS,
 ]
-LINE = re.compile(r"iteration\s+(\d+)/\s*\d+ \|(.*)")
 
 
 def pretrain(tree: Path, script: str, folder: Path, *flags: str, check: bool = True) -> str:
@@ -49,15 +47,6 @@ def pretrain(tree: Path, script: str, folder: Path, *flags: str, check: bool = T
     log = out.stdout + out.stderr
     assert (out.returncode == 0) == check, log[-4000:]
     return log
-
-
-def iterations(log: str) -> dict[int, dict[str, str]]:
-    """Megatron-LM's iteration lines: {iteration: {field: printed value}}."""
-    found = {}
-    for it, rest in LINE.findall(log):
-        fields = (f.rsplit(":", 1) for f in rest.split("|") if ":" in f)
-        found[int(it)] = {k.strip(): v.strip() for k, v in fields}
-    return found
 
 
 def tensorboard(folder: Path, tag: str) -> dict[int, float]:

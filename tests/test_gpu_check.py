@@ -21,7 +21,7 @@ sys.path.insert(0, str(ROOT / "launch" / "gpu_check"))
 sys.path.insert(0, str(ROOT / "launch"))
 import bundle  # noqa: E402
 import setup_gpu  # noqa: E402
-from megatron_lm_step import has_nvcc, nvcc_stand_in, seed_dataset_helper  # noqa: E402
+from megatron_lm_step import has_nvcc, iterations, nvcc_stand_in, seed_dataset_helper  # noqa: E402
 from steps import Context  # noqa: E402
 
 HERE = ".".join(map(str, sys.version_info[:2]))
@@ -158,6 +158,18 @@ def test_a_failed_install_fails_the_check_and_skips_the_steps_that_need_it(tmp_p
     assert report["steps"]["environment"]["status"] == "ok"  # still says what the machine has
     assert report["steps"]["demo_data"] == {"status": "skipped", "seconds": 0.0,
                                             "why": "the install step failed (see its error)"}
+
+
+def test_the_megatron_lm_step_reads_the_log_with_the_packages_parser():
+    """One parser of Megatron-LM's iteration lines (megatron_lm/logs.py), which the check's
+    driver loads by path: it runs where the package's megatron-core import may fail."""
+    from megatron_nullmoe.megatron_lm import logs
+
+    log = ("[2026-01-02 03:04:05] iteration        2/      10 | consumed samples: 16 | "
+           "lm loss: 6.912E+00 | real_experts_per_token: 1.50 |\nnot an iteration line\n")
+    want = {2: {"consumed samples": "16", "lm loss": "6.912E+00", "real_experts_per_token": "1.50"}}
+    assert iterations(log) == logs.iterations(log) == want
+    assert Path(iterations.__code__.co_filename) == Path(logs.__file__)
 
 
 def test_nvcc_stand_in_is_decided_on_the_nvcc_file_not_the_folder(tmp_path):

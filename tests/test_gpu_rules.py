@@ -17,7 +17,8 @@ import textwrap
 
 import pytest
 
-from tests._megatron_lm_run import CPU_FLAGS, TINY as MLM_TINY, iterations, pretrain
+from megatron_nullmoe.megatron_lm.logs import iterations
+from tests._megatron_lm_run import CPU_FLAGS, TINY as MLM_TINY, pretrain
 from tests._train import ROOT, TINY, losses, tiny_demo, tiny_text
 
 RULES = {"NULLMOE_GPU_RULES": "1"}

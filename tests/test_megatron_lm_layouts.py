@@ -28,8 +28,9 @@ import time
 
 import pytest
 
+from megatron_nullmoe.megatron_lm.logs import iterations
 from megatron_nullmoe.parallel import free_port
-from tests._megatron_lm_run import TINY, TOPK, iterations, pretrain
+from tests._megatron_lm_run import TINY, TOPK, pretrain
 from tests._megatron_lm_tree import ROOT
 
 ITERS = 3

@@ -28,7 +28,8 @@ import re
 
 import pytest
 
-from tests._megatron_lm_run import TINY, TOPK, iterations, pretrain, tensorboard
+from megatron_nullmoe.megatron_lm.logs import iterations
+from tests._megatron_lm_run import TINY, TOPK, pretrain, tensorboard
 
 N = 3  # stop at N, resume to 2N
 GPT = [*TINY, "--train-iters", str(2 * N)]

@@ -25,7 +25,8 @@ import math
 
 import pytest
 
-from tests._megatron_lm_run import TINY, TOPK, iterations, pretrain, tensorboard
+from megatron_nullmoe.megatron_lm.logs import iterations
+from tests._megatron_lm_run import TINY, TOPK, pretrain, tensorboard
 
 
 def with_flag(flags: list[str], flag: str, value) -> list[str]:

@@ -19,9 +19,9 @@ torch has no CUDA release to report.
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
-import re
 import shutil
 import sys
 from pathlib import Path
@@ -33,7 +33,19 @@ from tests._megatron_lm_tree import ARCHIVES, CACHE, archive_tags, matching_tag,
 
 import bundle  # noqa: E402
 
-LINE = re.compile(r"iteration\s+(\d+)/\s*\d+ \|(.*)")
+
+def _load_logs():
+    """megatron_nullmoe/megatron_lm/logs.py, loaded by its path: this driver runs on the machine's
+    interpreter, where megatron-core (which the package's __init__ imports) may be missing."""
+    path = ROOT / "megatron_nullmoe" / "megatron_lm" / "logs.py"
+    spec = importlib.util.spec_from_file_location("megatron_lm_logs", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+iterations = _load_logs().iterations
+
 MODEL = [
     "--num-layers", "2", "--num-attention-heads", "4", "--micro-batch-size", "4",
     "--global-batch-size", "8", "--lr", "1e-3", "--min-lr", "1e-4", "--lr-decay-style", "cosine",
@@ -99,14 +111,6 @@ def nvcc_stand_in(ctx: Context) -> str | None:
                     f"echo 'Cuda compilation tools, release {ctx.info['cuda']}, V{ctx.info['cuda']}'\n")
     nvcc.chmod(0o755)
     return str(home)
-
-
-def iterations(log: str) -> dict[int, dict[str, str]]:
-    found = {}
-    for it, rest in LINE.findall(log):
-        fields = (f.rsplit(":", 1) for f in rest.split("|") if ":" in f)
-        found[int(it)] = {k.strip(): v.strip() for k, v in fields}
-    return found
 
 
 def megatron_lm(ctx: Context) -> dict:
