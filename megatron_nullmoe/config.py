@@ -12,12 +12,13 @@ import weakref
 from dataclasses import dataclass, field, fields
 from typing import Any, Optional
 
+from megatron_nullmoe.dispatch import DISPATCHERS
 from megatron_nullmoe.routing.math import GATE_NORMALIZATIONS, GATE_SCALES  # the math defines them
 
 NULL_LOGIT_MODES = ("shared", "per_expert")
 NULL_INITS = ("normal", "zero")
 TARGET_SCHEDULES = ("linear", "cosine")
-SUPPORTED_DISPATCHERS = ("alltoall", "allgather")
+SUPPORTED_DISPATCHERS = tuple(DISPATCHERS)  # the names with a null-aware dispatcher
 
 
 # What a field meant in a config or checkpoint that does not name it (written before the field

@@ -506,3 +506,16 @@ def test_a_saved_run_config_without_a_newer_null_field_reads_its_value_before_th
     del identity["null"]["gate_scale"]  # a checkpoint saved before the field
     diffs = identity_differences(identity, run_identity(cfg, 100, 1)[0], defaults)
     assert diffs == ["null.gate_scale: checkpoint 'none', this run 'slot_ratio'"]
+
+
+def test_dispatcher_names_come_from_the_dispatch_registry():
+    """The recipe's model.token_dispatcher choices and NullExpertConfig's check name exactly the
+    dispatchers that dispatch.DISPATCHERS builds; a name outside it is refused with the list."""
+    from megatron_nullmoe.config import SUPPORTED_DISPATCHERS
+    from megatron_nullmoe.dispatch import DISPATCHERS
+    from megatron_nullmoe.run.config import Model
+
+    choices = {f.name: f.metadata.get("choices") for f in dataclasses.fields(Model)}
+    assert choices["token_dispatcher"] == SUPPORTED_DISPATCHERS == tuple(DISPATCHERS)
+    with pytest.raises(ConfigError, match="model.token_dispatcher='flex'.*alltoall, allgather"):
+        load_config(overrides=["model.token_dispatcher=flex"])

@@ -17,7 +17,7 @@ from typing import Any, Optional
 
 import yaml
 
-from megatron_nullmoe.config import BEFORE_FIELD, NullExpertConfig
+from megatron_nullmoe.config import BEFORE_FIELD, SUPPORTED_DISPATCHERS, NullExpertConfig
 
 
 class ConfigError(ValueError):
@@ -82,7 +82,7 @@ class Model:
     router_topk_scaling_factor: Optional[float] = _above(None, 0)
     aux_loss_coeff: float = _at_least(1e-2, 0)
     z_loss_coeff: Optional[float] = None
-    token_dispatcher: str = _choices("alltoall", "allgather", default="alltoall")
+    token_dispatcher: str = _choices(*SUPPORTED_DISPATCHERS, default="alltoall")
     # The plugin's own knobs: the section is NullExpertConfig itself (its fields, ranges and checks).
     null_experts: NullExpertConfig = field(default_factory=NullExpertConfig)
     vision: Vision = field(default_factory=Vision)
