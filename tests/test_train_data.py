@@ -487,3 +487,31 @@ def test_every_loader_has_the_data_source_methods():
         for name in ("next_train", "val_batches", "state", "restore"):
             want = list(inspect.signature(getattr(DataSource, name)).parameters)
             assert list(inspect.signature(getattr(cls, name)).parameters) == want, (cls, name)
+
+
+def test_every_data_kind_has_a_builder_that_refuses_the_wrong_model_kind():
+    """One registry (train/loop.py DATA_KINDS) for the recipe's data.kind choices; a builder
+    refuses a model its samples cannot feed before it reads any data."""
+    import dataclasses
+
+    from megatron_nullmoe.run.config import ConfigError, Data, load_config
+    from megatron_nullmoe.train.loop import DATA_KINDS, _build_data
+
+    choices = {f.name: f.metadata.get("choices") for f in dataclasses.fields(Data)}
+    assert set(choices["kind"]) == set(DATA_KINDS)
+    refused = {
+        ("energon", "gpt"): "data.kind=energon holds image+caption samples: use model.kind=vlm "
+                            "(or data.kind=jsonl for a GPT)",
+        ("jsonl", "vlm"): "data.kind=jsonl is text only: use model.kind=gpt",
+        ("indexed", "vlm"): "data.kind=indexed is text only: use model.kind=gpt",
+    }
+    for (data, model), message in refused.items():
+        cfg = load_config(overrides=[f"data.kind={data}", f"model.kind={model}"])
+        with pytest.raises(ConfigError) as err:
+            _build_data(cfg, tokenizer=None, dp_rank=0, dp_size=1)
+        assert str(err.value) == message
+    cfg = load_config(overrides=["data.kind=jsonl"])
+    cfg.data.kind = "parquet"  # past the loader's own check, as a registry entry left out would be
+    with pytest.raises(ConfigError) as err:
+        _build_data(cfg, tokenizer=None, dp_rank=0, dp_size=1)
+    assert str(err.value) == "data.kind='parquet' is not valid: one of energon, jsonl, indexed"

@@ -35,31 +35,55 @@ from megatron_nullmoe.train.metrics import RunLog
 from megatron_nullmoe.train.validate import validate
 
 
-def _build_data(cfg: RunConfig, tokenizer: Tokenizer, dp_rank: int, dp_size: int) -> DataSource:
+def _energon(cfg: RunConfig, tokenizer: Tokenizer, dp_rank: int, dp_size: int) -> DataSource:
     d = cfg.data
-    if d.kind == "energon":
-        if cfg.model.kind != "vlm":
-            raise ConfigError("data.kind=energon holds image+caption samples: use model.kind=vlm "
-                              "(or data.kind=jsonl for a GPT)")
-        from megatron_nullmoe.run.data.energon import EnergonData
+    if cfg.model.kind != "vlm":
+        raise ConfigError("data.kind=energon holds image+caption samples: use model.kind=vlm "
+                          "(or data.kind=jsonl for a GPT)")
+    from megatron_nullmoe.run.data.energon import EnergonData
 
-        return EnergonData(d.path, tokenizer, d.seq_length, cfg.model.vision.image_size,
-                           image_tokens(cfg), d.micro_batch_size, dp_rank, dp_size, cfg.seed,
-                           d.num_workers, d.shuffle_buffer_size)
+    return EnergonData(d.path, tokenizer, d.seq_length, cfg.model.vision.image_size,
+                       image_tokens(cfg), d.micro_batch_size, dp_rank, dp_size, cfg.seed,
+                       d.num_workers, d.shuffle_buffer_size)
+
+
+def _text_only(cfg: RunConfig) -> None:
     if cfg.model.kind != "gpt":
-        raise ConfigError(f"data.kind={d.kind} is text only: use model.kind=gpt")
-    if d.kind == "indexed":
-        from megatron_nullmoe.run.data.indexed import IndexedData
+        raise ConfigError(f"data.kind={cfg.data.kind} is text only: use model.kind=gpt")
 
-        return IndexedData(
-            d.path, d.valid_path, tokenizer, d.seq_length, d.micro_batch_size, dp_rank, dp_size,
-            cfg.seed, train_samples=cfg.steps * d.global_batch_size,
-            valid_samples=cfg.logging.eval_steps * d.micro_batch_size * dp_size,
-            cache_dir=Path(cfg.dir) / "data_cache")
+
+def _indexed(cfg: RunConfig, tokenizer: Tokenizer, dp_rank: int, dp_size: int) -> DataSource:
+    d = cfg.data
+    _text_only(cfg)
+    from megatron_nullmoe.run.data.indexed import IndexedData
+
+    return IndexedData(
+        d.path, d.valid_path, tokenizer, d.seq_length, d.micro_batch_size, dp_rank, dp_size,
+        cfg.seed, train_samples=cfg.steps * d.global_batch_size,
+        valid_samples=cfg.logging.eval_steps * d.micro_batch_size * dp_size,
+        cache_dir=Path(cfg.dir) / "data_cache")
+
+
+def _jsonl(cfg: RunConfig, tokenizer: Tokenizer, dp_rank: int, dp_size: int) -> DataSource:
+    d = cfg.data
+    _text_only(cfg)
     from megatron_nullmoe.run.data.text import JsonlData
 
     return JsonlData(d.path, d.valid_path, tokenizer, d.seq_length, d.micro_batch_size, dp_rank,
                      dp_size, cfg.seed)
+
+
+# data.kind -> the builder of its loader; each refuses the model kind it cannot feed and imports
+# only its own loader
+DATA_KINDS = {"energon": _energon, "jsonl": _jsonl, "indexed": _indexed}
+
+
+def _build_data(cfg: RunConfig, tokenizer: Tokenizer, dp_rank: int, dp_size: int) -> DataSource:
+    build = DATA_KINDS.get(cfg.data.kind)
+    if build is None:
+        raise ConfigError(f"data.kind={cfg.data.kind!r} is not valid: one of "
+                          f"{', '.join(DATA_KINDS)}")
+    return build(cfg, tokenizer, dp_rank, dp_size)
 
 
 def _tokenizer(cfg: RunConfig) -> Tokenizer:
