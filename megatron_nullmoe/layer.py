@@ -28,7 +28,8 @@ def install_null_dispatcher(moe_layer: MoELayer, pg_collection) -> None:
 class NullExpertMoELayer(MoELayer):
     """A MoELayer with the null-aware dispatcher, for code that builds MoE layers directly.
 
-    `submodules.router` must build a NullExpertRouter (see `null_moe_submodules`).
+    `submodules.router` must build a NullExpertRouter (`null_router(null_config)` is that builder;
+    `null_moe_layer` below builds the whole layer).
     """
 
     def __init__(self, config, submodules=None, layer_number=None, pg_collection=None,

@@ -5,7 +5,7 @@
     python launch/gpu_check/bundle.py verify   [--dir D]              # sizes and hashes vs the manifest
     python launch/gpu_check/bundle.py standin  --venv V               # here: a stand-in of the GPU venv
 
-The GPU machine (DESIGN.md "GPU, cluster and signals"): one H200 or H100, `python3` a venv's
+The GPU machine: one H200 or H100, `python3` a venv's
 Python 3.12 holding torch 2.11 + CUDA 13, transformers 5.x, sentencepiece, pytest and numpy; no
 megatron-core, no Transformer Engine, no network, and at most 64 MiB carried with the checkout.
 So: manylinux wheels for that Python, one `pip download --no-deps` per package from the explicit

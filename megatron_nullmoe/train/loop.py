@@ -121,8 +121,8 @@ class NonFiniteError(RuntimeError):
 
 class Trainer:
     """One training run on this rank. `__init__` goes through named steps, in order: distributed
-    set-up and `validate` (every configuration check, once), process groups, model, optimizer,
-    data, resume, run folder and logs, watchdog."""
+    set-up and `validate` (the configuration checks that need a running job, once), process
+    groups, model, optimizer, data, resume, run folder and logs, watchdog."""
 
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg

@@ -1,8 +1,11 @@
-"""Every check of a run's configuration, in one place, run once per run by `validate`.
+"""The checks of a run's configuration that need a running job, run once per run by `validate`.
 
 `check` needs the world size (what only a running job knows); `check_device` what this machine
 can run; `check_model` (run/model.py) what megatron-core and null experts would refuse when the
-model is built. Each error names the recipe key and what would be valid.
+model is built. Each error names the recipe key and what would be valid. Not all checks are
+here: each key and value is checked when the recipe is loaded (run/config.py `load_config`), and
+the data kind against the model kind, the tokenizer, `checkpoint.init_from` and a resumed
+checkpoint's identity when the trainer reaches them (train/loop.py).
 """
 
 from __future__ import annotations
@@ -74,7 +77,7 @@ def run_dtype(cfg: RunConfig) -> torch.dtype:
 
 
 def validate(cfg: RunConfig, world_size: int) -> tuple[int, int, torch.dtype]:
-    """Every check of a run's configuration, once, before anything is built: sizes against the
+    """The configuration checks made before anything is built, once: sizes against the
     world size, what this machine can run, the run folder, and the decoder's megatron-core config
     with null experts. Returns (data-parallel size, micro-batches per step, dtype)."""
     from megatron_nullmoe.run.model import check_model
