@@ -102,11 +102,8 @@ def check_size(sizes: dict[str, int], limit: int = LIMIT) -> None:
 
 
 def sha256(path: Path) -> str:
-    h = hashlib.sha256()
     with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def write_manifest(bundle: Path, python_version: str = PYTHON_VERSION) -> dict:

@@ -24,12 +24,9 @@ class CheckpointError(RuntimeError):
 
 
 def sha256(path: Path) -> str:
-    """A file's sha256 (hex), read in 1 MiB blocks: what the manifest records for each file."""
-    h = hashlib.sha256()
+    """A file's sha256 (hex): what the manifest records for each file."""
     with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def read_manifest(path: Path) -> dict:
