@@ -181,11 +181,12 @@ def update_null_budget(model) -> list[Optional[float]]:
 
 
 def start_null_slots_unpicked(model) -> int:
-    """For null slots added to a trained model (its weights loaded, its null state fresh): the
-    next forward of each router with budget control places the null budget bias just below
-    every token's k-th real choice, so that step (each of its micro-batches) picks only real
-    experts, as the model without null slots did; the budget control then releases the bias towards its target (a
-    compute schedule from k makes the release gradual). With top-k-then-softmax or sigmoid gates
+    """For null slots added to a trained model (its weights loaded, its null state fresh): each
+    forward of the next step, in every router with budget control, places the null budget bias
+    just below every token's k-th real choice, so that step (each of its micro-batches) picks
+    only real experts, as the model without null slots did; `update_null_budget` ends the start,
+    and the budget control then releases the bias towards its target (a compute schedule from k
+    makes the release gradual). With top-k-then-softmax or sigmoid gates
     the outputs are then the source model's exactly, in both gate normalisations; pre-softmax
     gates still share their softmax with the null logits. Returns how many routers were armed
     (0: no router has budget control, and null slots are live from the first forward)."""
