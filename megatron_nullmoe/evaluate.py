@@ -304,10 +304,8 @@ def run_vlm(a, source) -> dict:
 
     data = _vlm_data_path(a, source)  # refuse before loading anything
     if source.kind == "checkpoint":
-        from megatron_nullmoe.run.model import image_tokens
-
         cfg = source.cfg
-        max_positions, n_img = cfg.model.max_position_embeddings, image_tokens(cfg)
+        max_positions, n_img = cfg.model.max_position_embeddings, cfg.image_tokens
         image_size = cfg.model.vision.image_size
         tokenizer_path, step, seed = source.tokenizer, source.step, cfg.seed
     else:

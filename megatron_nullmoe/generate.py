@@ -107,12 +107,10 @@ def run(a) -> tuple[str, dict]:
         if counts:
             info["real_experts_per_token"] = hf_model.routing_totals()["real_experts_per_token"]
     else:
-        from megatron_nullmoe.run.model import image_tokens
-
         image = (load_image(a.image, source.cfg.model.vision.image_size, a.resize) if vlm
                  else None)
         new = mcore_generate(model, ids, a.max_new_tokens, source.cfg.model.max_position_embeddings,
-                             image=image, image_tokens=image_tokens(source.cfg),
+                             image=image, image_tokens=source.cfg.image_tokens,
                              sampling=sampling)
     info["new_tokens"] = len(new)
     return tokenizer.decode(new), info

@@ -175,7 +175,6 @@ def test_vlm_run_and_export_give_the_trainers_caption_perplexity(vlm, capsys):
     from megatron_nullmoe.export.source import load_megatron, resolve
     from megatron_nullmoe.inference.perplexity import mcore_vlm_mean_nll
     from megatron_nullmoe.run.data.energon import EnergonData
-    from megatron_nullmoe.run.model import image_tokens
     from megatron_nullmoe.run.tokenizer import PAD, Tokenizer
 
     run_dir, export, demo = vlm
@@ -196,7 +195,7 @@ def test_vlm_run_and_export_give_the_trainers_caption_perplexity(vlm, capsys):
     source = resolve(run_dir)
     cfg = source.cfg
     data = EnergonData(cfg.data.path, Tokenizer(source.tokenizer), cfg.data.seq_length,
-                       cfg.model.vision.image_size, image_tokens(cfg), cfg.data.micro_batch_size,
+                       cfg.model.vision.image_size, cfg.image_tokens, cfg.data.micro_batch_size,
                        0, 1, cfg.seed)
     batches = list(data.val_batches(100))
     reference = mcore_vlm_mean_nll(load_megatron(source), batches)

@@ -232,7 +232,7 @@ def test_recipe_builds_a_valid_run(recipe):
     assert config.moe_router_topk == cfg.model.router_topk
     assert sum(config.moe_layer_freq) >= 1  # at least one MoE layer
     model.null_config(cfg).check(config)
-    decoder_positions = model.image_tokens(cfg) + cfg.data.seq_length
+    decoder_positions = cfg.decoder_seq_length
     assert decoder_positions <= cfg.model.max_position_embeddings
     mp = cfg.parallel.tensor * cfg.parallel.pipeline
     worlds = []
@@ -310,17 +310,17 @@ def test_image_tokens(size, patch, drop, expected):
     cfg = load_config(overrides=[f"model.vision.image_size={size}",
                                  f"model.vision.patch_size={patch}",
                                  f"model.vision.drop_class_token={str(drop).lower()}"])
-    assert model.image_tokens(cfg) == expected
+    assert cfg.image_tokens == expected
+    assert cfg.decoder_seq_length == expected + cfg.data.seq_length
 
 
 def test_gpt_has_no_image_tokens():
-    assert model.image_tokens(load_config(overrides=["model.kind=gpt"])) == 0
+    assert load_config(overrides=["model.kind=gpt"]).image_tokens == 0
 
 
 def test_image_size_not_a_multiple_of_patch_size():
-    cfg = load_config(overrides=["model.vision.image_size=50", "model.vision.patch_size=8"])
-    with pytest.raises(ConfigError) as err:
-        model.image_tokens(cfg)
+    with pytest.raises(ConfigError) as err:  # refused as the config is read
+        load_config(overrides=["model.vision.image_size=50", "model.vision.patch_size=8"])
     assert "model.vision.image_size=50" in str(err.value)
     assert "model.vision.patch_size=8" in str(err.value)
 

@@ -30,7 +30,6 @@ def caption_images(run: Path, count: int, max_new_tokens: int) -> list[dict]:
     from megatron_nullmoe.inference.decode import mcore_generate, prompt_ids
     from megatron_nullmoe.model_utils import routing_stats
     from megatron_nullmoe.run.data.energon import EnergonData
-    from megatron_nullmoe.run.model import image_tokens
     from megatron_nullmoe.run.tokenizer import Tokenizer
 
     source = resolve(run)
@@ -40,7 +39,7 @@ def caption_images(run: Path, count: int, max_new_tokens: int) -> list[dict]:
                           "need a VLM run on an energon image+caption dataset")
     model = load_megatron(source)
     tokenizer = Tokenizer(source.tokenizer)
-    n_img = image_tokens(cfg)
+    n_img = cfg.image_tokens
     data = EnergonData(cfg.data.path, tokenizer, cfg.data.seq_length, cfg.model.vision.image_size,
                        n_img, count, 0, 1, cfg.seed, 0, cfg.data.shuffle_buffer_size)
     batch = next(iter(data.val_batches(1)), None)

@@ -48,6 +48,14 @@ class Vision:
     patch_size: int = _at_least(8, 1)
     drop_class_token: bool = True
 
+    def __post_init__(self) -> None:
+        if self.image_size % self.patch_size:
+            low = self.image_size - self.image_size % self.patch_size
+            raise ConfigError(
+                f"model.vision.image_size={self.image_size} is not a multiple of "
+                f"model.vision.patch_size={self.patch_size} (valid: e.g. {low or self.patch_size} "
+                f"or {low + self.patch_size})")
+
 
 @dataclass
 class Model:
@@ -198,6 +206,21 @@ class RunConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    # Sizes derived from the sections, here once so that nothing re-derives them.
+    @property
+    def image_tokens(self) -> int:
+        """Positions one image occupies in the decoder sequence: its patches, and the class token
+        unless it is dropped (0 for GPT)."""
+        if self.model.kind != "vlm":
+            return 0
+        v = self.model.vision
+        return (v.image_size // v.patch_size) ** 2 + (0 if v.drop_class_token else 1)
+
+    @property
+    def decoder_seq_length(self) -> int:
+        """Decoder positions per sample: image tokens + data.seq_length text tokens."""
+        return self.image_tokens + self.data.seq_length
+
 
 # ----------------------------------------------------------------------------- building
 def load_config(recipe: Optional[str] = None, overrides: tuple[str, ...] | list[str] = ()) -> RunConfig:
@@ -269,6 +292,8 @@ def _build(cls: type, values: dict, prefix: str) -> Any:
         kwargs[key] = _convert(hints[key], value, name, fields[key])
     try:
         return cls(**kwargs)
+    except ConfigError:  # a section's check that names its keys itself
+        raise
     except ValueError as err:  # a section's own checks (NullExpertConfig's), across its fields
         raise ConfigError(f"{prefix.rstrip('.') or 'config'}: {err}") from None
 

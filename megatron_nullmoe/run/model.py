@@ -59,16 +59,6 @@ def _recipe_keys(message: str) -> str:
     return ", ".join(found) or "model.*"
 
 
-def image_tokens(cfg: RunConfig) -> int:
-    if cfg.model.kind != "vlm":
-        return 0
-    v = cfg.model.vision
-    if v.image_size % v.patch_size:
-        raise ConfigError(f"model.vision.image_size={v.image_size} is not a multiple of "
-                          f"model.vision.patch_size={v.patch_size}")
-    return (v.image_size // v.patch_size) ** 2 + (0 if v.drop_class_token else 1)
-
-
 def _common(cfg: RunConfig, dtype: torch.dtype) -> dict:
     on_cpu = not torch.cuda.is_available()
     return dict(
@@ -182,9 +172,7 @@ def build_model(cfg: RunConfig, vocab_size: int, pg_collection, dtype: torch.dty
         spec = with_null_experts(spec, null)
     except ValueError:  # a pipeline stage with dense layers only
         pass
-    n_img = image_tokens(cfg)
-    seq = n_img + cfg.data.seq_length
-    info = ModelInfo(n_img, seq)
+    info = ModelInfo(cfg.image_tokens, cfg.decoder_seq_length)
     if cfg.model.kind == "gpt":
         model = GPTModel(config, spec, vocab_size=vocab_size,
                          max_sequence_length=cfg.model.max_position_embeddings,
@@ -211,11 +199,11 @@ def check_model(cfg: RunConfig, dtype: torch.dtype) -> None:
         null_config(cfg).check(config)
     except NullExpertConfigError as err:
         raise ConfigError(f"{err} [recipe keys: {_recipe_keys(str(err))}]") from None
-    seq = image_tokens(cfg) + cfg.data.seq_length
+    seq = cfg.decoder_seq_length
     if seq > cfg.model.max_position_embeddings:
         raise ConfigError(
             f"model.max_position_embeddings={cfg.model.max_position_embeddings} is below the "
-            f"decoder sequence: {image_tokens(cfg)} image tokens + data.seq_length="
+            f"decoder sequence: {cfg.image_tokens} image tokens + data.seq_length="
             f"{cfg.data.seq_length} = {seq}")
 
 

@@ -20,7 +20,6 @@ from typing import Optional
 
 from megatron_nullmoe.flops import expected_real, train_flops_per_sample
 from megatron_nullmoe.run.config import ConfigError, RunConfig
-from megatron_nullmoe.run.model import image_tokens
 from megatron_nullmoe.sweep.spec import Run, Sweep, SweepError
 from megatron_nullmoe.train.flops import shapes_from_config
 
@@ -30,7 +29,7 @@ def expected_real_per_token(cfg: RunConfig) -> float:
     if null.num_null_experts and null.target_real_per_token is not None:
         return null.mean_target(cfg.steps)  # the constant target without a schedule
     if null.modality_topk is not None:  # the modality-fixed control: exact, per position
-        vision, text = image_tokens(cfg), cfg.data.seq_length
+        vision, text = cfg.image_tokens, cfg.data.seq_length
         return (vision * null.vision_topk + text * null.text_topk) / (vision + text)
     return expected_real(topk=cfg.model.router_topk, num_experts=cfg.model.num_experts,
                          num_null=null.num_null_experts)
@@ -47,7 +46,7 @@ def _why(cfg: RunConfig) -> str:
     if null.num_null_experts and null.target_real_per_token is not None:
         return f"model.null_experts.target_real_per_token={null.target_real_per_token:g}"
     if null.modality_topk is not None:
-        return (f"model.null_experts.vision_topk={null.vision_topk} over {image_tokens(cfg)} image "
+        return (f"model.null_experts.vision_topk={null.vision_topk} over {cfg.image_tokens} image "
                 f"positions and text_topk={null.text_topk} over data.seq_length="
                 f"{cfg.data.seq_length} = {expected_real_per_token(cfg):g}")
     return (f"model.router_topk={m.router_topk} x model.num_experts={m.num_experts} / "
@@ -81,7 +80,7 @@ def check_runtime(runs: list[Run], world_size: int) -> None:
     import torch
 
     from megatron_nullmoe.config import NullExpertConfigError
-    from megatron_nullmoe.run.model import decoder_config, image_tokens, null_config
+    from megatron_nullmoe.run.model import decoder_config, null_config
     from megatron_nullmoe.train.validate import check
 
     seen = set()
@@ -93,7 +92,6 @@ def check_runtime(runs: list[Run], world_size: int) -> None:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 null_config(run.cfg).check(decoder_config(run.cfg, torch.float32))
-            image_tokens(run.cfg)
             check(run.cfg, world_size)
         except (ConfigError, NullExpertConfigError) as err:
             raise SweepError(f"{run.label} (world size {world_size}): {err}") from None

@@ -14,14 +14,14 @@ from typing import Optional
 from megatron_nullmoe import flops
 from megatron_nullmoe.flops import DecoderShape, VisionShape, moe_layer_pattern
 from megatron_nullmoe.run.config import RunConfig
-from megatron_nullmoe.run.model import image_tokens, null_config
+from megatron_nullmoe.run.model import null_config
 
 
 def shapes_from_config(cfg: RunConfig,
                        vocab_size: int) -> tuple[DecoderShape, Optional[VisionShape]]:
     """DecoderShape (and VisionShape for a VLM) of a training RunConfig."""
     m = cfg.model
-    seq = image_tokens(cfg) + cfg.data.seq_length
+    seq = cfg.decoder_seq_length
     moe_layers = sum(moe_layer_pattern(m.num_layers, m.moe_layer_freq))
     null = null_config(cfg)
     groups = m.num_attention_heads if m.num_query_groups is None else m.num_query_groups

@@ -26,7 +26,7 @@ from megatron_nullmoe.config import saved_defaults
 from megatron_nullmoe.run.checkpoint import CheckpointError, locate
 from megatron_nullmoe.run.config import ConfigError, Model, RunConfig, save_config
 from megatron_nullmoe.run.data import DataSource
-from megatron_nullmoe.run.model import build_model, describe, image_tokens, null_config
+from megatron_nullmoe.run.model import build_model, describe, null_config
 from megatron_nullmoe.run.tokenizer import Tokenizer
 from megatron_nullmoe.train import faults
 from megatron_nullmoe.train.accounting import RunAccounting
@@ -43,7 +43,7 @@ def _energon(cfg: RunConfig, tokenizer: Tokenizer, dp_rank: int, dp_size: int) -
     from megatron_nullmoe.run.data.energon import EnergonData
 
     return EnergonData(d.path, tokenizer, d.seq_length, cfg.model.vision.image_size,
-                       image_tokens(cfg), d.micro_batch_size, dp_rank, dp_size, cfg.seed,
+                       cfg.image_tokens, d.micro_batch_size, dp_rank, dp_size, cfg.seed,
                        d.num_workers, d.shuffle_buffer_size)
 
 
