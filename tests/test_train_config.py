@@ -476,8 +476,7 @@ def test_a_saved_run_config_without_a_newer_null_field_reads_its_value_before_th
 
     from megatron_nullmoe import config as null_config_module
     from megatron_nullmoe.run.config import load_run_config
-    from megatron_nullmoe.train.checkpoint import identity_differences
-    from megatron_nullmoe.train.loop import run_identity
+    from megatron_nullmoe.train.checkpoint import identity_differences, run_identity
 
     # the gate rule's defaults changed in 2026-12 (renormalize, none -> keep_null_share, slot_ratio)
     assert null_config_module.BEFORE_FIELD == {"gate_normalization": "renormalize",
@@ -506,6 +505,13 @@ def test_a_saved_run_config_without_a_newer_null_field_reads_its_value_before_th
     del identity["null"]["gate_scale"]  # a checkpoint saved before the field
     diffs = identity_differences(identity, run_identity(cfg, 100, 1)[0], defaults)
     assert diffs == ["null.gate_scale: checkpoint 'none', this run 'slot_ratio'"]
+    # the model section's copy of the null config reads the same older defaults (one place):
+    # a run read by load_run_config resumes a checkpoint that never named the new fields
+    then_cfg = load_run_config(old)
+    identity, defaults = run_identity(then_cfg, 100, 1)
+    for section in (identity["null"], identity["model"]["null_experts"]):
+        del section["gate_scale"], section["gate_normalization"]
+    assert identity_differences(identity, run_identity(then_cfg, 100, 1)[0], defaults) == []
 
 
 def test_dispatcher_names_come_from_the_dispatch_registry():

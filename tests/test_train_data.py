@@ -490,12 +490,12 @@ def test_every_loader_has_the_data_source_methods():
 
 
 def test_every_data_kind_has_a_builder_that_refuses_the_wrong_model_kind():
-    """One registry (train/loop.py DATA_KINDS) for the recipe's data.kind choices; a builder
+    """One registry (run/data DATA_KINDS) for the recipe's data.kind choices; a builder
     refuses a model its samples cannot feed before it reads any data."""
     import dataclasses
 
     from megatron_nullmoe.run.config import ConfigError, Data, load_config
-    from megatron_nullmoe.train.loop import DATA_KINDS, _build_data
+    from megatron_nullmoe.run.data import DATA_KINDS, build_data
 
     choices = {f.name: f.metadata.get("choices") for f in dataclasses.fields(Data)}
     assert set(choices["kind"]) == set(DATA_KINDS)
@@ -508,10 +508,10 @@ def test_every_data_kind_has_a_builder_that_refuses_the_wrong_model_kind():
     for (data, model), message in refused.items():
         cfg = load_config(overrides=[f"data.kind={data}", f"model.kind={model}"])
         with pytest.raises(ConfigError) as err:
-            _build_data(cfg, tokenizer=None, dp_rank=0, dp_size=1)
+            build_data(cfg, tokenizer=None, dp_rank=0, dp_size=1)
         assert str(err.value) == message
     cfg = load_config(overrides=["data.kind=jsonl"])
     cfg.data.kind = "parquet"  # past the loader's own check, as a registry entry left out would be
     with pytest.raises(ConfigError) as err:
-        _build_data(cfg, tokenizer=None, dp_rank=0, dp_size=1)
+        build_data(cfg, tokenizer=None, dp_rank=0, dp_size=1)
     assert str(err.value) == "data.kind='parquet' is not valid: one of energon, jsonl, indexed"

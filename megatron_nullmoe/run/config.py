@@ -17,7 +17,7 @@ from typing import Any, Optional
 
 import yaml
 
-from megatron_nullmoe.config import BEFORE_FIELD, SUPPORTED_DISPATCHERS, NullExpertConfig
+from megatron_nullmoe.config import SUPPORTED_DISPATCHERS, NullExpertConfig, saved_defaults
 
 
 class ConfigError(ValueError):
@@ -225,19 +225,7 @@ class RunConfig:
 # ----------------------------------------------------------------------------- building
 def load_config(recipe: Optional[str] = None, overrides: tuple[str, ...] | list[str] = ()) -> RunConfig:
     """defaults <- YAML recipe <- `a.b=value` overrides, checked key by key and value by value."""
-    merged: dict = {}
-    if recipe is not None:
-        path = Path(recipe)
-        if not path.is_file():
-            raise ConfigError(f"recipe {recipe!r} does not exist (give a YAML file, e.g. "
-                              "examples/demo_vlm.yaml)")
-        try:
-            merged = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"recipe {recipe!r} is not valid YAML: {err}") from None
-        if not isinstance(merged, dict):
-            raise ConfigError(f"recipe {recipe!r} must hold a mapping of sections, got "
-                              f"{type(merged).__name__}")
+    merged = _read_recipe(recipe) if recipe is not None else {}
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key:
@@ -256,19 +244,46 @@ def load_config(recipe: Optional[str] = None, overrides: tuple[str, ...] | list[
     return _build(RunConfig, merged, prefix="")
 
 
+def older_run_defaults() -> dict:
+    """What a saved run means where it is silent: a run folder's config.yaml or a checkpoint's
+    identity that does not name a key was saved before the key existed, so the key takes the value
+    it had then (`config.BEFORE_FIELD`), else today's default. The one place the trainer's runs
+    get older defaults: `load_run_config` and the checkpoints' identity both read it."""
+    model = dataclasses.asdict(Model())
+    model["null_experts"] = saved_defaults()
+    return {"model": model}
+
+
 def load_run_config(path: str | Path) -> RunConfig:
-    """A run folder's config.yaml, as the trainer saved it. A null-expert field it does not name
-    takes the value it had before the field existed (`config.BEFORE_FIELD`), not today's
-    default: the run is read as it trained."""
+    """A run folder's config.yaml, as the trainer saved it, read as the run trained: a key it does
+    not name takes `older_run_defaults()`'s value."""
+    return _build(RunConfig, _under(_read_recipe(str(path)), older_run_defaults()), prefix="")
+
+
+def _under(saved: dict, defaults: dict) -> dict:
+    """`saved` with the keys it lacks filled from `defaults`, section by section."""
+    out = dict(saved)
+    for key, value in defaults.items():
+        if isinstance(value, dict) and (out.get(key) is None or isinstance(out.get(key), dict)):
+            out[key] = _under(out.get(key) or {}, value)
+        elif key not in out:
+            out[key] = value
+    return out
+
+
+def _read_recipe(recipe: str) -> dict:
+    path = Path(recipe)
+    if not path.is_file():
+        raise ConfigError(f"recipe {recipe!r} does not exist (give a YAML file, e.g. "
+                          "examples/demo_vlm.yaml)")
     try:
-        saved = yaml.safe_load(Path(path).read_text()) if Path(path).is_file() else None
-    except yaml.YAMLError:
-        saved = None  # load_config names the problem
-    null = ((saved.get("model") or {}) if isinstance(saved, dict) else {}) or {}
-    null = null.get("null_experts") if isinstance(null, dict) else None
-    named = set(null) if isinstance(null, dict) else set()
-    return load_config(str(path), [f"model.null_experts.{key}={value}"
-                                   for key, value in BEFORE_FIELD.items() if key not in named])
+        merged = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"recipe {recipe!r} is not valid YAML: {err}") from None
+    if not isinstance(merged, dict):
+        raise ConfigError(f"recipe {recipe!r} must hold a mapping of sections, got "
+                          f"{type(merged).__name__}")
+    return merged
 
 
 def save_config(cfg: RunConfig, path: Path) -> None:

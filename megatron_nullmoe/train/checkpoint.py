@@ -11,6 +11,7 @@ checked by rank 0 before loading; the verdict is broadcast so that no rank hangs
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -25,6 +26,7 @@ import torch.distributed as dist
 from megatron_nullmoe import collectives
 from megatron_nullmoe.run.checkpoint import (MANIFEST, CheckpointError, dist_load, read_manifest,
                                              sha256, verify_files)
+from megatron_nullmoe.run.config import RunConfig, older_run_defaults
 
 
 def _rank() -> int:
@@ -220,3 +222,24 @@ def _flatten(d: dict, prefix: str = "") -> dict:
         else:
             out[f"{prefix}{k}"] = v
     return out
+
+
+# ------------------------------------------------------------------------ a run's identity
+# Identity keys (flattened) that may differ between a run and the checkpoint it starts from
+# (checkpoint.init_from): null-expert and router settings, and the parallel layout
+# (dist_checkpointing reshards). Everything else is the architecture and must match.
+INIT_MAY_DIFFER = ("null.", "model.null_experts.", "model.router_", "model.aux_loss_coeff",
+                   "model.z_loss_coeff", "model.token_dispatcher", "world_size", "parallel.")
+
+
+def run_identity(cfg: RunConfig, vocab_size: int, world_size: int) -> tuple[dict, dict]:
+    """(identity, defaults) of a run's checkpoints: what must match for a checkpoint to resume
+    (the model, null-expert config, vocabulary and parallel layout), and what a checkpoint that
+    does not name a key means (`older_run_defaults`: so that older checkpoints still resume)."""
+    identity = {"model": dataclasses.asdict(cfg.model),
+                "null": dataclasses.asdict(cfg.model.null_experts),
+                "vocab_size": vocab_size, "world_size": world_size,
+                "parallel": {k: v for k, v in dataclasses.asdict(cfg.parallel).items()
+                             if k != "backend"}}
+    older = older_run_defaults()
+    return identity, {**older, "null": older["model"]["null_experts"]}

@@ -9,7 +9,6 @@ null-slot rate for vision and text tokens separately; the router itself never se
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
 import shutil
 import sys
@@ -22,68 +21,17 @@ import torch.distributed as dist
 
 from megatron_nullmoe import (check_routers, collectives, parallel, set_vision_mask,
                               start_null_slots_unpicked, update_null_budget)
-from megatron_nullmoe.config import saved_defaults
 from megatron_nullmoe.run.checkpoint import CheckpointError, locate
-from megatron_nullmoe.run.config import ConfigError, Model, RunConfig, save_config
-from megatron_nullmoe.run.data import DataSource
-from megatron_nullmoe.run.model import build_model, describe, null_config
+from megatron_nullmoe.run.config import ConfigError, RunConfig, save_config
+from megatron_nullmoe.run.data import build_data
+from megatron_nullmoe.run.model import build_model, describe
 from megatron_nullmoe.run.tokenizer import Tokenizer
 from megatron_nullmoe.train import faults
 from megatron_nullmoe.train.accounting import RunAccounting
-from megatron_nullmoe.train.checkpoint import Checkpointer, init_weights_from
+from megatron_nullmoe.train.checkpoint import (INIT_MAY_DIFFER, Checkpointer, init_weights_from,
+                                               run_identity)
 from megatron_nullmoe.train.metrics import RunLog
 from megatron_nullmoe.train.validate import validate
-
-
-def _energon(cfg: RunConfig, tokenizer: Tokenizer, dp_rank: int, dp_size: int) -> DataSource:
-    d = cfg.data
-    if cfg.model.kind != "vlm":
-        raise ConfigError("data.kind=energon holds image+caption samples: use model.kind=vlm "
-                          "(or data.kind=jsonl for a GPT)")
-    from megatron_nullmoe.run.data.energon import EnergonData
-
-    return EnergonData(d.path, tokenizer, d.seq_length, cfg.model.vision.image_size,
-                       cfg.image_tokens, d.micro_batch_size, dp_rank, dp_size, cfg.seed,
-                       d.num_workers, d.shuffle_buffer_size)
-
-
-def _text_only(cfg: RunConfig) -> None:
-    if cfg.model.kind != "gpt":
-        raise ConfigError(f"data.kind={cfg.data.kind} is text only: use model.kind=gpt")
-
-
-def _indexed(cfg: RunConfig, tokenizer: Tokenizer, dp_rank: int, dp_size: int) -> DataSource:
-    d = cfg.data
-    _text_only(cfg)
-    from megatron_nullmoe.run.data.indexed import IndexedData
-
-    return IndexedData(
-        d.path, d.valid_path, tokenizer, d.seq_length, d.micro_batch_size, dp_rank, dp_size,
-        cfg.seed, train_samples=cfg.steps * d.global_batch_size,
-        valid_samples=cfg.logging.eval_steps * d.micro_batch_size * dp_size,
-        cache_dir=Path(cfg.dir) / "data_cache")
-
-
-def _jsonl(cfg: RunConfig, tokenizer: Tokenizer, dp_rank: int, dp_size: int) -> DataSource:
-    d = cfg.data
-    _text_only(cfg)
-    from megatron_nullmoe.run.data.text import JsonlData
-
-    return JsonlData(d.path, d.valid_path, tokenizer, d.seq_length, d.micro_batch_size, dp_rank,
-                     dp_size, cfg.seed)
-
-
-# data.kind -> the builder of its loader; each refuses the model kind it cannot feed and imports
-# only its own loader
-DATA_KINDS = {"energon": _energon, "jsonl": _jsonl, "indexed": _indexed}
-
-
-def _build_data(cfg: RunConfig, tokenizer: Tokenizer, dp_rank: int, dp_size: int) -> DataSource:
-    build = DATA_KINDS.get(cfg.data.kind)
-    if build is None:
-        raise ConfigError(f"data.kind={cfg.data.kind!r} is not valid: one of "
-                          f"{', '.join(DATA_KINDS)}")
-    return build(cfg, tokenizer, dp_rank, dp_size)
 
 
 def _tokenizer(cfg: RunConfig) -> Tokenizer:
@@ -92,27 +40,6 @@ def _tokenizer(cfg: RunConfig) -> Tokenizer:
         raise ConfigError(f"data.tokenizer is required for {cfg.data.kind} data (a sentencepiece "
                           ".model)")
     return Tokenizer(path)
-
-
-# Identity keys (flattened) that may differ between a run and the checkpoint it starts from
-# (checkpoint.init_from): null-expert and router settings, and the parallel layout
-# (dist_checkpointing reshards). Everything else is the architecture and must match.
-INIT_MAY_DIFFER = ("null.", "model.null_experts.", "model.router_", "model.aux_loss_coeff",
-                   "model.z_loss_coeff", "model.token_dispatcher", "world_size", "parallel.")
-
-
-def run_identity(cfg: RunConfig, vocab_size: int, world_size: int) -> tuple[dict, dict]:
-    """(identity, defaults) of a run's checkpoints: what must match for a checkpoint to resume
-    (the model, null-expert config, vocabulary and parallel layout), and the value each model
-    key had before it existed (so that older checkpoints still resume)."""
-    identity = {"model": dataclasses.asdict(cfg.model),
-                "null": dataclasses.asdict(null_config(cfg)),
-                "vocab_size": vocab_size, "world_size": world_size,
-                "parallel": {k: v for k, v in dataclasses.asdict(cfg.parallel).items()
-                             if k != "backend"}}
-    defaults = {"model": dataclasses.asdict(Model()),
-                "null": saved_defaults()}
-    return identity, defaults
 
 
 class NonFiniteError(RuntimeError):
@@ -140,7 +67,7 @@ class Trainer:
         self._build_optimizer()
         from megatron.core import parallel_state as ps
 
-        self.data = _build_data(cfg, self.tokenizer,
+        self.data = build_data(cfg, self.tokenizer,
                                 ps.get_data_parallel_rank(with_context_parallel=True), self.dp_size)
         latest = self._resume()
         self._open_run(latest)
