@@ -190,11 +190,17 @@ def build_model(cfg: RunConfig, vocab_size: int, pg_collection, dtype: torch.dty
 
 
 def check_model(cfg: RunConfig, dtype: torch.dtype) -> None:
-    """What the model build would refuse, checked before anything is built: megatron-core's own
-    decoder config checks, null experts against it, the sequence length. (The pipeline layout is
-    `check_pipeline`'s, which `validate.check` runs first.)"""
-    config = decoder_config(cfg, dtype)
+    """What the model build would refuse on this machine, checked before anything is built: the
+    norms it can build, and `check_decoder`. (The pipeline layout is `check_pipeline`'s, which
+    `validate.check` runs first.)"""
     _check_norm_builds(cfg)
+    check_decoder(cfg, dtype)
+
+
+def check_decoder(cfg: RunConfig, dtype: torch.dtype = torch.float32) -> None:
+    """The recipe's decoder on any machine: megatron-core's own decoder config checks, null experts
+    against it, and the sequence length; ConfigError names the recipe keys."""
+    config = decoder_config(cfg, dtype)
     try:
         null_config(cfg).check(config)
     except NullExpertConfigError as err:

@@ -77,10 +77,7 @@ def check_iso_flop(sweep: Sweep, runs: list[Run]) -> None:
 
 def check_runtime(runs: list[Run], world_size: int) -> None:
     """The trainer's start-up checks, once per distinct config, on the launching machine."""
-    import torch
-
-    from megatron_nullmoe.config import NullExpertConfigError
-    from megatron_nullmoe.run.model import decoder_config, null_config
+    from megatron_nullmoe.run.model import check_decoder
     from megatron_nullmoe.train.validate import check
 
     seen = set()
@@ -91,9 +88,9 @@ def check_runtime(runs: list[Run], world_size: int) -> None:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                null_config(run.cfg).check(decoder_config(run.cfg, torch.float32))
+                check_decoder(run.cfg)
             check(run.cfg, world_size)
-        except (ConfigError, NullExpertConfigError) as err:
+        except ConfigError as err:
             raise SweepError(f"{run.label} (world size {world_size}): {err}") from None
 
 

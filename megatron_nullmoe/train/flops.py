@@ -55,18 +55,15 @@ def main(argv=None) -> None:
     a = p.parse_args(argv)
     import warnings
 
-    import torch
-
-    from megatron_nullmoe.config import NullExpertConfigError
     from megatron_nullmoe.run.config import ConfigError, load_config
-    from megatron_nullmoe.run.model import decoder_config
+    from megatron_nullmoe.run.model import check_decoder
 
     warnings.filterwarnings("ignore", category=UserWarning)  # megatron-core's config chatter
     try:
         cfg = load_config(a.recipe, a.overrides)
-        null_config(cfg).check(decoder_config(cfg, torch.float32))
+        check_decoder(cfg)
         decoder, vision = shapes_from_config(cfg, a.vocab_size)
-    except (ConfigError, NullExpertConfigError) as err:
+    except ConfigError as err:
         raise SystemExit(f"config error: {err}") from None
     r = decoder.expected_real_per_token
     print(f"{cfg.name}: E={decoder.num_experts}, k={decoder.topk}, Z={decoder.num_null_experts}, "
