@@ -1,0 +1,133 @@
+"""Issue 33: vLLM serves the default export (NullMoEForCausalLM) through the project's plugin, with
+the greedy tokens of the project's own generate.
+
+Runs in the serving venv only (`make setup-vllm`, then `make test-vllm`); elsewhere the engine
+tests skip, naming why. The exports are random megatron-core GPTs exported by the project's
+export (tests/_vllm_reference.py, in a process of its own), with null router rows scaled so that
+some tokens pick only null slots (0 real experts) and others only real experts; the reference is
+`megatron_nullmoe.generate`'s greedy decode of each export (transformers, fp32). vLLM runs each
+export in fp32, eagerly, in this one process (VLLM_ENABLE_V1_MULTIPROCESSING=0), one engine at a
+time: the first takes ~10 s to start, later ones ~3 s.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+VENV = ROOT / ".venv-vllm"
+sys.path.insert(0, str(ROOT))
+from tests._vllm_reference import MODES, NEW_TOKENS  # noqa: E402
+
+EOS = 3  # megatron_nullmoe.run.tokenizer.EOS: the project's generate stops there and drops it
+
+
+def _why_not_here() -> str | None:
+    if not VENV.is_dir():
+        return f"{VENV.name} does not exist: `make setup-vllm` builds it, `make test-vllm` runs this"
+    if Path(sys.prefix).resolve() != VENV.resolve():
+        return (f"runs under {VENV.name}'s python only (`make test-vllm`); this is {sys.prefix}")
+    return None
+
+
+needs_vllm = pytest.mark.skipif(_why_not_here() is not None, reason=str(_why_not_here()))
+
+
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory):
+    out = tmp_path_factory.mktemp("vllm_exports")
+    subprocess.run([sys.executable, str(ROOT / "tests" / "_vllm_reference.py"), str(out), *MODES],
+                   check=True, cwd=ROOT, capture_output=True)
+    return out, json.loads((out / "reference.json").read_text())
+
+
+def _engine(export: Path):
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    from vllm import LLM
+
+    return LLM(model=str(export), dtype="float32", enforce_eager=True, max_model_len=64,
+               trust_remote_code=True, seed=0)
+
+
+@needs_vllm
+@pytest.mark.parametrize("mode", list(MODES))
+def test_greedy_tokens_equal_the_projects_generate(exports, mode):
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    out, reference = exports
+    ref = reference[mode]
+    # null picks exercised: some token-layers ran 0 real experts, some all k
+    assert sum(p["tokens_with_0_real"] for p in ref["prompts"]) > 0
+    assert sum(p["tokens_with_k_real"] for p in ref["prompts"]) > 0
+    llm = _engine(out / mode)
+    try:
+        greedy = SamplingParams(temperature=0, max_tokens=NEW_TOKENS)
+        by_ids = llm.generate([TokensPrompt(prompt_token_ids=p["prompt_ids"])
+                               for p in ref["prompts"]], greedy, use_tqdm=False)
+        by_text = llm.generate([p["prompt"] for p in ref["prompts"]], greedy, use_tqdm=False)
+    finally:
+        del llm
+        gc.collect()
+    for p, o, t in zip(ref["prompts"], by_ids, by_text):
+        ids = list(o.outputs[0].token_ids)
+        if ids and ids[-1] == EOS:  # vLLM returns the stop token, the project's generate drops it
+            ids = ids[:-1]
+        assert ids == p["new_ids"], (mode, p["prompt"])
+        # the export's own tokenizer (remote code) puts <s> first, as the project's generate does
+        assert list(t.prompt_token_ids) == p["prompt_ids"]
+        assert t.outputs[0].text.strip() == p["text"].strip(), (mode, p["prompt"])
+
+
+@needs_vllm
+def test_plugin_is_registered_and_imports_no_megatron_core():
+    """vLLM loads the entry point in every process: it must not pull megatron-core."""
+    code = ("import sys; from vllm.plugins import load_general_plugins; load_general_plugins(); "
+            "from vllm import ModelRegistry; import megatron_nullmoe_vllm.routing; "
+            "print('NullMoEForCausalLM' in ModelRegistry.get_supported_archs(), "
+            "sorted(m for m in sys.modules if m.split('.')[0] in ('megatron', 'megatron_nullmoe')))")
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
+    assert out.stdout.strip().splitlines()[-1] == "True []"
+
+
+def _config(**overrides):
+    fields = dict(vocab_size=96, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                  num_key_value_heads=2, head_dim=32, ffn_hidden_size=96, moe_ffn_hidden_size=48,
+                  moe_layers=[1, 1], num_experts=4, num_null_experts=4, null_logits="shared",
+                  router_topk=2, router_score_function="softmax", router_pre_softmax=False,
+                  gate_normalization="renormalize", router_topk_scaling_factor=None,
+                  normalization="LayerNorm", norm_eps=1e-5, position_embedding_type="rope",
+                  rotary_base=10000, rotary_percent=1.0, max_position_embeddings=64,
+                  activation="gelu", tie_word_embeddings=False, vision_config=None)
+    return SimpleNamespace(**{**fields, **overrides})
+
+
+@pytest.mark.parametrize("field,value", [
+    ("null_logits", "grouped"), ("router_score_function", "sqrtsoftplus"),
+    ("gate_normalization", "none"), ("normalization", "ScaleNorm"),
+    ("position_embedding_type", "alibi"), ("activation", "relu")])
+def test_unserved_modes_are_refused_by_name(field, value):
+    from megatron_nullmoe_vllm.config import CHOICES, ServeConfig, ServeConfigError
+
+    with pytest.raises(ServeConfigError, match=f"{field}={value!r}") as err:
+        ServeConfig.from_hf(_config(**{field: value}))
+    assert all(v in str(err.value) for v in CHOICES[field])
+
+
+def test_vlm_exports_are_refused_and_null_rows_counted():
+    from megatron_nullmoe_vllm.config import ServeConfig, ServeConfigError
+
+    with pytest.raises(ServeConfigError, match="vision_config"):
+        ServeConfig.from_hf(_config(vision_config={"hidden_size": 64}))
+    assert ServeConfig.from_hf(_config()).num_null_logits == 1
+    assert ServeConfig.from_hf(_config(null_logits="per_expert")).num_null_logits == 4
+    assert ServeConfig.from_hf(_config(num_null_experts=0)).num_null_logits == 0
