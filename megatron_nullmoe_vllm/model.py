@@ -38,7 +38,7 @@ from vllm.model_executor.layers.vocab_parallel_embedding import (ParallelLMHead,
 from vllm.model_executor.model_loader.weight_utils import default_weight_loader
 
 from megatron_nullmoe_vllm.config import ServeConfig
-from megatron_nullmoe_vllm.routing import NullSlotRouting
+from megatron_nullmoe_vllm.routing import NullSlotRouting, routing_math
 
 _EXPERT = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate|up|down)_proj\.weight$")
 _QKV = {"q_proj": "q", "k_proj": "k", "v_proj": "v"}
@@ -121,14 +121,8 @@ class NullMoERouterWeights(nn.Module):
 
     def forward(self, x_TH):
         logits = F.linear(x_TH, self.weight)
-        null = logits[:, self.num_real:]
-        return routing_math_expand(logits[:, : self.num_real], null, self.num_null)
-
-
-def routing_math_expand(real_TE, null_TN, num_null):
-    from megatron_nullmoe_vllm.routing import routing_math
-
-    return routing_math.expand_null_logits(real_TE, null_TN, num_null)
+        return routing_math.expand_null_logits(logits[:, : self.num_real],
+                                               logits[:, self.num_real:], self.num_null)
 
 
 class NullMoEBlock(nn.Module):

