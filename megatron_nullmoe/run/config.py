@@ -18,10 +18,13 @@ from typing import Any, Optional
 import yaml
 
 from megatron_nullmoe.config import SUPPORTED_DISPATCHERS, NullExpertConfig, saved_defaults
+from megatron_nullmoe.errors import NullMoEError
 
 
-class ConfigError(ValueError):
+class ConfigError(NullMoEError, ValueError):
     """A recipe or override that does not describe a valid run."""
+
+    what = "config error"
 
 
 def _choices(*names: str, default: str) -> Any:
