@@ -20,12 +20,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from megatron_nullmoe.errors import NullMoEError
 from megatron_nullmoe.run.checkpoint import (MANIFEST, CheckpointError, newest_checkpoint,
                                              read_manifest)
 from megatron_nullmoe.run.config import ConfigError, RunConfig, load_run_config
 
 
-class SourceError(ValueError):
+class SourceError(NullMoEError, ValueError):
     """A source that is missing, not one of the three kinds, or incomplete."""
 
 
