@@ -222,7 +222,7 @@ def test_labels_give_megatron_cores_training_loss(single_rank, tokenizer_model):
 def test_the_folder_auto_classes_processor_and_refusals(single_rank, tmp_path, tokenizer_model):
     from megatron_nullmoe.export.hf import ExportError
     from megatron_nullmoe.export.vlm import export_vlm
-    from megatron_nullmoe.generate import load_image
+    from megatron_nullmoe.inference.generate import load_image
     from megatron_nullmoe.inference.decode import prompt_ids
     from megatron_nullmoe.run.data.energon import CaptionEncoder, VLMBatch, to_model_inputs
     from megatron_nullmoe.run.tokenizer import IMAGE_TOKEN, Tokenizer
