@@ -113,3 +113,25 @@ def test_only_the_trainer_and_sweeps_reach_into_train_and_the_run_layer_stays_be
     up = sorted(f"{m} -> {d}" for m, deps in graph.items() for d in deps
                 if m.startswith(f"{ROOT}.run") and d.startswith(above_run))
     assert not up, "run/ imports a layer above it: " + ", ".join(up)
+
+
+# The package root holds the plugin core; commands live in their folders (train/, sweep/,
+# export/, inference/). generate.py and evaluate.py stay at the root only so that the command lines
+# users type keep working: each forwards to inference/ and holds no code of its own.
+ROOT_CORE = {"__init__", "collectives", "config", "errors", "host_syncs", "layer", "model_utils",
+             "parallel", "router", "spec", "upcycle"}
+ROOT_ENTRY_POINTS = {"generate", "evaluate"}
+
+
+def test_the_package_root_holds_the_plugin_core_and_two_entry_points():
+    root = {p.stem for p in PACKAGE.glob("*.py")}
+    assert root == ROOT_CORE | ROOT_ENTRY_POINTS, (
+        f"unexpected at the package root: {sorted(root - ROOT_CORE - ROOT_ENTRY_POINTS)}; "
+        f"missing: {sorted(ROOT_CORE | ROOT_ENTRY_POINTS - root)} (a command belongs in its "
+        "folder; a module of the plugin core goes in ROOT_CORE)")
+    graph = import_graph()
+    for name in sorted(ROOT_ENTRY_POINTS):
+        body = ast.parse((PACKAGE / f"{name}.py").read_text()).body
+        code = [n.name for n in body if isinstance(n, (ast.FunctionDef, ast.ClassDef))]
+        assert not code, f"{name}.py defines {code}: its code belongs in inference/{name}.py"
+        assert graph[f"{ROOT}.{name}"] == {f"{ROOT}.inference.{name}"}
