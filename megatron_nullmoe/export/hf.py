@@ -24,7 +24,9 @@ import torch
 import torch.nn.functional as F
 
 HF_CODE = Path(__file__).parent / "hf_code"
-CODE_FILES = ("configuration_nullmoe.py", "modeling_nullmoe.py", "tokenization_nullmoe.py")
+# routing_math.py is a link to routing/math.py: the export ships the trainer's routing math itself
+CODE_FILES = ("configuration_nullmoe.py", "modeling_nullmoe.py", "routing_math.py",
+              "tokenization_nullmoe.py")
 AUTO_MAP = {"AutoConfig": "configuration_nullmoe.NullMoEConfig",
             "AutoModel": "modeling_nullmoe.NullMoEModel",
             "AutoModelForCausalLM": "modeling_nullmoe.NullMoEForCausalLM"}
@@ -237,6 +239,7 @@ def write_tokenizer(tokenizer_model: Path, out: Path) -> dict:
 
 
 def write_code(out: Path, names: tuple[str, ...] = CODE_FILES) -> None:
+    """Copies the remote code into `out` as plain files (links followed)."""
     for name in names:
         shutil.copyfile(HF_CODE / name, out / name)
 
