@@ -23,6 +23,8 @@ from typing import Iterator, Optional
 import torch
 import torch.nn.functional as F
 
+from megatron_nullmoe.errors import NullMoEError
+
 HF_CODE = Path(__file__).parent / "hf_code"
 # routing_math.py is a link to routing/math.py: the export ships the trainer's routing math itself
 CODE_FILES = ("configuration_nullmoe.py", "modeling_nullmoe.py", "routing_math.py",
@@ -33,7 +35,7 @@ AUTO_MAP = {"AutoConfig": "configuration_nullmoe.NullMoEConfig",
 TOKENIZER_AUTO_MAP = {"AutoTokenizer": ["tokenization_nullmoe.NullMoETokenizer", None]}
 
 
-class ExportError(ValueError):
+class ExportError(NullMoEError, ValueError):
     """A model this export cannot reproduce exactly, or an output folder it must not touch."""
 
 
