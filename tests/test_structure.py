@@ -135,3 +135,30 @@ def test_the_package_root_holds_the_plugin_core_and_two_entry_points():
         code = [n.name for n in body if isinstance(n, (ast.FunctionDef, ast.ClassDef))]
         assert not code, f"{name}.py defines {code}: its code belongs in inference/{name}.py"
         assert graph[f"{ROOT}.{name}"] == {f"{ROOT}.inference.{name}"}
+
+
+def test_no_module_is_over_500_lines():
+    # a module that grows past this is doing two jobs (STYLE.md): split it along its seam
+    long = sorted(f"{p.relative_to(PACKAGE.parent)} ({n})" for p in PACKAGE.rglob("*.py")
+                  if (n := len(p.read_text().splitlines())) > 500)
+    assert not long, "modules over 500 lines: " + ", ".join(long)
+
+
+def test_every_error_of_the_package_derives_from_its_one_base():
+    """Each command catches errors.NullMoEError once; an error class outside it would escape as a
+    traceback. The remote code (export/hf_code) runs without the package and is exempt."""
+    classes = {}  # error class name -> its base names
+    for path in PACKAGE.rglob("*.py"):
+        if "hf_code" in path.parts:
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ClassDef) and node.name.endswith("Error"):
+                classes[node.name] = [getattr(b, "id", getattr(b, "attr", "")) for b in node.bases]
+    assert len(classes) >= 15 and classes["NullMoEError"] == ["Exception"]
+
+    def derives(name: str, seen=()) -> bool:
+        return name == "NullMoEError" or any(
+            b in classes and b not in seen and derives(b, seen + (name,)) for b in classes[name])
+
+    outside = sorted(name for name in classes if not derives(name))
+    assert not outside, f"error classes outside NullMoEError: {outside}"

@@ -46,13 +46,13 @@ from typing import Optional
 
 import torch
 
-from megatron_nullmoe.export.hf import ExportError
-from megatron_nullmoe.export.source import (SourceError, hf_from_megatron, is_vlm_export, load_hf,
-                                            load_megatron, resolve)
+from megatron_nullmoe.errors import NullMoEError
+from megatron_nullmoe.export.source import (hf_from_megatron, is_vlm_export, load_hf, load_megatron,
+                                            resolve)
 from megatron_nullmoe.inference.perplexity import EvaluationError, evaluate, evaluate_vlm
 from megatron_nullmoe.run.data import DataError
 from megatron_nullmoe.run.data.text import iter_texts, read_windows
-from megatron_nullmoe.run.tokenizer import Tokenizer, TokenizerError
+from megatron_nullmoe.run.tokenizer import Tokenizer
 
 EXPORT_SEQ_LENGTH = 128  # an export's default --seq-length (capped by max_position_embeddings)
 
@@ -358,7 +358,7 @@ def main(argv=None) -> None:
     warnings.filterwarnings("ignore")
     try:
         result = run(a)
-    except (SourceError, ExportError, EvaluationError, DataError, TokenizerError) as err:
+    except NullMoEError as err:
         sys.exit(f"evaluate error: {err}")
     if a.json:
         print(json.dumps(result))

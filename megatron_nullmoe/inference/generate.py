@@ -22,12 +22,12 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from megatron_nullmoe.export.hf import ExportError
-from megatron_nullmoe.export.source import (SourceError, hf_from_megatron, is_vlm_export, load_hf,
-                                            load_megatron, resolve)
+from megatron_nullmoe.errors import NullMoEError
+from megatron_nullmoe.export.source import (hf_from_megatron, is_vlm_export, load_hf, load_megatron,
+                                            resolve)
 from megatron_nullmoe.inference.decode import (GenerationError, Sampling, hf_generate,
                                                mcore_generate, prompt_ids)
-from megatron_nullmoe.run.tokenizer import Tokenizer, TokenizerError
+from megatron_nullmoe.run.tokenizer import Tokenizer
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -120,7 +120,7 @@ def main(argv=None) -> None:
     warnings.filterwarnings("ignore")
     try:
         text, info = run(a)
-    except (SourceError, ExportError, GenerationError, TokenizerError) as err:
+    except NullMoEError as err:
         sys.exit(f"generate error: {err}")
     print(text)
     real = info.get("real_experts_per_token")
