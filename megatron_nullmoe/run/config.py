@@ -224,6 +224,12 @@ class RunConfig:
         """Decoder positions per sample: image tokens + data.seq_length text tokens."""
         return self.image_tokens + self.data.seq_length
 
+    @property
+    def tokenizer_path(self) -> Path:
+        """The sentencepiece model the recipe names: data.tokenizer, else the dataset's own
+        tokenizer.model (a run folder also keeps a copy of it: `run.source`)."""
+        return Path(self.data.tokenizer or Path(self.data.path) / "tokenizer.model")
+
 
 # ----------------------------------------------------------------------------- building
 def load_config(recipe: Optional[str] = None, overrides: tuple[str, ...] | list[str] = ()) -> RunConfig:

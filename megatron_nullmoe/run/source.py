@@ -102,8 +102,7 @@ def _tokenizer(given: Optional[str], cfg: RunConfig, run_dir: Path) -> Path:
         if not Path(given).is_file():
             raise SourceError(f"--tokenizer {given!r} does not exist")
         return Path(given)
-    named = cfg.data.tokenizer or str(Path(cfg.data.path) / "tokenizer.model")
-    tried = [run_dir / "tokenizer.model", Path(named)]
+    tried = [run_dir / "tokenizer.model", cfg.tokenizer_path]
     for candidate in tried:
         if candidate.is_file():
             return candidate

@@ -36,11 +36,10 @@ from megatron_nullmoe.train.validate import validate
 
 
 def _tokenizer(cfg: RunConfig) -> Tokenizer:
-    path = cfg.data.tokenizer or str(Path(cfg.data.path) / "tokenizer.model")
     if cfg.data.tokenizer is None and cfg.data.kind != "energon":
         raise ConfigError(f"data.tokenizer is required for {cfg.data.kind} data (a sentencepiece "
                           ".model)")
-    return Tokenizer(path)
+    return Tokenizer(cfg.tokenizer_path)
 
 
 class NonFiniteError(NullMoEError, RuntimeError):
