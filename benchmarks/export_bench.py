@@ -33,7 +33,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 
 def _single_rank() -> None:
-    from megatron_nullmoe.export.base import single_process
+    from megatron_nullmoe.run.source import single_process
 
     single_process()
 

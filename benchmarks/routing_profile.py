@@ -66,9 +66,9 @@ def main() -> None:
     a = p.parse_args()
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)
-    from megatron_nullmoe.export.base import single_process
     from megatron_nullmoe.export.source import hf_from_megatron, load_megatron, resolve
     from megatron_nullmoe.run.data.text import read_windows
+    from megatron_nullmoe.run.source import single_process
     from megatron_nullmoe.run.tokenizer import Tokenizer
 
     single_process()

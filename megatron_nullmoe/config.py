@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Optional
 
 from megatron_nullmoe.dispatch import DISPATCHERS
+from megatron_nullmoe.errors import NullMoEError
 from megatron_nullmoe.routing.math import GATE_NORMALIZATIONS, GATE_SCALES  # the math defines them
 
 NULL_LOGIT_MODES = ("shared", "per_expert")
@@ -31,8 +32,10 @@ BEFORE_FIELD = {"gate_normalization": "renormalize", "gate_scale": "none"}
 _CHECKED: dict[tuple[int, "NullExpertConfig"], weakref.ref] = {}
 
 
-class NullExpertConfigError(ValueError):
+class NullExpertConfigError(NullMoEError, ValueError):
     """A null-expert setting, or a megatron-core setting that null experts cannot honour."""
+
+    what = "config error"
 
 
 def _fail(name: str, value: Any, valid: str) -> None:

@@ -15,13 +15,13 @@ from __future__ import annotations
 import dataclasses
 from typing import Iterator
 
-
+from megatron_nullmoe.errors import NullMoEError
 
 NULL_STATE = ("router.null_weight", "router.null_bias", "router.null_budget_bias",
               "router.budget_step")
 
 
-class UpcycleError(ValueError):
+class UpcycleError(NullMoEError, ValueError):
     """A checkpoint that does not fit the model beyond the null-slot state."""
 
 

@@ -52,7 +52,7 @@ def trained(tmp_path_factory):
 
 
 def evaluate_cli(capsys, args: list[str]) -> str:
-    from megatron_nullmoe.evaluate import main
+    from megatron_nullmoe.inference.evaluate import main
 
     capsys.readouterr()
     main(args)
@@ -128,7 +128,7 @@ def test_summary_and_window_limit(trained, capsys):
 
 # ----------------------------------------------------------------------------- c. bad inputs
 def test_bad_inputs_are_refused_with_the_value_and_what_is_valid(trained, capsys, tmp_path):
-    from megatron_nullmoe.evaluate import main
+    from megatron_nullmoe.inference.evaluate import main
 
     run_dir, export, root = trained
     (tmp_path / "short.jsonl").write_text(json.dumps({"text": "the cat"}) + "\n")
@@ -254,7 +254,7 @@ def test_vlm_summary_sample_limit_and_padding(vlm, capsys):
 
 
 def test_vlm_bad_inputs_are_refused(vlm, capsys, tmp_path):
-    from megatron_nullmoe.evaluate import main
+    from megatron_nullmoe.inference.evaluate import main
 
     run_dir, export, demo = vlm
     (tmp_path / "val.jsonl").write_text(json.dumps({"text": "the cat"}) + "\n")
@@ -280,7 +280,7 @@ def test_vlm_bad_inputs_are_refused(vlm, capsys, tmp_path):
 
 
 def test_a_gpt_export_refuses_an_energon_folder(trained, vlm):
-    from megatron_nullmoe.evaluate import main
+    from megatron_nullmoe.inference.evaluate import main
 
     _, gpt_export, _ = trained
     _, _, demo = vlm

@@ -193,15 +193,15 @@ def test_the_export_folder_loads_with_auto_classes_and_equals_the_run(trained_ru
     names = sorted(p.name for p in export.iterdir())
     assert names == sorted(["config.json", "configuration_nullmoe.py", "export.json",
                             "generation_config.json", "model.safetensors", "modeling_nullmoe.py",
-                            "special_tokens_map.json", "tokenization_nullmoe.py",
-                            "tokenizer.model", "tokenizer_config.json"])
+                            "routing_math.py", "special_tokens_map.json",
+                            "tokenization_nullmoe.py", "tokenizer.model", "tokenizer_config.json"])
     config = json.loads((export / "config.json").read_text())
     assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_nullmoe.NullMoEForCausalLM"
     assert (config["num_null_experts"], config["router_topk"], config["moe_layers"]) == \
         (8, 4, [1, 0, 1, 0])
     # the remote code imports nothing of this project
     imports = {line.split()[1].split(".")[0] for name in ("modeling_nullmoe.py", "configuration_nullmoe.py",
-                                                          "tokenization_nullmoe.py")
+                                                          "routing_math.py", "tokenization_nullmoe.py")
                for line in (export / name).read_text().splitlines()
                if line.startswith(("import ", "from ")) and not line.startswith("from .")}
     assert imports <= {"math", "os", "shutil", "dataclasses", "typing", "torch", "transformers",

@@ -83,7 +83,7 @@ try:
     from megatron.training.argument_utils import core_transformer_config_from_args
 except ImportError:
     from megatron.training.arguments import core_transformer_config_from_args
-from megatron_nullmoe.export.megatron_lm import CPU, transformer_config
+from megatron_nullmoe.megatron_lm.rebuild import CPU, transformer_config
 
 args = get_args()
 theirs, ours = core_transformer_config_from_args(args), transformer_config(args)
@@ -141,7 +141,7 @@ def trained(tree, tmp_path_factory):  # noqa: F811 (the fixture imported above)
 
 @pytest.fixture(scope="module")
 def loaded(trained):
-    from megatron_nullmoe.export.megatron_lm import load_megatron_lm
+    from megatron_nullmoe.megatron_lm.rebuild import load_megatron_lm
 
     save, _, _ = trained
     return load_megatron_lm(save)
@@ -211,7 +211,7 @@ def test_export_command_reads_a_megatron_lm_save_folder(trained, tmp_path, capsy
 
 
 def test_source_and_detection(trained, tmp_path):
-    from megatron_nullmoe.export.megatron_lm import (
+    from megatron_nullmoe.megatron_lm.checkpoint import (
         MegatronLMCheckpointError,
         is_megatron_lm_checkpoint,
         megatron_lm_source,
@@ -259,7 +259,8 @@ def test_transformer_engine_names_load_the_same(trained, loaded, tmp_path):
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.serialization import load_tensors_metadata
 
-    from megatron_nullmoe.export.megatron_lm import TRACKER, load_megatron_lm, read_common_state
+    from megatron_nullmoe.megatron_lm.checkpoint import TRACKER, read_common_state
+    from megatron_nullmoe.megatron_lm.rebuild import load_megatron_lm
 
     save, _, reference = trained
     model, _, _ = loaded
@@ -294,13 +295,12 @@ def _broken(save: Path, tmp: Path, name: str) -> Path:
 
 
 def test_corrupt_incomplete_or_unsupported_checkpoints_are_refused(trained, tmp_path):
-    from megatron_nullmoe.export.megatron_lm import (
+    from megatron_nullmoe.megatron_lm.checkpoint import (
         TRACKER,
         MegatronLMCheckpointError,
-        load_megatron_lm,
         read_common_state,
-        transformer_config,
     )
+    from megatron_nullmoe.megatron_lm.rebuild import load_megatron_lm, transformer_config
 
     save, _, _ = trained
     name = f"iter_{ITERS:07d}"
@@ -353,7 +353,7 @@ def test_megatron_lms_attention_switches_in_the_environment_do_not_stop_the_cpu_
         trained, monkeypatch):
     """Megatron-LM's initialize sets NVTE_FLASH_ATTN and friends in the process (an export run
     after training in one process inherits them); the local CPU build ignores them."""
-    from megatron_nullmoe.export.megatron_lm import load_megatron_lm
+    from megatron_nullmoe.megatron_lm.rebuild import load_megatron_lm
 
     save, tokenizer, _ = trained
     monkeypatch.setenv("NVTE_FLASH_ATTN", "1")

@@ -222,7 +222,7 @@ def test_labels_give_megatron_cores_training_loss(single_rank, tokenizer_model):
 def test_the_folder_auto_classes_processor_and_refusals(single_rank, tmp_path, tokenizer_model):
     from megatron_nullmoe.export.hf import ExportError
     from megatron_nullmoe.export.vlm import export_vlm
-    from megatron_nullmoe.generate import load_image
+    from megatron_nullmoe.inference.generate import load_image
     from megatron_nullmoe.inference.decode import prompt_ids
     from megatron_nullmoe.run.data.energon import CaptionEncoder, VLMBatch, to_model_inputs
     from megatron_nullmoe.run.tokenizer import IMAGE_TOKEN, Tokenizer
@@ -232,12 +232,12 @@ def test_the_folder_auto_classes_processor_and_refusals(single_rank, tmp_path, t
     names = sorted(p.name for p in out.iterdir())
     assert names == sorted(["config.json", "configuration_nullmoe.py", "export.json",
                             "generation_config.json", "model.safetensors", "modeling_nullmoe.py",
-                            "processing_nullmoe.py", "processor_config.json",
-                            "special_tokens_map.json", "tokenization_nullmoe.py",
-                            "tokenizer.model", "tokenizer_config.json"])
+                            "modeling_nullmoe_vlm.py", "processing_nullmoe.py",
+                            "processor_config.json", "routing_math.py", "special_tokens_map.json",
+                            "tokenization_nullmoe.py", "tokenizer.model", "tokenizer_config.json"])
     config = json.loads((out / "config.json").read_text())
     assert config["architectures"] == ["NullMoEForConditionalGeneration"]
-    vlm_class = "modeling_nullmoe.NullMoEForConditionalGeneration"
+    vlm_class = "modeling_nullmoe_vlm.NullMoEForConditionalGeneration"
     assert config["auto_map"]["AutoModelForImageTextToText"] == vlm_class
     assert config["auto_map"]["AutoModelForCausalLM"] == vlm_class
     assert config["auto_map"]["AutoProcessor"] == "processing_nullmoe.NullMoEProcessor"

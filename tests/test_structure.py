@@ -2,8 +2,9 @@
 
 Read from the source with `ast` (nothing is imported), counting imports at module level and inside
 functions alike: a lazy import is still an arrow. Layers, bottom up: the plugin (routing, router,
-dispatch, layer, spec, config, _mcore, flops formulas), megatron_lm/ beside it, then train/, then
-sweep/. Entry points (`__main__` modules) keep to their layer too: a recipe's FLOPs are
+dispatch, layer, spec, config, errors, _mcore, flops formulas), then run/ (what a run is), then
+megatron_lm/ and train/ on run/, sweep/ on train/, and export/ and inference/ on run/ and
+megatron_lm/. Entry points (`__main__` modules) keep to their layer too: a recipe's FLOPs are
 `megatron_nullmoe.train.flops`'s command, not `megatron_nullmoe.flops`'s.
 """
 
@@ -109,7 +110,56 @@ def test_only_the_trainer_and_sweeps_reach_into_train_and_the_run_layer_stays_be
     assert not into_train, "imports into train/ from outside train/ and sweep/: " + \
         ", ".join(into_train)
     above_run = (f"{ROOT}.train", f"{ROOT}.sweep", f"{ROOT}.export", f"{ROOT}.inference",
-                 f"{ROOT}.generate", f"{ROOT}.evaluate")
+                 f"{ROOT}.generate", f"{ROOT}.evaluate", f"{ROOT}.megatron_lm")
     up = sorted(f"{m} -> {d}" for m, deps in graph.items() for d in deps
                 if m.startswith(f"{ROOT}.run") and d.startswith(above_run))
     assert not up, "run/ imports a layer above it: " + ", ".join(up)
+
+
+# The package root holds the plugin core; commands live in their folders (train/, sweep/,
+# export/, inference/). generate.py and evaluate.py stay at the root only so that the command lines
+# users type keep working: each forwards to inference/ and holds no code of its own.
+ROOT_CORE = {"__init__", "collectives", "config", "errors", "host_syncs", "layer", "model_utils",
+             "parallel", "router", "spec", "upcycle"}
+ROOT_ENTRY_POINTS = {"generate", "evaluate"}
+
+
+def test_the_package_root_holds_the_plugin_core_and_two_entry_points():
+    root = {p.stem for p in PACKAGE.glob("*.py")}
+    assert root == ROOT_CORE | ROOT_ENTRY_POINTS, (
+        f"unexpected at the package root: {sorted(root - ROOT_CORE - ROOT_ENTRY_POINTS)}; "
+        f"missing: {sorted(ROOT_CORE | ROOT_ENTRY_POINTS - root)} (a command belongs in its "
+        "folder; a module of the plugin core goes in ROOT_CORE)")
+    graph = import_graph()
+    for name in sorted(ROOT_ENTRY_POINTS):
+        body = ast.parse((PACKAGE / f"{name}.py").read_text()).body
+        code = [n.name for n in body if isinstance(n, (ast.FunctionDef, ast.ClassDef))]
+        assert not code, f"{name}.py defines {code}: its code belongs in inference/{name}.py"
+        assert graph[f"{ROOT}.{name}"] == {f"{ROOT}.inference.{name}"}
+
+
+def test_no_module_is_over_500_lines():
+    # a module that grows past this is doing two jobs (STYLE.md): split it along its seam
+    long = sorted(f"{p.relative_to(PACKAGE.parent)} ({n})" for p in PACKAGE.rglob("*.py")
+                  if (n := len(p.read_text().splitlines())) > 500)
+    assert not long, "modules over 500 lines: " + ", ".join(long)
+
+
+def test_every_error_of_the_package_derives_from_its_one_base():
+    """Each command catches errors.NullMoEError once; an error class outside it would escape as a
+    traceback. The remote code (export/hf_code) runs without the package and is exempt."""
+    classes = {}  # error class name -> its base names
+    for path in PACKAGE.rglob("*.py"):
+        if "hf_code" in path.parts:
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ClassDef) and node.name.endswith("Error"):
+                classes[node.name] = [getattr(b, "id", getattr(b, "attr", "")) for b in node.bases]
+    assert len(classes) >= 15 and classes["NullMoEError"] == ["Exception"]
+
+    def derives(name: str, seen=()) -> bool:
+        return name == "NullMoEError" or any(
+            b in classes and b not in seen and derives(b, seen + (name,)) for b in classes[name])
+
+    outside = sorted(name for name in classes if not derives(name))
+    assert not outside, f"error classes outside NullMoEError: {outside}"

@@ -490,12 +490,12 @@ def test_every_loader_has_the_data_source_methods():
 
 
 def test_every_data_kind_has_a_builder_that_refuses_the_wrong_model_kind():
-    """One registry (run/data DATA_KINDS) for the recipe's data.kind choices; a builder
+    """One registry (run/data/kinds.py DATA_KINDS) for the recipe's data.kind choices; a builder
     refuses a model its samples cannot feed before it reads any data."""
     import dataclasses
 
     from megatron_nullmoe.run.config import ConfigError, Data, load_config
-    from megatron_nullmoe.run.data import DATA_KINDS, build_data
+    from megatron_nullmoe.run.data.kinds import DATA_KINDS, build_data
 
     choices = {f.name: f.metadata.get("choices") for f in dataclasses.fields(Data)}
     assert set(choices["kind"]) == set(DATA_KINDS)

@@ -29,23 +29,13 @@ def main() -> None:
     from megatron.training import training as megatron_training
     from model_provider import model_provider
 
-    from megatron_nullmoe.megatron_lm import (
-        TrainingLoopHooks,
-        UpcycleLoad,
-        entry_args_provider,
-        gpt_builder,
-        install_resume_check,
-    )
+    from megatron_nullmoe.megatron_lm import entry_args_provider, gpt_builder, install
 
     modelopt = getattr(pretrain_gpt, "add_modelopt_args", None)
     extra = entry_args_provider(
         sys.argv[1:], modelopt if getattr(pretrain_gpt, "has_nvidia_modelopt", False) else None)
-    hooks = TrainingLoopHooks()
-    hooks.install(megatron_training)
-    # a checkpoint without null slots loads (--pretrained-checkpoint, --finetune, --load)
-    UpcycleLoad().install(megatron_training, megatron_checkpointing)
-    # a resume keeps the gate rule its checkpoint trained with
-    install_resume_check(megatron_checkpointing)
+    # step hooks, loading checkpoints without null slots, the resume check
+    hooks = install(megatron_training, megatron_checkpointing)
     pretrain_gpt.train_valid_test_datasets_provider.is_distributed = True
     run_pretrain(
         pretrain_gpt.train_valid_test_datasets_provider, partial(model_provider, gpt_builder),

@@ -65,19 +65,10 @@ def main() -> None:
     from megatron.training import checkpointing as megatron_checkpointing
     from megatron.training import training as megatron_training
 
-    from megatron_nullmoe.megatron_lm import (
-        TrainingLoopHooks,
-        UpcycleLoad,
-        entry_args_provider,
-        install_resume_check,
-    )
+    from megatron_nullmoe.megatron_lm import entry_args_provider, install
 
-    hooks = TrainingLoopHooks()
-    hooks.install(megatron_training)
-    # a checkpoint without null slots loads (--pretrained-checkpoint, --finetune, --load)
-    UpcycleLoad().install(megatron_training, megatron_checkpointing)
-    # a resume keeps the gate rule its checkpoint trained with
-    install_resume_check(megatron_checkpointing)
+    # step hooks, loading checkpoints without null slots, the resume check
+    hooks = install(megatron_training, megatron_checkpointing)
     pretrain_vlm.train_valid_test_datasets_provider.is_distributed = True
     run_pretrain(
         pretrain_vlm.train_valid_test_datasets_provider, model_provider,

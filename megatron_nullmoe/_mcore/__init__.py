@@ -32,11 +32,13 @@ from typing import Optional
 
 import torch
 
+from megatron_nullmoe.errors import NullMoEError
+
 SUPPORTED = ((0, 16, 1), (0, 20, 0))  # [lowest, first unsupported)
 SUPPORTED_TEXT = ">=0.16.1,<0.20"
 
 
-class MegatronCoreVersionError(ImportError):
+class MegatronCoreVersionError(NullMoEError, ImportError):
     """The installed megatron-core is outside the range this plugin supports."""
 
 
@@ -164,7 +166,7 @@ def clear_moe_metrics() -> None:
 
 
 # ----------------------------------------------------------------------------- dispatch
-class DispatcherSwapError(RuntimeError):
+class DispatcherSwapError(NullMoEError, RuntimeError):
     """A MoE layer would still reach one of megatron-core's own dispatchers."""
 
 

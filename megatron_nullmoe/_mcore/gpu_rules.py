@@ -52,6 +52,7 @@ import torch.distributed as dist
 from torch.overrides import TorchFunctionMode
 
 from megatron_nullmoe._mcore import cpu
+from megatron_nullmoe.errors import NullMoEError
 
 ENV = "NULLMOE_GPU_RULES"
 _GPU = torch.device("cuda", 0)
@@ -59,7 +60,7 @@ _CPU = torch.device("cpu")
 _STATE = {"enabled": False, "host": {}, "gloo_groups": set()}
 
 
-class GpuRuleError(RuntimeError):
+class GpuRuleError(NullMoEError, RuntimeError):
     """The code under test did what a GPU run would fail at (see the module docstring)."""
 
 

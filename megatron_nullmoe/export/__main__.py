@@ -57,6 +57,7 @@ def main(argv=None) -> None:
     import torch
 
     from megatron_nullmoe.export import hf
+    from megatron_nullmoe.errors import NullMoEError
     from megatron_nullmoe.export.source import SourceError, load_megatron, resolve
 
     try:
@@ -76,7 +77,7 @@ def main(argv=None) -> None:
         write = export_vlm if vlm else (export_mixtral if a.format == "mixtral" else hf.export_gpt)
         out = write(model, source.tokenizer, Path(a.out), provenance, getattr(torch, a.dtype),
                     a.overwrite)
-    except (SourceError, hf.ExportError) as err:
+    except NullMoEError as err:
         sys.exit(f"export error: {err}")
     print(f"wrote {out} (step {source.step} of {source.path})")
     if a.no_check:

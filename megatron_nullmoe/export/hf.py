@@ -23,15 +23,19 @@ from typing import Iterator, Optional
 import torch
 import torch.nn.functional as F
 
+from megatron_nullmoe.errors import NullMoEError
+
 HF_CODE = Path(__file__).parent / "hf_code"
-CODE_FILES = ("configuration_nullmoe.py", "modeling_nullmoe.py", "tokenization_nullmoe.py")
+# routing_math.py is a link to routing/math.py: the export ships the trainer's routing math itself
+CODE_FILES = ("configuration_nullmoe.py", "modeling_nullmoe.py", "routing_math.py",
+              "tokenization_nullmoe.py")
 AUTO_MAP = {"AutoConfig": "configuration_nullmoe.NullMoEConfig",
             "AutoModel": "modeling_nullmoe.NullMoEModel",
             "AutoModelForCausalLM": "modeling_nullmoe.NullMoEForCausalLM"}
 TOKENIZER_AUTO_MAP = {"AutoTokenizer": ["tokenization_nullmoe.NullMoETokenizer", None]}
 
 
-class ExportError(ValueError):
+class ExportError(NullMoEError, ValueError):
     """A model this export cannot reproduce exactly, or an output folder it must not touch."""
 
 
@@ -237,6 +241,7 @@ def write_tokenizer(tokenizer_model: Path, out: Path) -> dict:
 
 
 def write_code(out: Path, names: tuple[str, ...] = CODE_FILES) -> None:
+    """Copies the remote code into `out` as plain files (links followed)."""
     for name in names:
         shutil.copyfile(HF_CODE / name, out / name)
 

@@ -1,12 +1,13 @@
-"""What a user points the export, generate and evaluate commands at, resolved and loaded.
+"""What a user points the export, generate and evaluate commands at, resolved and loaded: the one
+place that dispatches over the three kinds of source.
 
 A source is one of:
 - a run folder of the trainer (config.yaml and checkpoints/): its newest complete checkpoint;
 - a checkpoint folder (iter_NNNNNNN, with nullmoe.json): that checkpoint, with the config.yaml
-  of the run folder above it (or `config` given);
+  of the run folder above it (or `config` given) (these two: run/source.py);
 - an export folder (config.json with model_type "nullmoe"): read by transformers directly;
 - with `megatron_lm=True` (the export command), a Megatron-LM checkpoint written through the entry
-  scripts (a --save folder or one iter_NNNNNNN folder): see export/megatron_lm.py.
+  scripts (a --save folder or one iter_NNNNNNN folder): see megatron_lm/checkpoint.py.
 
 `load_megatron` builds the run's megatron-core model on one CPU rank (every parallel size 1,
 fp32) and loads the checkpoint's weights into it, whatever layout they were saved with.
@@ -14,19 +15,17 @@ fp32) and loads the checkpoint's weights into it, whatever layout they were save
 
 from __future__ import annotations
 
-import dataclasses
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import torch
 
-from megatron_nullmoe.export.base import Source, SourceError, single_process
-from megatron_nullmoe.run.checkpoint import (MANIFEST, CheckpointError, newest_checkpoint,
-                                             read_manifest)
-from megatron_nullmoe.run.config import ConfigError, RunConfig, load_run_config
+from megatron_nullmoe.run.checkpoint import MANIFEST
+from megatron_nullmoe.run.source import Source, SourceError, load_run_model, run_source
 
+__all__ = ["KINDS", "Source", "SourceError", "hf_from_megatron", "is_export", "is_vlm_export",
+           "load_hf", "load_megatron", "resolve"]
 
 KINDS = ("a run folder (config.yaml and checkpoints/)", "a checkpoint folder (iter_NNNNNNN with "
          f"{MANIFEST})", "an export folder (config.json and export.json)")
@@ -48,7 +47,8 @@ def resolve(path: str | Path, config: Optional[str] = None,
             tokenizer: Optional[str] = None, megatron_lm: bool = False) -> Source:
     """The source at `path` (see the module doc); SourceError names what is wrong.
     `megatron_lm`: also a Megatron-LM checkpoint (kind "megatron-lm"; only the export reads it)."""
-    from megatron_nullmoe.export.megatron_lm import is_megatron_lm_checkpoint, megatron_lm_source
+    from megatron_nullmoe.megatron_lm.checkpoint import (is_megatron_lm_checkpoint,
+                                                         megatron_lm_source)
 
     p = Path(path)
     if not p.exists():
@@ -58,15 +58,10 @@ def resolve(path: str | Path, config: Optional[str] = None,
     if p.is_dir() and (p / "config.json").is_file():
         raise SourceError(f"{p} holds a config.json that is not a nullmoe export (model_type is not "
                           "'nullmoe' and no export.json): export it from its run folder or checkpoint")
-    if p.is_dir() and (p / MANIFEST).is_file():
-        ckpt, run_dir = p, p.parent.parent
-    elif p.is_dir() and (p / "config.yaml").is_file():
-        run_dir = p
-        cfg = _config(config or p / "config.yaml")
-        ckpt = _latest(Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else p / "checkpoints", p)
-    elif p.is_dir() and ((p / "latest").is_file() or any(p.glob(f"iter_*/{MANIFEST}"))):
-        ckpt, run_dir = _latest(p, p), p.parent
-    elif is_megatron_lm_checkpoint(p):
+    found = run_source(p, config, tokenizer)
+    if found is not None:
+        return found
+    if is_megatron_lm_checkpoint(p):
         if not megatron_lm:
             raise SourceError(f"{p} is a Megatron-LM checkpoint: export it first (python -m "
                               f"megatron_nullmoe.export hf {p} --out DIR), then give the export")
@@ -74,80 +69,20 @@ def resolve(path: str | Path, config: Optional[str] = None,
             raise SourceError(f"--config {config}: a Megatron-LM checkpoint carries its own "
                               "training arguments; leave --config out")
         return megatron_lm_source(p, tokenizer)
-    else:
-        raise SourceError(f"{p} is none of: {'; '.join(KINDS)}")
-    cfg = _config(config or run_dir / "config.yaml", ckpt)
-    try:
-        manifest = read_manifest(ckpt)
-    except CheckpointError as err:
-        raise SourceError(str(err)) from None
-    identity = manifest.get("identity") or {}
-    return Source("checkpoint", ckpt, cfg, _tokenizer(tokenizer, cfg, run_dir),
-                  int(manifest.get("step", 0)), identity.get("vocab_size"))
-
-
-def _config(path: Path | str, ckpt: Optional[Path] = None) -> RunConfig:
-    path = Path(path)
-    if not path.is_file():
-        where = f" for checkpoint {ckpt}" if ckpt else ""
-        raise SourceError(f"no run config{where}: {path} does not exist (give --config RUN/config.yaml)")
-    try:
-        return load_run_config(path)
-    except ConfigError as err:
-        raise SourceError(f"run config {path}: {err}") from None
-
-
-def _latest(ckpt_dir: Path, run_dir: Path) -> Path:
-    found = newest_checkpoint(ckpt_dir)
-    if found is None:
-        raise SourceError(f"{run_dir} has no complete checkpoint in {ckpt_dir} (a run writes one "
-                          "at checkpoint.save_every steps and at its end)")
-    return found
-
-
-def _tokenizer(given: Optional[str], cfg: RunConfig, run_dir: Path) -> Path:
-    """The run folder's own copy first, then the recipe's paths (as given, then from the run)."""
-    if given is not None:
-        if not Path(given).is_file():
-            raise SourceError(f"--tokenizer {given!r} does not exist")
-        return Path(given)
-    named = cfg.data.tokenizer or str(Path(cfg.data.path) / "tokenizer.model")
-    tried = [run_dir / "tokenizer.model", Path(named)]
-    for candidate in tried:
-        if candidate.is_file():
-            return candidate
-    raise SourceError(f"no tokenizer found for {run_dir}: tried {', '.join(map(str, tried))}; "
-                      "give --tokenizer PATH (the run's sentencepiece .model)")
+    raise SourceError(f"{p} is none of: {'; '.join(KINDS)}")
 
 
 def load_megatron(source: Source):
     """The run's megatron-core model (GPT or LLaVA), one CPU rank, fp32, eval mode, with the
     checkpoint's weights."""
-    import torch
-    from megatron.core.process_groups_config import ProcessGroupCollection
-
-    from megatron_nullmoe.run.checkpoint import load_model_weights
-    from megatron_nullmoe.run.config import Parallel
-    from megatron_nullmoe.run.model import build_model
-    from megatron_nullmoe.run.tokenizer import Tokenizer
-
     if source.kind == "megatron-lm":
-        from megatron_nullmoe.export.megatron_lm import load_megatron_lm
+        from megatron_nullmoe.megatron_lm.rebuild import load_megatron_lm
 
         return load_megatron_lm(source.path, source.tokenizer)[0]
     if source.kind != "checkpoint":
         raise SourceError(f"{source.path} is an export; the megatron-core model needs a run "
                           "folder or checkpoint")
-    single_process()
-    cfg = dataclasses.replace(source.cfg, parallel=Parallel(), precision="fp32")
-    vocab = source.vocab_size or Tokenizer(source.tokenizer).vocab_size
-    model, _ = build_model(cfg, vocab, ProcessGroupCollection.use_mpu_process_groups(),
-                           torch.float32, use_te=False)
-    try:
-        load_model_weights(source.path, model)
-    except CheckpointError as err:
-        raise SourceError(str(err)) from None
-    return model.eval()
+    return load_run_model(source)
 
 
 def load_hf(path: str | Path, dtype: torch.dtype = torch.float32):

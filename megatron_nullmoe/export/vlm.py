@@ -39,11 +39,12 @@ from megatron_nullmoe.export.hf import (
     writing,
 )
 
-VLM_CODE_FILES = CODE_FILES + ("processing_nullmoe.py",)
+VLM_CODE_FILES = CODE_FILES + ("modeling_nullmoe_vlm.py", "processing_nullmoe.py")
 VLM_ARCHITECTURE = "NullMoEForConditionalGeneration"
+VLM_CLASS = "modeling_nullmoe_vlm.NullMoEForConditionalGeneration"
 VLM_AUTO_MAP = {"AutoConfig": "configuration_nullmoe.NullMoEConfig",
-                "AutoModelForImageTextToText": "modeling_nullmoe.NullMoEForConditionalGeneration",
-                "AutoModelForCausalLM": "modeling_nullmoe.NullMoEForConditionalGeneration",
+                "AutoModelForImageTextToText": VLM_CLASS,
+                "AutoModelForCausalLM": VLM_CLASS,
                 "AutoProcessor": "processing_nullmoe.NullMoEProcessor"}
 PROCESSOR_AUTO_MAP = {"AutoProcessor": "processing_nullmoe.NullMoEProcessor"}
 
@@ -288,7 +289,7 @@ def hf_vlm_from_megatron(model, tokenizer_model: Path | None = None):
     """(NullMoEForConditionalGeneration, NullMoEProcessor or None) built in memory from a
     LLaVAModel: the export without the folder (same classes, same weights)."""
     from megatron_nullmoe.export.hf_code.configuration_nullmoe import NullMoEConfig
-    from megatron_nullmoe.export.hf_code.modeling_nullmoe import NullMoEForConditionalGeneration
+    from megatron_nullmoe.export.hf_code.modeling_nullmoe_vlm import NullMoEForConditionalGeneration
     from megatron_nullmoe.run.tokenizer import BOS, EOS, PAD
 
     config = NullMoEConfig(**hf_vlm_config(model), bos_token_id=BOS, eos_token_id=EOS,

@@ -100,14 +100,13 @@ def main(argv=None) -> None:
     p.add_argument("--out", help="the picture (default RUN/captions.png)")
     a = p.parse_args(argv)
     warnings.filterwarnings("ignore")
-    from megatron_nullmoe.export.source import SourceError
-    from megatron_nullmoe.run.data import DataError
+    from megatron_nullmoe.errors import NullMoEError
 
     if a.images < 1:
         sys.exit("captions error: --images must be 1 or more")
     try:
         results = caption_images(Path(a.run), a.images, a.max_new_tokens)
-    except (SourceError, DataError) as err:
+    except NullMoEError as err:
         sys.exit(f"captions error: {err}")
     for r in results:
         print(f"{r['caption']}    (reference: {r['reference']}; null share image "

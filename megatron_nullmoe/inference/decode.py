@@ -14,10 +14,11 @@ from typing import Optional
 
 import torch
 
+from megatron_nullmoe.errors import NullMoEError
 from megatron_nullmoe.run.tokenizer import BOS, EOS, IMAGE_TOKEN
 
 
-class GenerationError(ValueError):
+class GenerationError(NullMoEError, ValueError):
     """A request the model cannot serve (too long, an image for a text model, ...)."""
 
 

@@ -34,8 +34,10 @@ import math
 import torch
 import torch.nn.functional as F
 
+from megatron_nullmoe.errors import NullMoEError
 
-class EvaluationError(ValueError):
+
+class EvaluationError(NullMoEError, ValueError):
     """A request that cannot be evaluated (no data, windows too long or too few, ...)."""
 
 

@@ -9,6 +9,7 @@ match no TransformerConfig field (all start with `num_null_` or `null_expert_`).
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import os
 import typing
@@ -119,6 +120,20 @@ def null_config_from_args(args) -> NullExpertConfig:
     return cfg
 
 
+def apply_saved_defaults(args):
+    """A copy of a run's args (Megatron-LM's saved or parsed Namespace) in which every null-expert
+    flag the args do not name holds its value from before the flag existed
+    (`config.saved_defaults`): a plain Megatron-LM run, or one written before the flag. The one
+    place where older runs read the old defaults (the resume check, the export's rebuild); the
+    args given are left as they are."""
+    out = copy.copy(args)
+    saved = saved_defaults()
+    for name in FLAGS.values():
+        if not hasattr(out, _dest(name)):
+            setattr(out, _dest(name), saved[name])
+    return out
+
+
 def check_resume_args(checkpoint_args, args) -> None:
     """Refuses a resume whose gate rule differs from the one its checkpoint trained with.
 
@@ -127,14 +142,11 @@ def check_resume_args(checkpoint_args, args) -> None:
     changed would resume under the new rule without a word. A checkpoint that does not name a
     flag had its value before the flag existed (`config.saved_defaults`); one trained without
     null slots is not checked (switching null experts on is a load, not a change)."""
-    saved = saved_defaults()
-
-    def value(ns, name):
-        return getattr(ns, _dest(name), saved[name])
-
-    if not value(checkpoint_args, "num_null_experts"):
+    trained, now = apply_saved_defaults(checkpoint_args), apply_saved_defaults(args)
+    if not getattr(trained, _dest("num_null_experts")):
         return
-    diffs = [(name, value(checkpoint_args, name), value(args, name)) for name in RESUME_KEEPS]
+    diffs = [(name, getattr(trained, _dest(name)), getattr(now, _dest(name)))
+             for name in RESUME_KEEPS]
     diffs = [(name, old, new) for name, old, new in diffs if old != new]
     if diffs:
         flags = " ".join(f"{_flag(n)} {old}" for n, old, _ in diffs)

@@ -7,9 +7,10 @@ TopKRouter's exactly. The balanced expectation k * E / (E + Z) is `flops.expecte
 
 Shape legend: T tokens, H hidden, E real experts, Z null slots, S = E + Z slots, K top-k.
 Slots are laid out real first: columns [0, E) are real experts, [E, S) are null slots.
-"""
 
-from __future__ import annotations
+Standalone on purpose (torch and typing only): every Hugging Face export carries this very file
+as `routing_math.py`, and its remote code routes with it.
+"""
 
 from typing import NamedTuple, Optional
 

@@ -16,10 +16,12 @@ import json
 from pathlib import Path
 from typing import Optional
 
+from megatron_nullmoe.errors import NullMoEError
+
 MANIFEST = "nullmoe.json"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(NullMoEError, RuntimeError):
     """A checkpoint that is corrupt, incomplete, or made for a different model."""
 
 

@@ -18,10 +18,13 @@ from typing import Any, Optional
 import yaml
 
 from megatron_nullmoe.config import SUPPORTED_DISPATCHERS, NullExpertConfig, saved_defaults
+from megatron_nullmoe.errors import NullMoEError
 
 
-class ConfigError(ValueError):
+class ConfigError(NullMoEError, ValueError):
     """A recipe or override that does not describe a valid run."""
+
+    what = "config error"
 
 
 def _choices(*names: str, default: str) -> Any:
@@ -220,6 +223,12 @@ class RunConfig:
     def decoder_seq_length(self) -> int:
         """Decoder positions per sample: image tokens + data.seq_length text tokens."""
         return self.image_tokens + self.data.seq_length
+
+    @property
+    def tokenizer_path(self) -> Path:
+        """The sentencepiece model the recipe names: data.tokenizer, else the dataset's own
+        tokenizer.model (a run folder also keeps a copy of it: `run.source`)."""
+        return Path(self.data.tokenizer or Path(self.data.path) / "tokenizer.model")
 
 
 # ----------------------------------------------------------------------------- building

@@ -13,11 +13,13 @@ from typing import Iterable
 
 import sentencepiece as spm
 
+from megatron_nullmoe.errors import NullMoEError
+
 PAD, UNK, BOS, EOS = 0, 1, 2, 3
 IMAGE_TOKEN = -200  # megatron-core's DEFAULT_IMAGE_TOKEN_INDEX
 
 
-class TokenizerError(ValueError):
+class TokenizerError(NullMoEError, ValueError):
     """A tokenizer file that is missing or cannot be read."""
 
 

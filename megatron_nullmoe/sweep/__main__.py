@@ -114,7 +114,8 @@ def _seeds(text):
 
 def _run(a) -> int:
     from megatron_nullmoe.sweep.checks import check_iso_flop, check_runtime
-    from megatron_nullmoe.sweep.spec import SweepError, load_sweep, plan
+    from megatron_nullmoe.errors import NullMoEError
+    from megatron_nullmoe.sweep.spec import load_sweep, plan
     from megatron_nullmoe.sweep.state import (is_done, run_state, status_table, write_plan,
                                               write_state)
 
@@ -135,7 +136,7 @@ def _run(a) -> int:
         else:
             world, label = nproc, f"{nproc} process(es) per run, {a.parallel} run(s) at once"
         check_runtime(selected, world)
-    except SweepError as err:
+    except NullMoEError as err:
         hint = ""
         if (a.launcher == "local" and sweep is not None and nproc is not None
                 and sweep.launch.nodes * sweep.launch.gpus_per_node > nproc):

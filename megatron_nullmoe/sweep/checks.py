@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import warnings
-from pathlib import Path
 from typing import Optional
 
 from megatron_nullmoe.flops import expected_real, train_flops_per_sample
@@ -98,7 +97,7 @@ def vocab_size(cfg: RunConfig, given: Optional[int]) -> tuple[int, str]:
     """The vocabulary for the FLOP estimate: given, else the recipe's tokenizer, else 32000."""
     if given:
         return given, "--vocab-size"
-    path = Path(cfg.data.tokenizer or Path(cfg.data.path) / "tokenizer.model")
+    path = cfg.tokenizer_path
     if path.is_file():
         from megatron_nullmoe.run.tokenizer import Tokenizer
 

@@ -34,6 +34,7 @@ from typing import Any, Optional
 
 import yaml
 
+from megatron_nullmoe.errors import NullMoEError
 from megatron_nullmoe.run.config import ConfigError, RunConfig, load_config
 
 TOP_KEYS = ("name", "dir", "base", "overrides", "variants", "grid", "seeds", "iso_flop", "compare",
@@ -44,7 +45,7 @@ RESERVED = ("seed", "dir", "name")  # set per run by the sweep
 _SAFE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")
 
 
-class SweepError(ValueError):
+class SweepError(NullMoEError, ValueError):
     """A sweep file that does not describe a valid set of runs; the message names the key."""
 
 

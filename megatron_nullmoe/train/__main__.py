@@ -23,31 +23,26 @@ def main(argv=None) -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
 
-    from megatron_nullmoe.run.config import ConfigError, load_config
+    from megatron_nullmoe.errors import NullMoEError
+    from megatron_nullmoe.run.config import load_config
 
     try:
         cfg = load_config(args.config, args.overrides)
-    except ConfigError as err:
-        sys.exit(f"config error: {err}")
+    except NullMoEError as err:
+        sys.exit(f"{err.what}: {err}")
     if args.print_config:
         import yaml
 
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
         return
-    from megatron_nullmoe.config import NullExpertConfigError
-    from megatron_nullmoe.run.checkpoint import CheckpointError
-    from megatron_nullmoe.run.data import DataError
-    from megatron_nullmoe.run.tokenizer import TokenizerError
-    from megatron_nullmoe.train.loop import NonFiniteError, train
+    from megatron_nullmoe.train.loop import train
 
     # Every rank meets the same error; rank 0 alone says it (torchrun interleaves their output).
     quiet = int(os.environ.get("RANK", "0")) != 0
     try:
         result = train(cfg)
-    except (ConfigError, NullExpertConfigError) as err:
-        sys.exit(1 if quiet else f"config error: {err}")
-    except (CheckpointError, DataError, TokenizerError, NonFiniteError) as err:
-        sys.exit(1 if quiet else f"error: {err}")
+    except NullMoEError as err:  # "config error: ..." or "error: ..."
+        sys.exit(1 if quiet else f"{err.what}: {err}")
     # 75 (EX_TEMPFAIL): stopped by a signal or the time budget with a checkpoint; run it again.
     sys.exit(result.get("exit_code", 0))
 

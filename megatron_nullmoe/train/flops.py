@@ -55,7 +55,8 @@ def main(argv=None) -> None:
     a = p.parse_args(argv)
     import warnings
 
-    from megatron_nullmoe.run.config import ConfigError, load_config
+    from megatron_nullmoe.errors import NullMoEError
+    from megatron_nullmoe.run.config import load_config
     from megatron_nullmoe.run.model import check_decoder
 
     warnings.filterwarnings("ignore", category=UserWarning)  # megatron-core's config chatter
@@ -63,8 +64,8 @@ def main(argv=None) -> None:
         cfg = load_config(a.recipe, a.overrides)
         check_decoder(cfg)
         decoder, vision = shapes_from_config(cfg, a.vocab_size)
-    except ConfigError as err:
-        raise SystemExit(f"config error: {err}") from None
+    except NullMoEError as err:
+        raise SystemExit(f"{err.what}: {err}") from None
     r = decoder.expected_real_per_token
     print(f"{cfg.name}: E={decoder.num_experts}, k={decoder.topk}, Z={decoder.num_null_experts}, "
           f"{decoder.num_moe_layers} MoE of {decoder.num_layers} layers, {decoder.seq_length} "

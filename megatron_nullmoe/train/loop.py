@@ -21,9 +21,10 @@ import torch.distributed as dist
 
 from megatron_nullmoe import (check_routers, collectives, parallel, set_vision_mask,
                               start_null_slots_unpicked, update_null_budget)
+from megatron_nullmoe.errors import NullMoEError
 from megatron_nullmoe.run.checkpoint import CheckpointError, locate
 from megatron_nullmoe.run.config import ConfigError, RunConfig, save_config
-from megatron_nullmoe.run.data import build_data
+from megatron_nullmoe.run.data.kinds import build_data
 from megatron_nullmoe.run.model import build_model, describe
 from megatron_nullmoe.run.tokenizer import Tokenizer
 from megatron_nullmoe.train import faults
@@ -35,14 +36,13 @@ from megatron_nullmoe.train.validate import validate
 
 
 def _tokenizer(cfg: RunConfig) -> Tokenizer:
-    path = cfg.data.tokenizer or str(Path(cfg.data.path) / "tokenizer.model")
     if cfg.data.tokenizer is None and cfg.data.kind != "energon":
         raise ConfigError(f"data.tokenizer is required for {cfg.data.kind} data (a sentencepiece "
                           ".model)")
-    return Tokenizer(path)
+    return Tokenizer(cfg.tokenizer_path)
 
 
-class NonFiniteError(RuntimeError):
+class NonFiniteError(NullMoEError, RuntimeError):
     """Too many steps in a row with a non-finite loss or gradient norm."""
 
 

@@ -1,0 +1,1 @@
+../../routing/math.py
