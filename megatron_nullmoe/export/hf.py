@@ -136,63 +136,28 @@ def hf_config(model, tokenizer_ids: Optional[dict] = None) -> dict:
 
 
 def hf_state_dict(model) -> dict[str, torch.Tensor]:
-    """The NullMoEForCausalLM weights of this megatron-core GPT (fp32 copies, contiguous)."""
+    """The NullMoEForCausalLM weights of this megatron-core GPT (fp32 copies, contiguous): its
+    checkpoint tensors renamed and split by run/hf_layout.py's table (the import reads the same
+    table back), plus each router's selection-only bias."""
+    from megatron_nullmoe.run.hf_layout import Attention, global_tensors, to_hf
+
     _gpt(model)
     c = model.config
-    sd = {k: v for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
-    heads, groups = c.num_attention_heads, c.num_query_groups or c.num_attention_heads
-    hd = c.kv_channels
-    out: dict[str, torch.Tensor] = {"model.embed_tokens.weight": sd["embedding.word_embeddings.weight"]}
-    if "embedding.position_embeddings.weight" in sd:
-        out["model.embed_positions.weight"] = sd["embedding.position_embeddings.weight"]
-    if model.share_embeddings_and_output_weights:
-        out["lm_head.weight"] = sd["embedding.word_embeddings.weight"]
-    else:
-        out["lm_head.weight"] = sd["output_layer.weight"]
-    _norm(out, sd, "decoder.final_layernorm", "model.norm")
-    gated = c.gated_linear_unit
+    att = Attention(c.num_attention_heads, c.num_query_groups or c.num_attention_heads,
+                    c.kv_channels)
+    out = to_hf(global_tensors(model), att, c.gated_linear_unit)
+    if "lm_head.weight" not in out:  # tied: the output layer is the embedding
+        out["lm_head.weight"] = out["model.embed_tokens.weight"]
     for i, (layer, router) in enumerate(zip(model.decoder.layers, _routers(model))):
-        src, dst = f"decoder.layers.{i}.", f"model.layers.{i}."
-        _norm(out, sd, src + "input_layernorm", dst + "input_layernorm")
-        _norm(out, sd, src + "pre_mlp_layernorm", dst + "post_attention_layernorm")
-        qkv = sd[src + "self_attention.linear_qkv.weight"].view(groups, (heads // groups + 2) * hd, -1)
-        q, k, v = torch.split(qkv, [heads // groups * hd, hd, hd], dim=1)
-        out[dst + "self_attn.q_proj.weight"] = q.reshape(heads * hd, -1)
-        out[dst + "self_attn.k_proj.weight"] = k.reshape(groups * hd, -1)
-        out[dst + "self_attn.v_proj.weight"] = v.reshape(groups * hd, -1)
-        out[dst + "self_attn.o_proj.weight"] = sd[src + "self_attention.linear_proj.weight"]
         if router is None:
-            _mlp(out, sd, src + "mlp.", dst + "mlp.", gated)
             continue
-        out[dst + "mlp.router.weight"] = sd[src + "mlp.router.weight"]
-        if router.null_weight is not None:
-            out[dst + "mlp.router.null_weight"] = sd[src + "mlp.router.null_weight"]
+        if not hasattr(layer.mlp.experts, "local_experts"):
+            raise ExportError(f"layer {i}: experts of type {type(layer.mlp.experts).__name__}; the "
+                              "export reads the SequentialMLP a one-rank CPU build makes")
         bias = router.selection_bias()
-        out[dst + "mlp.router.selection_bias"] = (
+        out[f"model.layers.{i}.mlp.router.selection_bias"] = (
             torch.zeros(router.num_slots) if bias is None else bias.detach().float().clone())
-        experts = layer.mlp.experts
-        if not hasattr(experts, "local_experts"):
-            raise ExportError(f"layer {i}: experts of type {type(experts).__name__}; the export "
-                              "reads the SequentialMLP a one-rank CPU build makes")
-        for j in range(len(experts.local_experts)):
-            _mlp(out, sd, f"{src}mlp.experts.local_experts.{j}.", f"{dst}mlp.experts.{j}.", gated)
     return {k: v.detach().float().contiguous().clone() for k, v in out.items()}
-
-
-def _norm(out, sd, src, dst) -> None:
-    out[dst + ".weight"] = sd[src + ".weight"]
-    if src + ".bias" in sd:
-        out[dst + ".bias"] = sd[src + ".bias"]
-
-
-def _mlp(out, sd, src, dst, gated) -> None:
-    fc1 = sd[src + "linear_fc1.weight"]
-    if gated:
-        gate, up = torch.chunk(fc1, 2, dim=0)
-        out[dst + "gate_proj.weight"], out[dst + "up_proj.weight"] = gate, up
-    else:
-        out[dst + "up_proj.weight"] = fc1
-    out[dst + "down_proj.weight"] = sd[src + "linear_fc2.weight"]
 
 
 # ----------------------------------------------------------------------------- writing

@@ -26,6 +26,7 @@ import torch
 
 from megatron_nullmoe.export.hf import (ExportError, hf_config, hf_state_dict, save_weights,
                                         write_code, write_provenance, write_tokenizer, writing)
+from megatron_nullmoe.run.hf_layout import mixtral_name
 
 
 def refusals(fields: dict, tensors: dict) -> list[str]:
@@ -65,21 +66,19 @@ def mixtral_weights(fields: dict, tensors: dict) -> tuple[dict, int]:
     """(Mixtral's tensors, its expert count E + null copies)."""
     E, Z, k = fields["num_experts"], fields["num_null_experts"], fields["router_topk"]
     copies = 0 if not Z else (min(Z, k) if fields["null_logits"] == "shared" else Z)
-    out = {}
-    for name, t in tensors.items():
-        if ".mlp." not in name:
-            out[name] = t
+    out = {name: t for name, t in tensors.items() if ".mlp." not in name}
     for i in range(fields["num_hidden_layers"]):
-        src, dst = f"model.layers.{i}.mlp.", f"model.layers.{i}.block_sparse_moe."
+        src = f"model.layers.{i}.mlp."
         rows = [tensors[src + "router.weight"]]
         if copies:
             null = tensors[src + "router.null_weight"]
             rows.append(null.expand(copies, -1) if null.shape[0] == 1 else null)
-        out[dst + "gate.weight"] = torch.cat(rows).contiguous()
+        out[mixtral_name(src + "router.weight")] = torch.cat(rows).contiguous()
         for j in range(E + copies):  # experts E.. are the null slots: all-zero weights
-            for ours, theirs in (("gate_proj", "w1"), ("down_proj", "w2"), ("up_proj", "w3")):
-                weight = tensors[f"{src}experts.{min(j, E - 1)}.{ours}.weight"]
-                out[f"{dst}experts.{j}.{theirs}.weight"] = weight if j < E else torch.zeros_like(weight)
+            for proj in ("gate_proj", "down_proj", "up_proj"):
+                weight = tensors[f"{src}experts.{min(j, E - 1)}.{proj}.weight"]
+                out[mixtral_name(f"{src}experts.{j}.{proj}.weight")] = \
+                    weight if j < E else torch.zeros_like(weight)
     return out, E + copies
 
 

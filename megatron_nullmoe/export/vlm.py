@@ -28,8 +28,6 @@ import torch.nn.functional as F
 from megatron_nullmoe.export.hf import (
     CODE_FILES,
     ExportError,
-    _mlp,
-    _norm,
     hf_config,
     hf_state_dict,
     save_weights,
@@ -189,6 +187,23 @@ def hf_vlm_config(model) -> dict:
     fields = hf_config(model.language_model)
     fields.update(vision_config=vision_config(model), image_token_index=int(model.image_token_index))
     return fields
+
+
+# The vision tower's names (state-dict names of the one-rank CPU build); the decoder's are
+# run/hf_layout.py's table.
+def _norm(out, sd, src, dst) -> None:
+    out[dst + ".weight"] = sd[src + ".weight"]
+    if src + ".bias" in sd:
+        out[dst + ".bias"] = sd[src + ".bias"]
+
+
+def _mlp(out, sd, src, dst, gated) -> None:
+    fc1 = sd[src + "linear_fc1.weight"]
+    if gated:
+        out[dst + "gate_proj.weight"], out[dst + "up_proj.weight"] = torch.chunk(fc1, 2, dim=0)
+    else:
+        out[dst + "up_proj.weight"] = fc1
+    out[dst + "down_proj.weight"] = sd[src + "linear_fc2.weight"]
 
 
 def _split_qkv(out, sd, src, dst, heads, groups, hd) -> None:
