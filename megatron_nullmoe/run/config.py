@@ -83,6 +83,9 @@ class Model:
     # MoE: decoder layers 0, n, 2n, ... are MoE for moe_layer_freq=n (megatron-core's convention).
     moe_layer_freq: int = 1
     num_experts: int = _at_least(8, 1)
+    # rows of the embedding and output layer; null: the tokenizer's size. A Hugging Face model
+    # (checkpoint.init_from) sets its own, which may be padded past its tokenizer's ids.
+    vocab_size: Optional[int] = _at_least(None, 1)
     moe_ffn_hidden_size: int = _at_least(64, 1)
     router_topk: int = _at_least(2, 1)
     router_score_function: str = _choices("softmax", "sigmoid", default="softmax")
@@ -150,6 +153,9 @@ class Checkpoint:
     # same model, with or without null slots or with other null/router settings (the null state a
     # source lacks starts fresh). Step, optimizer, LR schedule and data order start at 0, as with
     # Megatron-LM's --finetune. Ignored once the run has checkpoints of its own (it resumes those).
+    # A Hugging Face folder (config.json + *.safetensors; MixtralForCausalLM) works too: the
+    # architecture keys come from its config.json (run/hf_folder.py), and its tokenizer.model is
+    # data.tokenizer unless the recipe names one.
     init_from: Optional[str] = None
 
 
@@ -250,7 +256,61 @@ def load_config(recipe: Optional[str] = None, overrides: tuple[str, ...] | list[
         except yaml.YAMLError:
             raise ConfigError(f"override {item!r}: the value is not valid YAML (quote strings "
                               "that contain [ ] { } : or #)") from None
-    return _build(RunConfig, merged, prefix="")
+    hf = _hf_source(merged)
+    if hf is None:
+        return _build(RunConfig, merged, prefix="")
+    return _from_hf(merged, hf)
+
+
+def _hf_source(merged: dict) -> Optional[Path]:
+    """The Hugging Face folder checkpoint.init_from names, if it names one."""
+    from megatron_nullmoe.run.checkpoint import CheckpointError
+    from megatron_nullmoe.run.hf_folder import is_hf_folder
+
+    source = (merged.get("checkpoint") or {}).get("init_from")
+    if not isinstance(source, str):
+        return None
+    try:
+        return Path(source) if is_hf_folder(source) else None
+    except CheckpointError as err:
+        raise ConfigError(f"checkpoint.init_from={source}: {err}") from None
+
+
+def _from_hf(merged: dict, folder: Path) -> RunConfig:
+    """The run with the architecture of a Hugging Face folder: keys the recipe leaves out are
+    filled from its config.json, keys it sets must agree (each difference named)."""
+    from megatron_nullmoe.run.checkpoint import CheckpointError
+    from megatron_nullmoe.run.hf_folder import fill_only, recipe_keys, tokenizer_path
+
+    try:
+        want, fill = recipe_keys(folder), fill_only(folder)
+    except CheckpointError as err:
+        raise ConfigError(f"checkpoint.init_from={folder}: {err}") from None
+    tokenizer = tokenizer_path(folder)
+    if tokenizer is not None:
+        fill["data.tokenizer"] = str(tokenizer)
+    for key, value in {**want, **fill}.items():
+        *parents, leaf = key.split(".")
+        node = merged
+        for part in parents:
+            if node.get(part) is None:
+                node[part] = {}
+            node = node[part]
+        if isinstance(node, dict):  # else _build names the section given a value
+            node.setdefault(leaf, value)
+    cfg = _build(RunConfig, merged, prefix="")
+    differ = []
+    for key, value in want.items():
+        have = cfg
+        for part in key.split("."):
+            have = getattr(have, part)
+        if have != value:
+            differ.append(f"{key}: recipe {have!r}, Hugging Face config {value!r}")
+    if differ:
+        raise ConfigError(f"checkpoint.init_from={folder}: the recipe's architecture differs from "
+                          f"the folder's config.json (leave these keys out to take the folder's): "
+                          + "; ".join(differ))
+    return cfg
 
 
 def older_run_defaults() -> dict:

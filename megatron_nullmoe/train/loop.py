@@ -25,6 +25,7 @@ from megatron_nullmoe.errors import NullMoEError
 from megatron_nullmoe.run.checkpoint import CheckpointError, locate
 from megatron_nullmoe.run.config import ConfigError, RunConfig, save_config
 from megatron_nullmoe.run.data.kinds import build_data
+from megatron_nullmoe.run.hf_folder import is_hf_folder, load_hf_weights
 from megatron_nullmoe.run.model import build_model, describe
 from megatron_nullmoe.run.tokenizer import Tokenizer
 from megatron_nullmoe.train import faults
@@ -40,6 +41,17 @@ def _tokenizer(cfg: RunConfig) -> Tokenizer:
         raise ConfigError(f"data.tokenizer is required for {cfg.data.kind} data (a sentencepiece "
                           ".model)")
     return Tokenizer(cfg.tokenizer_path)
+
+
+def _vocab_size(cfg: RunConfig, tokenizer: Tokenizer) -> int:
+    """The model's vocabulary: model.vocab_size (a Hugging Face model's, padded) or the
+    tokenizer's; a tokenizer with ids past it is refused (they would index past the embedding)."""
+    vocab = cfg.model.vocab_size or tokenizer.vocab_size
+    if tokenizer.vocab_size > vocab:
+        raise ConfigError(f"tokenizer {tokenizer.path} has {tokenizer.vocab_size} ids, more than "
+                          f"model.vocab_size={vocab}: give the model's own tokenizer "
+                          "(data.tokenizer=...)")
+    return vocab
 
 
 class NonFiniteError(NullMoEError, RuntimeError):
@@ -97,7 +109,8 @@ class Trainer:
         from megatron_nullmoe.train.flops import shapes_from_config
 
         self.tokenizer = _tokenizer(self.cfg)
-        model, self.info = build_model(self.cfg, self.tokenizer.vocab_size,
+        self.vocab_size = _vocab_size(self.cfg, self.tokenizer)
+        model, self.info = build_model(self.cfg, self.vocab_size,
                                        ProcessGroupCollection.use_mpu_process_groups(), self.dtype)
         check_routers(model)
         if self.device.type != "cpu":
@@ -114,7 +127,7 @@ class Trainer:
             model.config, DistributedDataParallelConfig(grad_reduce_in_fp32=True), model)
         self.ddp.broadcast_params()
         self.accounting = RunAccounting(
-            model, shapes_from_config(self.cfg, self.tokenizer.vocab_size),
+            model, shapes_from_config(self.cfg, self.vocab_size),
             self.cfg.data.global_batch_size, self.token_group, self.pp_group)
         self.totals = self.accounting.totals  # one dict: what checkpoints carry
 
@@ -148,7 +161,7 @@ class Trainer:
         """Loads the newest checkpoint of the run folder, if any; returns its path."""
         cfg = self.cfg
         self.run_dir = Path(cfg.dir)
-        identity, defaults = run_identity(cfg, self.tokenizer.vocab_size, self.world)
+        identity, defaults = run_identity(cfg, self.vocab_size, self.world)
         ckpt_dir = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else self.run_dir / "checkpoints"
         self.ckpt = Checkpointer(ckpt_dir, cfg.checkpoint.keep_last, identity, defaults)
         self.step = 0
@@ -172,15 +185,22 @@ class Trainer:
         architecture, with null slots, router settings and parallel layout free to differ. Null
         state the source lacks starts fresh; a fresh budget bias is placed at the first forward
         so that the first step picks what the source picks. Step, optimizer, LR schedule and
-        data order start at 0."""
+        data order start at 0. A Hugging Face folder (run/hf_folder.py) loads the same way; its
+        architecture was checked against the recipe when the config was loaded."""
         try:
-            path = locate(source)
-            step, fresh = init_weights_from(path, self.model, identity, defaults, INIT_MAY_DIFFER)
+            if is_hf_folder(source):
+                path, what = Path(source), "a Hugging Face folder"
+                fresh = load_hf_weights(path, self.model)
+            else:
+                path = locate(source)
+                step, fresh = init_weights_from(path, self.model, identity, defaults,
+                                                INIT_MAY_DIFFER)
+                what = f"step {step} of its run"
         except CheckpointError as err:
             raise ConfigError(f"checkpoint.init_from={source}: {err}") from None
         armed = start_null_slots_unpicked(self.model) \
             if any(k.endswith("null_budget_bias") for k in fresh) else 0
-        self.init_note = (f"started from {path} (step {step} of its run): its weights"
+        self.init_note = (f"started from {path} ({what}): its weights"
                           + (f"; fresh null state: {len(fresh)} tensors" if fresh else ""))
         if armed:
             self.init_note += (f"; {armed} router(s) start with no null picks (budget bias below "
