@@ -162,9 +162,7 @@ def main(argv=None) -> None:
             for n in names[r % len(names):] + names[:r % len(names)]:
                 runs[n].append(measure(Path(tmp) / n, args))
                 print(f"round {r + 1} {n}: {runs[n][-1]}", file=sys.stderr, flush=True)
-    import torch
-
-    print(f"vLLM serving, CPU ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads), fp32: {args.layers} MoE layers, hidden "
+    print(f"vLLM serving, CPU ({os.cpu_count()} cores), fp32: {args.layers} MoE layers, hidden "
           f"{args.hidden}, E = {EXPERTS} experts of FFN {args.ffn}; prefill {args.batch} x "
           f"{args.prompt_len} tokens, decode {args.batch} x {args.decode_tokens} new tokens; "
           f"{args.rounds} rounds x {args.repeats} repeats, ratios: median [min, max] over rounds")
