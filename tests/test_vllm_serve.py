@@ -99,7 +99,8 @@ TRAINED_PROMPTS = ["one large", "three"]
 @pytest.fixture(scope="module")
 def trained_export(tmp_path_factory):
     """(export, {prompt: (generate's text, its real experts per token)}) of the GPT recipe trained
-    on the demo's captions and exported, each step the project's own command (~40 s here)."""
+    on the demo's captions and exported, each step the project's own command (~30 s on this
+    2-core machine when quiet, 60-90 s beside a test suite)."""
     root = tmp_path_factory.mktemp("trained")
 
     def run(*args):
