@@ -7,7 +7,8 @@ export (tests/_vllm_reference.py, in a process of its own), with null router row
 some tokens pick only null slots (0 real experts) and others only real experts; the reference is
 `megatron_nullmoe.generate`'s greedy decode of each export (transformers, fp32). vLLM runs each
 export in fp32, eagerly, in this one process (VLLM_ENABLE_V1_MULTIPROCESSING=0), one engine at a
-time: the first takes ~10 s to start, later ones ~3 s.
+time: the first takes ~10 s to start, later ones ~3 s. One more export is trained: the demo's GPT
+recipe for 30 steps on the demo's captions, by the README's "from a trained run" commands.
 """
 
 from __future__ import annotations
