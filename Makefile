@@ -13,7 +13,7 @@ STAMP  := $(VENV)/.installed
 PIP    := $(PY) -m pip install -q
 
 .PHONY: setup test test-slow test-all bench demo demo-data study study-data study-ablation text-study text-study-data clean \
-	gpu-wheels gpu-check gpu-check-dry setup-gpu setup-vllm test-vllm
+	gpu-wheels gpu-check gpu-check-dry setup-gpu setup-vllm test-vllm bench-serve
 
 setup: $(STAMP)
 
@@ -155,6 +155,12 @@ $(VLLM_STAMP): requirements-vllm.txt requirements.txt pyproject.toml launch/setu
 
 test-vllm: $(VLLM_STAMP)
 	VLLM_ENABLE_V1_MULTIPROCESSING=0 VLLM_CPU_KVCACHE_SPACE=1 $(VLLM_PY) -m pytest --noconftest tests/test_vllm_serve.py
+
+# The serving benchmark (issue 33, BENCHMARKS.md "Serving with vLLM"): prefill and decode tokens/s
+# of a null-MoE against top-2 and top-1 of the same size, random weights, interleaved rounds
+# (~2 min on this 2-core machine); `make bench-serve ARGS="--rounds 5"` passes options on.
+bench-serve: $(VLLM_STAMP)
+	$(VLLM_PY) benchmarks/serve_bench.py $(ARGS)
 
 clean:
 	rm -rf .venv .venv-mcore-* .venv-vllm

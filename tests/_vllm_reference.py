@@ -1,6 +1,7 @@
 """Exports and their reference continuations for tests/test_vllm_serve.py, in a process of its own.
 
     python tests/_vllm_reference.py OUT_DIR MODE [MODE ...]
+    python tests/_vllm_reference.py --captions OUT_DIR
 
 For each MODE (a key of MODES): a random megatron-core GPT with null experts (tests/_models.py's
 builder; hidden 64 over 2 heads, so head size 32, which vLLM's CPU attention takes), its null
@@ -10,6 +11,10 @@ each prompt (the library path of `python -m megatron_nullmoe.generate EXPORT`: i
 token ids of the same greedy decode), with the routers' picks counted. Writes
 OUT_DIR/reference.json. A process of its own because megatron-core's parallel state and vLLM's
 engine each set up torch.distributed.
+
+--captions: the demo's caption text without its images (`make demo-data`'s text/{train,val}.jsonl
+and tokenizer, from the same scenes, but fewer and without megatron-energon) in OUT_DIR, for the
+test that trains the GPT recipe.
 """
 
 from __future__ import annotations
@@ -100,6 +105,19 @@ def reference(export: Path) -> dict:
     return out
 
 
+def captions(out_dir: str, train: int = 2048, val: int = 64) -> None:
+    from megatron_nullmoe.run.tokenizer import train_tokenizer
+    from megatron_nullmoe.train.data import shapes
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    text = {"train": [shapes.scene(0, i).caption for i in range(train)],
+            "val": [shapes.scene(0, train + i).caption for i in range(val)]}
+    for split, lines in text.items():
+        (out / f"{split}.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in lines))
+    train_tokenizer(text["train"] + shapes.vocabulary_text(), out / "tokenizer.model")
+
+
 def main(out_dir: str, modes: list[str]) -> None:
     import os
 
@@ -123,4 +141,7 @@ def main(out_dir: str, modes: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2:])
+    if sys.argv[1] == "--captions":
+        captions(sys.argv[2])
+    else:
+        main(sys.argv[1], sys.argv[2:])
