@@ -15,13 +15,13 @@ from pathlib import Path
 from typing import Optional
 
 from megatron_nullmoe.run.checkpoint import MANIFEST, CheckpointError
+from megatron_nullmoe.upcycle import NULL_STATE
 
 ARCHITECTURES = ("MixtralForCausalLM",)
 NORM_EPS = 1e-5  # megatron-core's layernorm_epsilon, which the trainer builds with
-# null-slot router state a Hugging Face MoE has no tensors for (upcycle.NULL_STATE and the
-# expert bias, whose null entries start as the model has them)
-FRESH = ("router.null_weight", "router.null_bias", "router.null_budget_bias", "router.budget_step",
-         "router.expert_bias", "router.local_tokens_per_expert")
+# router state a Hugging Face MoE has no tensors for: the null-slot state (upcycle.NULL_STATE),
+# the expert bias (its null entries start as the model has them) and its token counts
+FRESH = NULL_STATE + ("router.expert_bias", "router.local_tokens_per_expert")
 
 
 def is_hf_folder(path: str | Path) -> bool:
