@@ -99,9 +99,9 @@ def vocab_size(cfg: RunConfig, given: Optional[int]) -> tuple[int, str]:
         return given, "--vocab-size"
     path = cfg.tokenizer_path
     if path.is_file():
-        from megatron_nullmoe.run.tokenizer import Tokenizer
+        from megatron_nullmoe.run.tokenizer import load_tokenizer
 
-        return Tokenizer(str(path)).vocab_size, str(path)
+        return load_tokenizer(path).vocab_size, str(path)
     return 32000, "assumed (no tokenizer file here; give --vocab-size)"
 
 
