@@ -2,8 +2,9 @@
 
 The folder holds config.json (model_type "nullmoe", `auto_map` to the remote code), the remote
 code (hf_code/, torch and transformers only), model.safetensors, the run's tokenizer (a
-sentencepiece model with its remote-code class, or a tokenizer.json as itself), generation_config.json
-and export.json (where it came from). The token ids in the configs are the tokenizer's own.
+sentencepiece model with its remote-code class, or a tokenizer.json as itself),
+generation_config.json and export.json (where it came from). The token ids in the configs are
+the tokenizer's own.
 
 Weights are renamed and split, never changed: megatron-core's fused QKV ([groups, (heads/groups
 q, k, v) x head_dim, H]) becomes q/k/v projections, a SwiGLU fc1 (gate half, then up half)

@@ -77,7 +77,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="evaluate only the first N windows (GPT) or samples (VLM)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a summary")
     p.add_argument("--config", help="the run's config.yaml (default: the run folder's)")
-    p.add_argument("--tokenizer", help="the run's sentencepiece .model (default: the run folder's)")
+    p.add_argument("--tokenizer", help="the run's sentencepiece .model or tokenizer.json "
+                                       "(default: the run folder's)")
     return p
 
 
