@@ -98,7 +98,7 @@ def vocab_size(cfg: RunConfig, given: Optional[int]) -> tuple[int, str]:
     if given:
         return given, "--vocab-size"
     path = cfg.tokenizer_path
-    if path.is_file():
+    if path.exists():  # a file, or a folder holding one (load_tokenizer)
         from megatron_nullmoe.run.tokenizer import load_tokenizer
 
         return load_tokenizer(path).vocab_size, str(path)
