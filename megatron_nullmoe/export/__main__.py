@@ -10,7 +10,7 @@ or a Megatron-LM checkpoint written through launch/megatron_lm/pretrain_gpt_null
 folder: the newest iteration, or one iter_NNNNNNN folder; --tokenizer when the run's tokenizer
 model is not a sentencepiece file found at the path it was trained with). The folder loads with
     AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)   (--format mixtral: without)
-    AutoTokenizer.from_pretrained(DIR, trust_remote_code=True)          (the exact sentencepiece ids)
+    AutoTokenizer.from_pretrained(DIR, trust_remote_code=True)          (the run's tokenizer, its ids)
 A VLM run exports NullMoEForConditionalGeneration (vision tower, projector, the same decoder) with
 a processor: AutoModelForImageTextToText and AutoProcessor, trust_remote_code=True.
 and with lm-evaluation-harness as `--model hf --model_args pretrained=DIR,trust_remote_code=True`.
@@ -45,7 +45,8 @@ def _parser() -> argparse.ArgumentParser:
                     help="weights' dtype in model.safetensors (default float32)")
     hf.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     hf.add_argument("--config", help="the run's config.yaml (default: the run folder's)")
-    hf.add_argument("--tokenizer", help="the run's sentencepiece .model (default: the run folder's)")
+    hf.add_argument("--tokenizer", help="the run's sentencepiece .model or tokenizer.json "
+                                        "(default: the run folder's)")
     hf.add_argument("--no-check", action="store_true",
                     help="skip loading the export back and comparing logits")
     return p

@@ -1,8 +1,10 @@
 """A megatron-core GPT with null experts -> a Hugging Face folder (NullMoEForCausalLM).
 
 The folder holds config.json (model_type "nullmoe", `auto_map` to the remote code), the remote
-code (hf_code/, torch and transformers only), model.safetensors, the sentencepiece tokenizer with
-its remote-code class, generation_config.json and export.json (where it came from).
+code (hf_code/, torch and transformers only), model.safetensors, the run's tokenizer (a
+sentencepiece model with its remote-code class, or a tokenizer.json as itself),
+generation_config.json and export.json (where it came from). The token ids in the configs are
+the tokenizer's own.
 
 Weights are renamed and split, never changed: megatron-core's fused QKV ([groups, (heads/groups
 q, k, v) x head_dim, H]) becomes q/k/v projections, a SwiGLU fc1 (gate half, then up half)
@@ -191,18 +193,29 @@ def write_provenance(out: Path, provenance: dict, dtype: torch.dtype, **fields) 
         {**provenance, **fields, "dtype": str(dtype).replace("torch.", "")}, indent=2) + "\n")
 
 
-def write_tokenizer(tokenizer_model: Path, out: Path) -> dict:
-    """tokenizer.model and its remote-code class; returns the special token ids."""
-    from megatron_nullmoe.run.tokenizer import BOS, EOS, PAD, UNK
+def write_tokenizer(tokenizer_path: Path, out: Path) -> dict:
+    """The run's tokenizer, loadable by AutoTokenizer: a tokenizer.json with its token files
+    (run/hf_tokenizer.py's `save`), or tokenizer.model with its remote-code class (the caller
+    writes the code); returns its special token ids, for the model's config."""
+    from megatron_nullmoe.run.tokenizer import Tokenizer, load_tokenizer
 
-    shutil.copyfile(tokenizer_model, out / "tokenizer.model")
-    specials = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>"}
+    tok = load_tokenizer(tokenizer_path)
+    ids = {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id}
+    if not isinstance(tok, Tokenizer):
+        tok.save(out)
+        return ids
+    unk = tok.sp.unk_id()
+    shutil.copyfile(tok.path, out / "tokenizer.model")
+    specials = {f"{name}_token": tok.sp.id_to_piece(i) for name, i in
+                (("bos", tok.bos_id), ("eos", tok.eos_id), ("unk", unk), ("pad", tok.pad_id))
+                if i is not None}
     config = {"tokenizer_class": "NullMoETokenizer", "auto_map": TOKENIZER_AUTO_MAP,
-              "add_bos_token": True, "add_eos_token": False, "model_max_length": 1 << 30,
-              "clean_up_tokenization_spaces": False, **specials}
+              "add_bos_token": tok.bos_id is not None, "add_eos_token": False,
+              "model_max_length": 1 << 30, "clean_up_tokenization_spaces": False,
+              "bos_token": None, "pad_token": None, **specials}
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
     (out / "special_tokens_map.json").write_text(json.dumps(specials, indent=2) + "\n")
-    return {"bos_token_id": BOS, "eos_token_id": EOS, "pad_token_id": PAD, "unk_token_id": UNK}
+    return {**ids, "unk_token_id": unk}
 
 
 def write_code(out: Path, names: tuple[str, ...] = CODE_FILES) -> None:

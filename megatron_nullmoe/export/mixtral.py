@@ -94,7 +94,8 @@ def export_mixtral(model, tokenizer_model: Path, out: Path, provenance: dict,
     weights, experts = mixtral_weights(fields, tensors)
     with writing(out, overwrite) as tmp:
         ids = write_tokenizer(Path(tokenizer_model), tmp)
-        write_code(tmp, ("tokenization_nullmoe.py",))  # the model itself is stock Mixtral
+        if (tmp / "tokenizer.model").is_file():  # its remote-code class; the model is stock
+            write_code(tmp, ("tokenization_nullmoe.py",))
         config = {
             "model_type": "mixtral", "architectures": ["MixtralForCausalLM"],
             "vocab_size": fields["vocab_size"], "hidden_size": fields["hidden_size"],

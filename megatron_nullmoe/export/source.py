@@ -117,20 +117,28 @@ def is_vlm_export(path: Path) -> bool:
 
 def hf_from_megatron(model, tokenizer_model: Path):
     """(NullMoEForCausalLM, tokenizer) built in memory from a megatron-core GPT: the export
-    without the folder (the same classes and weights an export writes)."""
+    without the folder (the same classes and weights an export writes; the config's token ids
+    the tokenizer's own). The tokenizer: NullMoETokenizer for a sentencepiece model,
+    transformers' PreTrainedTokenizerFast for a tokenizer.json."""
     from megatron_nullmoe.export.hf import hf_config, hf_state_dict
     from megatron_nullmoe.export.hf_code.configuration_nullmoe import NullMoEConfig
     from megatron_nullmoe.export.hf_code.modeling_nullmoe import NullMoEForCausalLM
     from megatron_nullmoe.export.hf_code.tokenization_nullmoe import NullMoETokenizer
     from megatron_nullmoe.export.vlm import hf_vlm_from_megatron, is_llava
-    from megatron_nullmoe.run.tokenizer import BOS, EOS, PAD
+    from megatron_nullmoe.run.tokenizer import Tokenizer, load_tokenizer
 
     if is_llava(model):
         return hf_vlm_from_megatron(model)[0].eval(), NullMoETokenizer(str(tokenizer_model))
-    config = NullMoEConfig(**hf_config(model), bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD)
+    tok = load_tokenizer(tokenizer_model)
+    config = NullMoEConfig(**hf_config(model), bos_token_id=tok.bos_id, eos_token_id=tok.eos_id,
+                           pad_token_id=tok.pad_id)
     hf_model = NullMoEForCausalLM(config)
     missing, unexpected = hf_model.load_state_dict(hf_state_dict(model), strict=False)
     if missing or unexpected:
         raise SourceError(f"the converted weights do not fit NullMoEForCausalLM: missing "
                           f"{missing[:4]}, unexpected {unexpected[:4]}")
-    return hf_model.eval(), NullMoETokenizer(str(tokenizer_model))
+    if isinstance(tok, Tokenizer):
+        return hf_model.eval(), NullMoETokenizer(str(tok.path))
+    from transformers import PreTrainedTokenizerFast
+
+    return hf_model.eval(), PreTrainedTokenizerFast(tokenizer_object=tok.tok)

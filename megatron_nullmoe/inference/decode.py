@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 
 from megatron_nullmoe.errors import NullMoEError
-from megatron_nullmoe.run.tokenizer import BOS, EOS, IMAGE_TOKEN
+from megatron_nullmoe.run.tokenizer import EOS, IMAGE_TOKEN
 
 
 class GenerationError(NullMoEError, ValueError):
@@ -41,8 +41,10 @@ class Sampling:
 
 
 def prompt_ids(tokenizer, prompt: str, image: bool = False) -> list[int]:
-    """What the trainer's data puts before a text: <s> (after the image placeholder for a VLM)."""
-    return ([IMAGE_TOKEN] if image else []) + [BOS] + tokenizer.encode(prompt)
+    """What the trainer's data puts before a text: the tokenizer's bos if it has one (after the
+    image placeholder for a VLM)."""
+    bos = [] if tokenizer.bos_id is None else [tokenizer.bos_id]
+    return ([IMAGE_TOKEN] if image else []) + bos + tokenizer.encode(prompt)
 
 
 def _pick(logits_V: torch.Tensor, sampling: Optional[Sampling], g: Optional[torch.Generator]) -> int:
@@ -63,9 +65,11 @@ def _pick(logits_V: torch.Tensor, sampling: Optional[Sampling], g: Optional[torc
 @torch.no_grad()
 def mcore_generate(model, ids: list[int], max_new_tokens: int, max_positions: int,
                    image: Optional[torch.Tensor] = None, image_tokens: int = 0,
-                   sampling: Optional[Sampling] = None, stop_at_eos: bool = True) -> list[int]:
-    """New token ids after `ids` (stopping after EOS, which is not returned). `image` [3, H, W]
-    in [-1, 1] for a LLaVAModel, whose first id is the image placeholder."""
+                   sampling: Optional[Sampling] = None, stop_at_eos: bool = True,
+                   eos_id: int = EOS) -> list[int]:
+    """New token ids after `ids` (stopping after `eos_id`, the tokenizer's, which is not
+    returned). `image` [3, H, W] in [-1, 1] for a LLaVAModel, whose first id is the image
+    placeholder."""
     _check_length(len(ids) - (1 if image is not None else 0) + image_tokens, max_new_tokens,
                   max_positions)
     g = torch.Generator().manual_seed(sampling.seed) if sampling else None
@@ -79,7 +83,7 @@ def mcore_generate(model, ids: list[int], max_new_tokens: int, max_positions: in
             logits = model(image.unsqueeze(0), tokens, positions, None)
             logits = logits[0] if isinstance(logits, tuple) else logits
         token = _pick(logits[0, -1], sampling, g)
-        if stop_at_eos and token == EOS:
+        if stop_at_eos and token == eos_id:
             break
         seq.append(token)
         new.append(token)
@@ -89,14 +93,14 @@ def mcore_generate(model, ids: list[int], max_new_tokens: int, max_positions: in
 @torch.no_grad()
 def hf_generate(hf_model, ids: list[int], max_new_tokens: int,
                 sampling: Optional[Sampling] = None, stop_at_eos: bool = True,
-                pixel_values: Optional[torch.Tensor] = None) -> list[int]:
+                pixel_values: Optional[torch.Tensor] = None, eos_id: int = EOS) -> list[int]:
     """New token ids after `ids` through transformers' generate (KV cache); `pixel_values`
     [1, 3, H, W] in [-1, 1] for a VLM export, whose `ids` begin with the image placeholder."""
     image_positions = hf_model.config.image_seq_length - 1 if pixel_values is not None else 0
     _check_length(len(ids) + image_positions, max_new_tokens,
                   hf_model.config.max_position_embeddings)
     kwargs = dict(max_new_tokens=max_new_tokens, do_sample=sampling is not None,
-                  eos_token_id=EOS if stop_at_eos else None, pad_token_id=0)
+                  eos_token_id=eos_id if stop_at_eos else None, pad_token_id=eos_id)
     if sampling is not None:
         torch.manual_seed(sampling.seed)
         kwargs.update(temperature=sampling.temperature, top_k=sampling.top_k or None,
@@ -109,8 +113,8 @@ def hf_generate(hf_model, ids: list[int], max_new_tokens: int,
                                                                            dtype=torch.long),
                             **kwargs)
     new = out[0, len(ids):].tolist()
-    if stop_at_eos and EOS in new:
-        new = new[: new.index(EOS)]
+    if stop_at_eos and eos_id in new:
+        new = new[: new.index(eos_id)]
     return new
 
 

@@ -52,7 +52,7 @@ from megatron_nullmoe.export.source import (hf_from_megatron, is_vlm_export, loa
 from megatron_nullmoe.inference.perplexity import EvaluationError, evaluate, evaluate_vlm
 from megatron_nullmoe.run.data import DataError
 from megatron_nullmoe.run.data.text import iter_texts, read_windows
-from megatron_nullmoe.run.tokenizer import Tokenizer
+from megatron_nullmoe.run.tokenizer import Tokenizer, load_tokenizer
 
 EXPORT_SEQ_LENGTH = 128  # an export's default --seq-length (capped by max_position_embeddings)
 
@@ -77,7 +77,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="evaluate only the first N windows (GPT) or samples (VLM)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a summary")
     p.add_argument("--config", help="the run's config.yaml (default: the run folder's)")
-    p.add_argument("--tokenizer", help="the run's sentencepiece .model (default: the run folder's)")
+    p.add_argument("--tokenizer", help="the run's sentencepiece .model or tokenizer.json "
+                                       "(default: the run folder's)")
     return p
 
 
@@ -138,7 +139,8 @@ def _windows(path: Path, tokenizer, seq_length: int):
     except DataError as err:
         if "fewer than one sequence" not in str(err):
             raise EvaluationError(str(err)) from None
-    tokens = sum(len(tokenizer.encode(text)) + 2 for text in iter_texts(path))  # <s> text </s>
+    specials = 1 + (tokenizer.bos_id is not None)  # <s> text </s>
+    tokens = sum(len(tokenizer.encode(text)) + specials for text in iter_texts(path))
     hint = (f"give --seq-length {tokens - 1} or less, or more text" if tokens >= 2
             else "give a file with text")
     raise EvaluationError(f"{path} holds {tokens} tokens, fewer than one window of --seq-length "
@@ -198,11 +200,11 @@ def run(a) -> dict:
     else:
         config = json.loads((source.path / "config.json").read_text())
         max_positions = int(config["max_position_embeddings"])
-        tokenizer_path = source.path / "tokenizer.model"
+        tokenizer_path = source.path  # its tokenizer.json, else tokenizer.model
         step = _export_step(source)
     data = _data_path(a, source)
     seq_length = _seq_length(a, source, max_positions)
-    tokenizer = Tokenizer(tokenizer_path)
+    tokenizer = load_tokenizer(tokenizer_path)
     windows = _windows(data, tokenizer, seq_length)
     available = windows.shape[0]
     if a.max_windows is not None:

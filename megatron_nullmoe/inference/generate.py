@@ -27,7 +27,7 @@ from megatron_nullmoe.export.source import (hf_from_megatron, is_vlm_export, loa
                                             resolve)
 from megatron_nullmoe.inference.decode import (GenerationError, Sampling, hf_generate,
                                                mcore_generate, prompt_ids)
-from megatron_nullmoe.run.tokenizer import Tokenizer
+from megatron_nullmoe.run.tokenizer import load_tokenizer
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -47,7 +47,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=("auto", "megatron", "hf"), default="auto",
                    help="auto: megatron-core for runs and checkpoints, transformers for exports")
     p.add_argument("--config", help="the run's config.yaml (default: the run folder's)")
-    p.add_argument("--tokenizer", help="the run's sentencepiece .model (default: the run folder's)")
+    p.add_argument("--tokenizer", help="the run's sentencepiece .model or tokenizer.json "
+                                       "(default: the run folder's)")
     return p
 
 
@@ -89,9 +90,9 @@ def run(a) -> tuple[str, dict]:
     info: dict = {"backend": backend}
     if source.kind == "export":
         hf_model, _ = load_hf(source.path)
-        tokenizer = Tokenizer(source.path / "tokenizer.model")
+        tokenizer = load_tokenizer(source.path)  # its tokenizer.json, else tokenizer.model
     else:
-        tokenizer = Tokenizer(source.tokenizer)
+        tokenizer = load_tokenizer(source.tokenizer)
         model = load_megatron(source)
         if backend == "hf":
             hf_model, _ = hf_from_megatron(model, source.tokenizer)
@@ -102,7 +103,8 @@ def run(a) -> tuple[str, dict]:
             hf_model.reset_routing_totals()
         pixels = (load_image(a.image, hf_model.config.vision_config["image_size"], a.resize)[None]
                   if vlm else None)
-        new = hf_generate(hf_model, ids, a.max_new_tokens, sampling, pixel_values=pixels)
+        new = hf_generate(hf_model, ids, a.max_new_tokens, sampling, pixel_values=pixels,
+                          eos_id=tokenizer.eos_id)
         if counts:
             info["real_experts_per_token"] = hf_model.routing_totals()["real_experts_per_token"]
     else:
@@ -110,7 +112,7 @@ def run(a) -> tuple[str, dict]:
                  else None)
         new = mcore_generate(model, ids, a.max_new_tokens, source.cfg.model.max_position_embeddings,
                              image=image, image_tokens=source.cfg.image_tokens,
-                             sampling=sampling)
+                             sampling=sampling, eos_id=tokenizer.eos_id)
     info["new_tokens"] = len(new)
     return tokenizer.decode(new), info
 

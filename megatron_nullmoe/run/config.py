@@ -121,7 +121,9 @@ class Data:
     kind: str = _choices("energon", "jsonl", "indexed", default="energon")
     path: str = "data/demo"
     valid_path: Optional[str] = None  # jsonl/indexed; energon datasets carry their own val split
-    tokenizer: Optional[str] = None  # a sentencepiece .model; None: the dataset's own tokenizer
+    # a sentencepiece .model, a Hugging Face tokenizer.json (special ids from the files beside
+    # it), or a folder holding one; None: the dataset's own tokenizer.model
+    tokenizer: Optional[str] = None
     seq_length: int = _at_least(32, 1)  # text tokens per sample (images add their patch tokens on top)
     micro_batch_size: int = _at_least(4, 1)
     global_batch_size: int = _at_least(16, 1)
@@ -154,8 +156,8 @@ class Checkpoint:
     # source lacks starts fresh). Step, optimizer, LR schedule and data order start at 0, as with
     # Megatron-LM's --finetune. Ignored once the run has checkpoints of its own (it resumes those).
     # A Hugging Face folder (config.json + *.safetensors; MixtralForCausalLM) works too: the
-    # architecture keys come from its config.json (run/hf_folder.py), and its tokenizer.model is
-    # data.tokenizer unless the recipe names one.
+    # architecture keys come from its config.json (run/hf_folder.py), and its tokenizer.json
+    # (else tokenizer.model) is data.tokenizer unless the recipe names one.
     init_from: Optional[str] = None
 
 
@@ -232,7 +234,7 @@ class RunConfig:
 
     @property
     def tokenizer_path(self) -> Path:
-        """The sentencepiece model the recipe names: data.tokenizer, else the dataset's own
+        """The tokenizer the recipe names: data.tokenizer, else the dataset's own
         tokenizer.model (a run folder also keeps a copy of it: `run.source`)."""
         return Path(self.data.tokenizer or Path(self.data.path) / "tokenizer.model")
 
@@ -289,6 +291,11 @@ def _from_hf(merged: dict, folder: Path) -> RunConfig:
     tokenizer = tokenizer_path(folder)
     if tokenizer is not None:
         fill["data.tokenizer"] = str(tokenizer)
+    elif (merged.get("data") or {}).get("tokenizer") is None:
+        raise ConfigError(f"checkpoint.init_from={folder}: the folder has neither tokenizer.json "
+                          "nor tokenizer.model, and data.tokenizer is not set: give "
+                          "data.tokenizer=PATH (a tokenizer.json, a sentencepiece .model, or a "
+                          "folder holding one)")
     for key, value in {**want, **fill}.items():
         *parents, leaf = key.split(".")
         node = merged

@@ -112,9 +112,11 @@ def fill_only(path: Path) -> dict[str, object]:
 
 
 def tokenizer_path(path: Path) -> Optional[Path]:
-    """The folder's sentencepiece model, if it has one."""
-    found = Path(path) / "tokenizer.model"
-    return found if found.is_file() else None
+    """The folder's tokenizer, if it has one: tokenizer.json (what transformers loads first),
+    else a sentencepiece tokenizer.model (run/tokenizer.py's `load_tokenizer` reads either)."""
+    from megatron_nullmoe.run.tokenizer import FILES
+
+    return next((Path(path) / name for name in FILES if (Path(path) / name).is_file()), None)
 
 
 class _Tensors:

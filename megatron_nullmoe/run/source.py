@@ -35,7 +35,7 @@ class Source:
     kind: str  # "checkpoint", "megatron-lm" or "export"
     path: Path  # the checkpoint folder, or the export folder
     cfg: Optional[RunConfig] = None  # the run's config (checkpoints only)
-    tokenizer: Optional[Path] = None  # the sentencepiece model (checkpoints only)
+    tokenizer: Optional[Path] = None  # a .model or tokenizer.json (checkpoints only)
     step: Optional[int] = None
     vocab_size: Optional[int] = None
 
@@ -97,17 +97,18 @@ def _latest(ckpt_dir: Path, run_dir: Path) -> Path:
 
 
 def _tokenizer(given: Optional[str], cfg: RunConfig, run_dir: Path) -> Path:
-    """The run folder's own copy first, then the recipe's paths (as given, then from the run)."""
+    """The run folder's own copy first (tokenizer.json, else tokenizer.model: what the trainer's
+    `save` wrote), then the recipe's path."""
     if given is not None:
         if not Path(given).is_file():
             raise SourceError(f"--tokenizer {given!r} does not exist")
         return Path(given)
-    tried = [run_dir / "tokenizer.model", cfg.tokenizer_path]
+    tried = [run_dir / "tokenizer.json", run_dir / "tokenizer.model", cfg.tokenizer_path]
     for candidate in tried:
         if candidate.is_file():
             return candidate
     raise SourceError(f"no tokenizer found for {run_dir}: tried {', '.join(map(str, tried))}; "
-                      "give --tokenizer PATH (the run's sentencepiece .model)")
+                      "give --tokenizer PATH (the run's sentencepiece .model or tokenizer.json)")
 
 
 def load_run_model(source: Source):
@@ -119,11 +120,11 @@ def load_run_model(source: Source):
     from megatron_nullmoe.run.checkpoint import load_model_weights
     from megatron_nullmoe.run.config import Parallel
     from megatron_nullmoe.run.model import build_model
-    from megatron_nullmoe.run.tokenizer import Tokenizer
+    from megatron_nullmoe.run.tokenizer import load_tokenizer
 
     single_process()
     cfg = dataclasses.replace(source.cfg, parallel=Parallel(), precision="fp32")
-    vocab = source.vocab_size or Tokenizer(source.tokenizer).vocab_size
+    vocab = source.vocab_size or load_tokenizer(source.tokenizer).vocab_size
     model, _ = build_model(cfg, vocab, ProcessGroupCollection.use_mpu_process_groups(),
                            torch.float32, use_te=False)
     try:

@@ -1,15 +1,21 @@
-"""Sentencepiece tokenizer: trained on the demo captions at preparation time, or a `.model` file.
+"""The run's tokenizer: a sentencepiece `.model` (`Tokenizer`), or a Hugging Face tokenizer.json
+(run/hf_tokenizer.py's `HFTokenizer`); `load_tokenizer` picks by the file.
 
-The id layout is fixed so that models and data agree: 0 <pad>, 1 <unk>, 2 <s>, 3 </s>. The image
-placeholder is not a vocabulary entry: LLaVA takes it as a negative id (IMAGE_TOKEN) that it
-replaces by the image's patch embeddings.
+Both have one interface: encode (no special ids added), decode, vocab_size, bos_id, eos_id,
+pad_id (None where the tokenizer has none), path, and save(folder) (the files that load it again).
+Everything downstream of the tokenizer (data packing, padding, loss masks, generate's stop id, the
+export's token ids) reads these ids, never the constants below. The constants are the layout the
+project's own sentencepiece models are trained with (0 <pad>, 1 <unk>, 2 <s>, 3 </s>); the VLM's
+caption data needs that layout. The image placeholder is not a vocabulary entry: LLaVA takes it as
+a negative id (IMAGE_TOKEN) that it replaces by the image's patch embeddings.
 """
 
 from __future__ import annotations
 
 import io
+import shutil
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Optional
 
 import sentencepiece as spm
 
@@ -37,14 +43,20 @@ def train_tokenizer(texts: Iterable[str], out: Path, vocab_size: int = 128) -> P
     return out
 
 
+def _or_none(i: int) -> Optional[int]:
+    return None if i < 0 else i
+
+
 class Tokenizer:
-    """Thin wrapper that checks the id layout and names the file on every failure."""
+    """A sentencepiece model; its special ids are its own (a Hub model's tokenizer.model has
+    0 <unk>, 1 <s>, 2 </s> and no pad). Names the file on every failure."""
 
     def __init__(self, path: str | Path):
         path = Path(path)
         if not path.is_file():
             raise TokenizerError(f"tokenizer file {str(path)!r} does not exist (give a sentencepiece "
-                                 ".model, or prepare the demo data, which trains one)")
+                                 ".model or a tokenizer.json, or prepare the demo data, which "
+                                 "trains one)")
         self.path = path
         self.sp = spm.SentencePieceProcessor()
         try:
@@ -52,10 +64,11 @@ class Tokenizer:
         except (OSError, RuntimeError) as err:
             raise TokenizerError(f"tokenizer file {str(path)!r} is not a sentencepiece model: "
                                  f"{err}") from None
-        if self.sp.pad_id() != PAD or self.sp.eos_id() != EOS:
-            raise TokenizerError(
-                f"tokenizer {str(path)!r} has pad={self.sp.pad_id()} eos={self.sp.eos_id()}; "
-                f"this trainer needs pad={PAD} and eos={EOS} (train with pad_id={PAD}, eos_id={EOS})")
+        if self.sp.eos_id() < 0:
+            raise TokenizerError(f"tokenizer {str(path)!r} has no </s> (eos) id: documents are "
+                                 "packed ended by eos (train it with eos_id set)")
+        self.bos_id, self.eos_id = _or_none(self.sp.bos_id()), self.sp.eos_id()
+        self.pad_id = _or_none(self.sp.pad_id())
 
     @property
     def vocab_size(self) -> int:
@@ -66,3 +79,32 @@ class Tokenizer:
 
     def decode(self, ids: list[int]) -> str:
         return self.sp.decode([i for i in ids if i >= 0])
+
+    def save(self, folder: Path) -> Path:
+        """Copies the model to folder/tokenizer.model (what `load_tokenizer(folder)` reads)."""
+        out = Path(folder) / "tokenizer.model"
+        if not out.exists() or not out.samefile(self.path):
+            shutil.copyfile(self.path, out)
+        return out
+
+
+FILES = ("tokenizer.json", "tokenizer.model")  # what a folder's tokenizer is, in this order
+
+
+def load_tokenizer(path: str | Path):
+    """The tokenizer at `path`: a tokenizer.json (any *.json: `HFTokenizer`, special ids from the
+    files beside it), a sentencepiece .model, or a folder holding one of `FILES` (the first
+    found). TokenizerError names the path and what would be valid."""
+    path = Path(path)
+    if path.is_dir():
+        found = [path / name for name in FILES if (path / name).is_file()]
+        if not found:
+            raise TokenizerError(f"tokenizer folder {str(path)!r} has neither "
+                                 f"{' nor '.join(FILES)} (give one of those files, or a folder "
+                                 "holding one)")
+        path = found[0]
+    if path.suffix == ".json":
+        from megatron_nullmoe.run.hf_tokenizer import HFTokenizer
+
+        return HFTokenizer(path)
+    return Tokenizer(path)

@@ -98,10 +98,10 @@ def vocab_size(cfg: RunConfig, given: Optional[int]) -> tuple[int, str]:
     if given:
         return given, "--vocab-size"
     path = cfg.tokenizer_path
-    if path.is_file():
-        from megatron_nullmoe.run.tokenizer import Tokenizer
+    if path.exists():  # a file, or a folder holding one (load_tokenizer)
+        from megatron_nullmoe.run.tokenizer import load_tokenizer
 
-        return Tokenizer(str(path)).vocab_size, str(path)
+        return load_tokenizer(path).vocab_size, str(path)
     return 32000, "assumed (no tokenizer file here; give --vocab-size)"
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -27,7 +26,7 @@ from megatron_nullmoe.run.config import ConfigError, RunConfig, save_config
 from megatron_nullmoe.run.data.kinds import build_data
 from megatron_nullmoe.run.hf_folder import is_hf_folder, load_hf_weights
 from megatron_nullmoe.run.model import build_model, describe
-from megatron_nullmoe.run.tokenizer import Tokenizer
+from megatron_nullmoe.run.tokenizer import load_tokenizer
 from megatron_nullmoe.train import faults
 from megatron_nullmoe.train.accounting import RunAccounting
 from megatron_nullmoe.train.checkpoint import (INIT_MAY_DIFFER, Checkpointer, init_weights_from,
@@ -36,14 +35,15 @@ from megatron_nullmoe.train.metrics import RunLog
 from megatron_nullmoe.train.validate import validate
 
 
-def _tokenizer(cfg: RunConfig) -> Tokenizer:
+def _tokenizer(cfg: RunConfig):
+    """run/tokenizer.py's interface: a sentencepiece model or a Hugging Face tokenizer.json."""
     if cfg.data.tokenizer is None and cfg.data.kind != "energon":
         raise ConfigError(f"data.tokenizer is required for {cfg.data.kind} data (a sentencepiece "
-                          ".model)")
-    return Tokenizer(cfg.tokenizer_path)
+                          ".model or a tokenizer.json)")
+    return load_tokenizer(cfg.tokenizer_path)
 
 
-def _vocab_size(cfg: RunConfig, tokenizer: Tokenizer) -> int:
+def _vocab_size(cfg: RunConfig, tokenizer) -> int:
     """The model's vocabulary: model.vocab_size (a Hugging Face model's, padded) or the
     tokenizer's; a tokenizer with ids past it is refused (they would index past the embedding)."""
     vocab = cfg.model.vocab_size or tokenizer.vocab_size
@@ -218,8 +218,7 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.run_dir / "config.yaml")
             # the run folder alone is enough to export, generate and evaluate
-            if self.tokenizer.path.resolve() != (self.run_dir / "tokenizer.model").resolve():
-                shutil.copyfile(self.tokenizer.path, self.run_dir / "tokenizer.model")
+            self.tokenizer.save(self.run_dir)
         self.log = RunLog(cfg, self.run_dir, self.step, enabled=self.rank == 0)
         if self.init_note:
             self.log.message(self.init_note)

@@ -2,7 +2,8 @@
 
 The format is what Megatron-LM's tools/preprocess_data.py writes: `PREFIX.bin` (token ids) and
 `PREFIX.idx` (document and sequence offsets). `jsonl_to_indexed` writes it from jsonl with our
-sentencepiece tokenizer, one `text` per document, ended by </s> (Megatron's "eod").
+run's tokenizer, one `text` per document, ended by its eos id (Megatron's "eod"). The files hold
+ids only: which tokenizer wrote them cannot be read back, so data.tokenizer must be that one.
 
 GPTDataset builds its shuffled sample index once (rank 0 first, cached in `cache_dir`), so every
 rank and every resumed run sees the same sample order; a rank's data position is one integer.
@@ -18,7 +19,7 @@ import torch
 
 from megatron_nullmoe.run.data import DataError, PositionState
 from megatron_nullmoe.run.data.text import iter_texts
-from megatron_nullmoe.run.tokenizer import EOS, PAD, Tokenizer
+from megatron_nullmoe.run.tokenizer import Tokenizer
 
 
 class _MegatronTokenizerView:
@@ -26,10 +27,15 @@ class _MegatronTokenizerView:
 
     def __init__(self, tokenizer: Tokenizer):
         self.vocab_size = tokenizer.vocab_size
-        self.eod = self.eos = EOS
-        self.pad = PAD
+        self.eod = self.eos = tokenizer.eos_id
+        # GPTDataset masks the loss where a label is pad and zeroes pad inputs. Packed documents
+        # hold no padding, so where pad is eos (Qwen3's <|endoftext|>) or none, megatron-core's
+        # own "no pad" (-1): else every document's end would be masked.
+        pad = tokenizer.pad_id
+        self.pad = -1 if pad is None or pad == tokenizer.eos_id else pad
         # part of GPTDataset's cache key: a different tokenizer must not reuse a cached index
-        self.unique_identifiers = {"class": "sentencepiece", "model": str(tokenizer.path),
+        self.unique_identifiers = {"class": "sentencepiece" if isinstance(tokenizer, Tokenizer)
+                                   else "tokenizer.json", "model": str(tokenizer.path),
                                    "vocab_size": tokenizer.vocab_size}
 
 
@@ -40,7 +46,7 @@ def jsonl_to_indexed(jsonl: str | Path, prefix: str | Path, tokenizer: Tokenizer
     prefix = Path(prefix)
     builder = IndexedDatasetBuilder(str(prefix) + ".bin", dtype=np.int32)
     for text in iter_texts(jsonl):
-        builder.add_item(torch.tensor(tokenizer.encode(text) + [EOS]))
+        builder.add_item(torch.tensor(tokenizer.encode(text) + [tokenizer.eos_id]))
         builder.end_document()
     builder.finalize(str(prefix) + ".idx")
     return prefix

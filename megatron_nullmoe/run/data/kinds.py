@@ -18,7 +18,15 @@ def _energon(cfg: RunConfig, tokenizer: Tokenizer, dp_rank: int, dp_size: int) -
         raise ConfigError("data.kind=energon holds image+caption samples: use model.kind=vlm "
                           "(or data.kind=jsonl for a GPT)")
     from megatron_nullmoe.run.data.energon import EnergonData
+    from megatron_nullmoe.run.tokenizer import BOS, EOS, PAD
 
+    # caption rows are padded and masked with the project's ids (run/data/energon.py, and the
+    # VLM export's processor): a tokenizer with other special ids would be read wrong
+    have = (tokenizer.pad_id, tokenizer.bos_id, tokenizer.eos_id)
+    if have != (PAD, BOS, EOS):
+        raise ConfigError(f"data.kind=energon needs a tokenizer with pad/bos/eos ids "
+                          f"{(PAD, BOS, EOS)} (the project's sentencepiece layout); "
+                          f"{tokenizer.path} has {have}")
     return EnergonData(d.path, tokenizer, d.seq_length, cfg.model.vision.image_size,
                        cfg.image_tokens, d.micro_batch_size, dp_rank, dp_size, cfg.seed,
                        d.num_workers, d.shuffle_buffer_size)

@@ -1,6 +1,7 @@
 """Text-only GPT batches from jsonl: one {"text": "..."} object per line.
 
-Documents are tokenised as `<s> text </s>`, concatenated and cut into windows of seq_length + 1
+Documents are tokenised as `<s> text </s>` (the tokenizer's own bos and eos ids; no <s> where it
+has no bos), concatenated and cut into windows of seq_length + 1
 tokens (standard GPT packing, so there is no padding). Windows are shuffled per epoch from the
 seed and dealt round-robin to data-parallel ranks; the data position is one integer per rank.
 """
@@ -14,7 +15,7 @@ from typing import Iterator
 import torch
 
 from megatron_nullmoe.run.data import DataError, PositionState
-from megatron_nullmoe.run.tokenizer import BOS, EOS, Tokenizer
+from megatron_nullmoe.run.tokenizer import Tokenizer
 
 
 def iter_texts(path: str | Path) -> Iterator[str]:
@@ -40,8 +41,9 @@ def iter_texts(path: str | Path) -> Iterator[str]:
 
 def read_windows(path: str | Path, tokenizer: Tokenizer, seq_length: int) -> torch.Tensor:
     stream: list[int] = []
+    bos = [] if tokenizer.bos_id is None else [tokenizer.bos_id]
     for text in iter_texts(path):
-        stream += [BOS] + tokenizer.encode(text) + [EOS]
+        stream += bos + tokenizer.encode(text) + [tokenizer.eos_id]
     windows = len(stream) // (seq_length + 1)
     if windows == 0:
         raise DataError(f"{path} holds {len(stream)} tokens, fewer than one sequence of "
