@@ -1,4 +1,4 @@
-"""`export hf --format qwen3_moe`: a Qwen3-MoE checkpoint, where Qwen3-MoE computes the same function.
+"""`export hf --format qwen3_moe`: a Qwen3-MoE checkpoint, where Qwen3-MoE computes the same.
 
 Qwen3-MoE is Mixtral's shape (RMSNorm, rope, SwiGLU, grouped-query attention, a softmax router)
 plus what Mixtral lacks: per-head q/k RMSNorm (megatron-core's qk_layernorm, always on in
