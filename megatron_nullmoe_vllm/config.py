@@ -61,6 +61,11 @@ class ServeConfig:
             raise ServeConfigError(
                 "vision_config is set (a vision-language export, NullMoEForConditionalGeneration): "
                 "the vLLM plugin serves text-only exports (vision_config: null) so far")
+        if getattr(c, "qk_layernorm", False):
+            raise ServeConfigError(
+                "qk_layernorm=True (per-head q/k norms, as a Qwen3-MoE import has) cannot be "
+                "served by the vLLM plugin yet (valid: false); a model without null slots serves "
+                "as stock Qwen3-MoE (export hf --format qwen3_moe)")
         for name, valid in CHOICES.items():
             value = getattr(c, name)
             if value not in valid:

@@ -89,12 +89,21 @@ def test_export_logits_equal_megatron_core_for_every_router_mode(single_rank, ga
     ("mixtral-style: RMSNorm rope SwiGLU GQA", NullExpertConfig(num_null_experts=4),
      dict(normalization="RMSNorm", gated_linear_unit=True, activation_func=F.silu,
           num_query_groups=2), dict(position="rope")),
+    ("qwen3-style: per-head q/k RMSNorm, head_dim 16 apart from 32 / 4, eps 1e-6",
+     NullExpertConfig(num_null_experts=4),
+     dict(normalization="RMSNorm", gated_linear_unit=True, activation_func=F.silu,
+          num_query_groups=2, qk_layernorm=True, kv_channels=16, layernorm_epsilon=1e-6),
+     dict(position="rope")),
     ("dense layers between MoE layers, 3 layers", NullExpertConfig(num_null_experts=8,
                                                                   target_real_per_token=1.0),
      {}, dict(layers=3, moe_freq=2)),
 ])
 def test_export_logits_equal_megatron_core_for_every_architecture(single_rank, name, null, config, kw):
     model = build_gpt(null, **config, **kw)
+    with torch.no_grad():  # norms away from 1, so that a q/k norm left out would show
+        for p_name, p in model.named_parameters():
+            if p_name.endswith("layernorm.weight"):
+                p.copy_(1 + 0.3 * torch.randn(p.shape, generator=torch.Generator().manual_seed(2)))
     diff, _ = max_diff(model, tokens())
     assert diff < 1e-4, f"{name}: {diff}"
 

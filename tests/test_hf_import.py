@@ -135,11 +135,12 @@ def _copy(folder, tmp_path, edit=None, drop=()):
 
 @pytest.mark.parametrize("edit,drop,message", [
     (None, ("config.json",), "holds safetensors but no config.json"),
-    ({"architectures": ["Qwen3MoeForCausalLM"]}, (),
-     "architecture 'Qwen3MoeForCausalLM' cannot be imported yet"),
+    ({"architectures": ["GptOssForCausalLM"]}, (),
+     "architecture 'GptOssForCausalLM' cannot be imported (valid: MixtralForCausalLM, "
+     "Qwen3MoeForCausalLM)"),
     ({"sliding_window": 4096}, (), "sliding_window=4096"),
     ({"tie_word_embeddings": True}, (), "tie_word_embeddings=true"),
-    ({"rms_norm_eps": 1e-6}, (), "rms_norm_eps=1e-06"),
+    ({"hidden_act": "gelu"}, (), "hidden_act='gelu'"),
 ])
 def test_a_folder_the_import_cannot_reproduce_is_refused(mixtral, tmp_path, edit, drop, message):
     from megatron_nullmoe.run.config import ConfigError, load_config

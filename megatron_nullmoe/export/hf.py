@@ -55,7 +55,7 @@ def _refuse_unsupported(model) -> None:
     checks = [
         (c.add_bias_linear or getattr(c, "add_qkv_bias", False), "add_bias_linear/add_qkv_bias",
          "linear layers without bias"),
-        (c.qk_layernorm, "qk_layernorm", "off"),
+        (getattr(c, "qk_l2_norm", False), "qk_l2_norm", "off (qk_layernorm is exported)"),
         (getattr(c, "multi_latent_attention", False), "multi_latent_attention", "off"),
         (c.layernorm_zero_centered_gamma, "layernorm_zero_centered_gamma", "off"),
         (c.apply_residual_connection_post_layernorm, "apply_residual_connection_post_layernorm",
@@ -127,6 +127,7 @@ def hf_config(model, tokenizer_ids: Optional[dict] = None) -> dict:
         # megatron-core's top-k scaling times the null gate scale (the router's product)
         router_topk_scaling_factor=moe[0].gate_scaling if moe else c.moe_router_topk_scaling_factor,
         normalization=c.normalization, norm_eps=c.layernorm_epsilon,
+        qk_layernorm=bool(c.qk_layernorm),
         position_embedding_type=model.position_embedding_type,
         rotary_base=int(getattr(model, "rotary_base", 10000)),
         rotary_percent=float(getattr(c, "rotary_percent", 1.0)),

@@ -80,6 +80,12 @@ class Model:
     activation: str = _choices("gelu", "swiglu", default="gelu")
     # key/value heads of grouped-query attention (a divisor of num_attention_heads); null: MHA
     num_query_groups: Optional[int] = _at_least(None, 1)
+    # channels of each attention head (megatron-core's kv_channels); null: hidden_size // heads
+    kv_channels: Optional[int] = _at_least(None, 1)
+    # a norm (model.normalization) over each query and key head before rotary, as Qwen3 has
+    # (megatron-core's qk_layernorm)
+    qk_layernorm: bool = False
+    norm_epsilon: float = _above(1e-5, 0)  # epsilon of every decoder norm (layernorm_epsilon)
     # MoE: decoder layers 0, n, 2n, ... are MoE for moe_layer_freq=n (megatron-core's convention).
     moe_layer_freq: int = 1
     num_experts: int = _at_least(8, 1)
@@ -155,9 +161,10 @@ class Checkpoint:
     # same model, with or without null slots or with other null/router settings (the null state a
     # source lacks starts fresh). Step, optimizer, LR schedule and data order start at 0, as with
     # Megatron-LM's --finetune. Ignored once the run has checkpoints of its own (it resumes those).
-    # A Hugging Face folder (config.json + *.safetensors; MixtralForCausalLM) works too: the
-    # architecture keys come from its config.json (run/hf_folder.py), and its tokenizer.json
-    # (else tokenizer.model) is data.tokenizer unless the recipe names one.
+    # A Hugging Face folder (config.json + *.safetensors; MixtralForCausalLM or
+    # Qwen3MoeForCausalLM) works too: the architecture keys come from its config.json
+    # (run/hf_folder.py), and its tokenizer.json (else tokenizer.model) is data.tokenizer unless
+    # the recipe names one.
     init_from: Optional[str] = None
 
 

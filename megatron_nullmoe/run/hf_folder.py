@@ -3,22 +3,53 @@
 `checkpoint.init_from=HF_DIR` reads it in two places: `load_config` takes the architecture from
 its config.json (`recipe_keys`: the recipe may leave those keys out; any it sets that disagree
 are refused, each by name with both values), and the trainer's `_init_from` loads the weights
-(`load_hf_weights`) through run/hf_layout.py's table, the one the export writes with. Only
-`MixtralForCausalLM` for now; what this trainer cannot reproduce (sliding windows, rope scaling,
-tied embeddings, a head dim apart from hidden / heads, another norm eps) is refused by name.
+(`load_hf_weights`) through run/hf_layout.py's table, the one the export writes with.
+
+Families (`FAMILIES`): `MixtralForCausalLM` and `Qwen3MoeForCausalLM` (per-head q/k RMSNorm as
+megatron-core's qk_layernorm, `head_dim` as kv_channels, `norm_topk_prob` as the gate rule, dense
+layers where model.moe_layer_freq can place them). `OlmoeForCausalLM` is refused (`REFUSED`): its
+q/k norms run over the whole projection, which megatron-core's per-head qk_layernorm is not.
+Whatever the trainer cannot reproduce (sliding windows, rope scaling, tied embeddings, attention
+bias, another activation, a dense-layer pattern moe_layer_freq cannot place) is refused by name.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from megatron_nullmoe.flops import moe_layer_pattern
 from megatron_nullmoe.run.checkpoint import MANIFEST, CheckpointError
 from megatron_nullmoe.upcycle import NULL_STATE
 
-ARCHITECTURES = ("MixtralForCausalLM",)
-NORM_EPS = 1e-5  # megatron-core's layernorm_epsilon, which the trainer builds with
+
+@dataclass(frozen=True)
+class Family:
+    """How one architecture's config.json names what the trainer needs."""
+
+    name: str  # its key in hf_layout.RENAMES and its `export hf --format`
+    experts: tuple[str, ...]  # the expert count, under the first of these names it has
+    expert_ffn: str  # the experts' hidden size (`intermediate_size` is the dense layers')
+    qk_norm: bool  # per-head q/k RMSNorm in every layer
+    norm_eps: float  # rms_norm_eps where config.json leaves it out (transformers' default)
+
+
+FAMILIES = {
+    "MixtralForCausalLM": Family("mixtral", ("num_local_experts",), "intermediate_size", False,
+                                 1e-5),
+    # the Hub's configs say num_experts; transformers 5 writes num_local_experts (its alias)
+    "Qwen3MoeForCausalLM": Family("qwen3_moe", ("num_experts", "num_local_experts"),
+                                  "moe_intermediate_size", True, 1e-6),
+}
+# architectures people ask for that the trainer cannot reproduce, and why
+REFUSED = {
+    "OlmoeForCausalLM": "its q_norm/k_norm are RMSNorms over the whole query and key projections "
+                        "(heads x head_dim channels at once), while megatron-core's qk_layernorm "
+                        "normalises each head apart; the logits would differ",
+    "Qwen2MoeForCausalLM": "shared experts and QKV biases, which the trainer does not build",
+}
 # router state a Hugging Face MoE has no tensors for: the null-slot state (upcycle.NULL_STATE),
 # the expert bias (its null entries start as the model has them) and its token counts
 FRESH = NULL_STATE + ("router.expert_bias", "router.local_tokens_per_expert")
@@ -38,39 +69,76 @@ def is_hf_folder(path: str | Path) -> bool:
     return False
 
 
+def _json(path: Path) -> dict:
+    try:
+        return json.loads((Path(path) / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{path}/config.json cannot be read ({err})") from None
+
+
+def family_of(path: Path) -> Family:
+    """The folder's Family; CheckpointError names an architecture the import cannot read."""
+    c = _json(path)
+    arch = (c.get("architectures") or [c.get("model_type")])[0]
+    if arch in REFUSED:
+        raise CheckpointError(f"{path}: architecture {arch!r} cannot be imported: {REFUSED[arch]} "
+                              f"(valid: {', '.join(FAMILIES)})")
+    if arch not in FAMILIES:
+        raise CheckpointError(f"{path}: architecture {arch!r} cannot be imported (valid: "
+                              f"{', '.join(FAMILIES)})")
+    return FAMILIES[arch]
+
+
+def _experts(c: dict, family: Family) -> tuple[str, Optional[int]]:
+    """(the config.json name, the expert count) of the folder's experts."""
+    name = next((n for n in family.experts if n in c), family.experts[0])
+    return name, c.get(name)
+
+
+def moe_layers(c: dict) -> list[int]:
+    """1 for each MoE layer, 0 for a dense one, as transformers builds them (Qwen3-MoE: layer i
+    is MoE when (i + 1) % decoder_sparse_step == 0 and i is not in mlp_only_layers)."""
+    step, dense = c.get("decoder_sparse_step") or 1, set(c.get("mlp_only_layers") or ())
+    return [int(i not in dense and (i + 1) % step == 0) for i in range(c["num_hidden_layers"])]
+
+
+def _moe_layer_freq(c: dict) -> Optional[int]:
+    """The model.moe_layer_freq that places the folder's MoE layers, None if none does."""
+    want, layers = moe_layers(c), c["num_hidden_layers"]
+    return next((n for n in range(1, layers + 1) if moe_layer_pattern(layers, n) == want), None)
+
+
 def read_config(path: Path) -> dict:
     """The folder's config.json, checked: an architecture this import reads, nothing it cannot
     reproduce. CheckpointError names each problem."""
-    try:
-        c = json.loads((Path(path) / "config.json").read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise CheckpointError(f"{path}/config.json cannot be read ({err})") from None
-    arch = c.get("architectures") or [c.get("model_type")]
-    if arch[0] not in ARCHITECTURES:
-        raise CheckpointError(f"{path}: architecture {arch[0]!r} cannot be imported yet (valid: "
-                              f"{', '.join(ARCHITECTURES)}; Qwen3-MoE and OLMoE are not done)")
-    heads = c["num_attention_heads"]
+    family = family_of(path)
+    c = _json(path)
     rope = c.get("rope_parameters") or {}
     scaling = c.get("rope_scaling") or ({} if rope.get("rope_type", "default") == "default"
                                         else rope)
+    # Qwen3 keeps sliding_window in its config.json but applies it only with use_sliding_window
+    window = c.get("sliding_window") if c.get("use_sliding_window", True) else None
     problems = [
-        (c.get("sliding_window") is not None, f"sliding_window={c.get('sliding_window')}",
+        (window is not None, f"sliding_window={window}",
          "the trainer attends to the whole causal context"),
         (bool(c.get("tie_word_embeddings")), "tie_word_embeddings=true",
          "the trainer's output layer is its own"),
-        (c.get("head_dim") not in (None, c["hidden_size"] // heads),
-         f"head_dim={c.get('head_dim')}", f"the trainer's is hidden_size // num_attention_heads "
-         f"= {c['hidden_size'] // heads}"),
         (c.get("hidden_act", "silu") != "silu", f"hidden_act={c.get('hidden_act')!r}",
          "SwiGLU (silu) only"),
-        (float(c.get("rms_norm_eps", NORM_EPS)) != NORM_EPS, f"rms_norm_eps={c.get('rms_norm_eps')}",
-         f"the trainer's norms use {NORM_EPS}"),
         (bool(scaling), f"rope_scaling={scaling}", "plain rotary embeddings"),
         (bool(c.get("attention_bias")), "attention_bias=true", "linear layers without bias"),
+        (not _experts(c, family)[1], "{}={}".format(*_experts(c, family)),
+         "a MoE model: at least one expert"),
+        (_moe_layer_freq(c) is None,
+         f"decoder_sparse_step={c.get('decoder_sparse_step')}, "
+         f"mlp_only_layers={c.get('mlp_only_layers')}",
+         f"the MoE layers {[i for i, m in enumerate(moe_layers(c)) if m]} are not layers 0, n, "
+         "2n, ... for any model.moe_layer_freq=n"),
     ]
     bad = [f"{name} ({why})" for flag, name, why in problems if flag]
     if bad:
-        raise CheckpointError(f"{path}: {arch[0]} with settings the trainer cannot reproduce: "
+        arch = (c.get("architectures") or [c.get("model_type")])[0]
+        raise CheckpointError(f"{path}: {arch} with settings the trainer cannot reproduce: "
                               + "; ".join(bad))
     return c
 
@@ -80,28 +148,38 @@ def _rope_theta(c: dict) -> float:
 
 
 def recipe_keys(path: Path) -> dict[str, object]:
-    """{recipe key: value} of the architecture the folder's config.json describes (Mixtral:
-    RMSNorm, rope, SwiGLU, every layer MoE, top-k then softmax over the picks)."""
-    c = read_config(path)
+    """{recipe key: value} of the architecture the folder's config.json describes: RMSNorm, rope,
+    SwiGLU; the gate rule top-k then softmax over the picks (Mixtral, Qwen3 norm_topk_prob=true)
+    or softmax over all experts, picks not renormalised (Qwen3 norm_topk_prob=false, megatron-
+    core's pre-softmax); Qwen3's per-head q/k norms and head_dim."""
+    family, c = family_of(path), read_config(path)
     theta = _rope_theta(c)
     if theta != int(theta):
         raise CheckpointError(f"{path}: rope_theta={theta} is not an integer (model.rotary_base is)")
-    return {
+    heads, head_dim = c["num_attention_heads"], c.get("head_dim")
+    keys = {
         "model.kind": "gpt", "model.num_layers": c["num_hidden_layers"],
-        "model.hidden_size": c["hidden_size"], "model.num_attention_heads": c["num_attention_heads"],
-        "model.num_query_groups": c.get("num_key_value_heads") or c["num_attention_heads"],
-        "model.moe_ffn_hidden_size": c["intermediate_size"], "model.num_experts":
-            c["num_local_experts"], "model.router_topk": c["num_experts_per_tok"],
-        "model.moe_layer_freq": 1, "model.normalization": "RMSNorm",
+        "model.hidden_size": c["hidden_size"], "model.num_attention_heads": heads,
+        "model.num_query_groups": c.get("num_key_value_heads") or heads,
+        "model.kv_channels": None if head_dim in (None, c["hidden_size"] // heads) else head_dim,
+        "model.qk_layernorm": family.qk_norm,
+        "model.norm_epsilon": float(c.get("rms_norm_eps", family.norm_eps)),
+        "model.moe_ffn_hidden_size": c[family.expert_ffn],
+        "model.num_experts": _experts(c, family)[1], "model.router_topk": c["num_experts_per_tok"],
+        "model.moe_layer_freq": _moe_layer_freq(c), "model.normalization": "RMSNorm",
         "model.position_embedding": "rope", "model.rotary_base": int(theta),
         "model.activation": "swiglu", "model.router_score_function": "softmax",
-        "model.router_pre_softmax": False, "model.router_topk_scaling_factor": None,
-        "model.vocab_size": c["vocab_size"],
+        # Qwen3's norm_topk_prob=false keeps the all-expert softmax probabilities as gates
+        "model.router_pre_softmax": family.name == "qwen3_moe" and not c.get("norm_topk_prob"),
+        "model.router_topk_scaling_factor": None, "model.vocab_size": c["vocab_size"],
     }
+    if not all(moe_layers(c)):  # the dense layers' weights depend on it
+        keys["model.ffn_hidden_size"] = c["intermediate_size"]
+    return keys
 
 
 # Keys filled from the folder when the recipe leaves them out, never compared: no weight
-# depends on them (rope has no position table; Mixtral has no dense layers).
+# depends on them (rope has no position table; without dense layers, ffn_hidden_size is unused).
 FILL_ONLY = {"model.max_position_embeddings": "max_position_embeddings",
              "model.ffn_hidden_size": "intermediate_size"}
 
@@ -146,12 +224,13 @@ def load_hf_weights(path: Path, model) -> list[str]:
     CheckpointError lists every tensor that is missing or shaped differently."""
     from megatron_nullmoe.run.hf_layout import Attention, from_hf, load_global, nullmoe_name
 
+    family = family_of(path)
     read_config(path)
     c = model.config
     att = Attention(c.num_attention_heads, c.num_query_groups or c.num_attention_heads,
                     c.kv_channels)
     tensors = _Tensors(path)
-    by_ours = {nullmoe_name(name): name for name in tensors.where}
+    by_ours = {nullmoe_name(name, family.name): name for name in tensors.where}
     used: set[str] = set()
 
     def get(name: str):

@@ -11,8 +11,9 @@ experts of a layer are one [E, ...] tensor, layers are numbered globally). `glob
 gathers a one-rank model into that space; `load_global` scatters global tensors into whatever
 slice of them this rank holds, so the import is layout-free.
 
-The Hugging Face side is NullMoEForCausalLM's names; `mixtral_name`/`nullmoe_name` rename the MoE
-block to stock Mixtral's (router -> block_sparse_moe.gate, gate/down/up -> w1/w2/w3).
+The Hugging Face side is NullMoEForCausalLM's names; `family_name`/`nullmoe_name` rename the MoE
+block to a stock family's (Mixtral: router -> block_sparse_moe.gate, gate/down/up -> w1/w2/w3;
+Qwen3-MoE: router -> gate). Qwen3's per-head q/k norms are megatron-core's q/k_layernorm.
 
 Layouts (legend: H hidden, G query groups = key/value heads, Q query heads per group, D head
 dim, F ffn hidden, E experts): the fused QKV is [G, (Q q-heads, 1 k-head, 1 v-head) x D, H],
@@ -56,6 +57,11 @@ LAYER_ROWS = (
     Row("self_attention.linear_qkv.weight",
         ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"), "qkv"),
     Row("self_attention.linear_proj.weight", ("self_attn.o_proj.weight",)),
+    # per-head q/k norms (qk_layernorm; Qwen3): one [D] weight shared by every head
+    Row("self_attention.q_layernorm.weight", ("self_attn.q_norm.weight",), optional=True),
+    Row("self_attention.q_layernorm.bias", ("self_attn.q_norm.bias",), optional=True),
+    Row("self_attention.k_layernorm.weight", ("self_attn.k_norm.weight",), optional=True),
+    Row("self_attention.k_layernorm.bias", ("self_attn.k_norm.bias",), optional=True),
     # the pre-MLP norm, dense or MoE layer alike
     Row("mlp.linear_fc1.layer_norm_weight", ("post_attention_layernorm.weight",)),
     Row("mlp.linear_fc1.layer_norm_bias", ("post_attention_layernorm.bias",), optional=True),
@@ -74,10 +80,15 @@ LAYER_ROWS = (
 )
 _LAYER = re.compile(r"decoder\.layers\.(\d+)\.(.+)")
 
-# NullMoE name piece -> Mixtral's, applied in order (and reversed back)
-MIXTRAL_RENAMES = (("mlp.router.weight", "block_sparse_moe.gate.weight"),
-                   ("mlp.experts.", "block_sparse_moe.experts."),
-                   ("gate_proj.", "w1."), ("down_proj.", "w2."), ("up_proj.", "w3."))
+# the stock families' names of the MoE block: NullMoE name piece -> the family's, applied in
+# order (and reversed back); everything outside the MoE block is named alike
+RENAMES = {
+    "nullmoe": (),
+    "mixtral": (("mlp.router.weight", "block_sparse_moe.gate.weight"),
+                ("mlp.experts.", "block_sparse_moe.experts."),
+                ("gate_proj.", "w1."), ("down_proj.", "w2."), ("up_proj.", "w3.")),
+    "qwen3_moe": (("mlp.router.weight", "mlp.gate.weight"),),
+}
 
 
 @dataclass(frozen=True)
@@ -156,14 +167,16 @@ def from_hf(key: str, shape: tuple, get: Callable[[str], Optional[torch.Tensor]]
     return torch.stack(stacked) if row.experts else stacked[0]
 
 
-def mixtral_name(name: str) -> str:
-    for ours, theirs in MIXTRAL_RENAMES:
+def family_name(name: str, family: str) -> str:
+    """A NullMoE tensor name as `family` (a key of RENAMES) names it."""
+    for ours, theirs in RENAMES[family]:
         name = name.replace(ours, theirs)
     return name
 
 
-def nullmoe_name(name: str) -> str:
-    for ours, theirs in reversed(MIXTRAL_RENAMES):
+def nullmoe_name(name: str, family: str) -> str:
+    """A `family` tensor name as NullMoE names it (family_name's inverse)."""
+    for ours, theirs in reversed(RENAMES[family]):
         name = name.replace(theirs, ours)
     return name
 

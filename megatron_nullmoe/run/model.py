@@ -94,12 +94,14 @@ def _check_architecture(cfg: RunConfig) -> None:
                 f"model.num_query_groups={groups} with parallel.tensor={tp}: megatron-core needs "
                 "the key/value groups to be a multiple or a divisor of the tensor-parallel size")
     if m.position_embedding == "rope":
-        head_dim = m.hidden_size // heads  # megatron-core's kv_channels
+        head_dim = m.kv_channels or m.hidden_size // heads  # megatron-core's kv_channels
+        what = (f"model.kv_channels = {head_dim}" if m.kv_channels else
+                f"model.hidden_size // model.num_attention_heads = {m.hidden_size} // {heads} = "
+                f"{head_dim}")
         if head_dim < 2 or head_dim % 2:
             raise ConfigError(
                 f"model.position_embedding=rope rotates pairs of channels, so the head dimension "
-                f"model.hidden_size // model.num_attention_heads = {m.hidden_size} // {heads} = "
-                f"{head_dim} must be even; change either, or use learned_absolute")
+                f"{what} must be even; change it, or use learned_absolute")
 
 
 def decoder_config(cfg: RunConfig, dtype: torch.dtype):
@@ -116,7 +118,9 @@ def decoder_config(cfg: RunConfig, dtype: torch.dtype):
         return TransformerConfig(
             num_layers=m.num_layers, hidden_size=m.hidden_size, ffn_hidden_size=m.ffn_hidden_size,
             num_attention_heads=m.num_attention_heads, num_query_groups=m.num_query_groups,
-            normalization=m.normalization, gated_linear_unit=gated, activation_func=activation,
+            kv_channels=m.kv_channels, qk_layernorm=m.qk_layernorm,
+            normalization=m.normalization, layernorm_epsilon=m.norm_epsilon,
+            gated_linear_unit=gated, activation_func=activation,
             num_moe_experts=m.num_experts,
             moe_ffn_hidden_size=m.moe_ffn_hidden_size, moe_router_topk=m.router_topk,
             moe_layer_freq=pattern, moe_token_dispatcher_type=m.token_dispatcher,

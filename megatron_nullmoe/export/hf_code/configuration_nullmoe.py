@@ -53,6 +53,7 @@ class NullMoEConfig(PretrainedConfig):
         router_topk_scaling_factor=None,
         normalization="LayerNorm",
         norm_eps=1e-5,
+        qk_layernorm=False,
         position_embedding_type="learned_absolute",
         rotary_base=10000,
         rotary_percent=1.0,
@@ -87,6 +88,9 @@ class NullMoEConfig(PretrainedConfig):
         self.router_topk_scaling_factor = router_topk_scaling_factor
         self.normalization = normalization
         self.norm_eps = norm_eps
+        # a norm of `normalization` kind over each query and key head (head_dim channels, one
+        # weight shared by the heads) before rotary: megatron-core's qk_layernorm, Qwen3's q/k norm
+        self.qk_layernorm = qk_layernorm
         self.position_embedding_type = position_embedding_type
         self.rotary_base = rotary_base
         self.rotary_percent = rotary_percent

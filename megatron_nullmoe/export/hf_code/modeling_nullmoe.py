@@ -48,10 +48,11 @@ class NullMoECausalLMOutput(CausalLMOutputWithPast):
 
 
 # ----------------------------------------------------------------------------- building blocks
-def _norm(config):
+def _norm(config, size=None):
+    size = size or config.hidden_size
     if config.normalization == "RMSNorm":
-        return nn.RMSNorm(config.hidden_size, eps=config.norm_eps)
-    return nn.LayerNorm(config.hidden_size, eps=config.norm_eps)
+        return nn.RMSNorm(size, eps=config.norm_eps)
+    return nn.LayerNorm(size, eps=config.norm_eps)
 
 
 def _rotate_half(x):
@@ -98,11 +99,15 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(H, self.kv_heads * self.head_dim, bias=False)
         self.v_proj = nn.Linear(H, self.kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.heads * self.head_dim, H, bias=False)
+        # per-head norms of q and k before rotary (config.qk_layernorm), one weight for all heads
+        qk = getattr(config, "qk_layernorm", False)  # configs written before it have none
+        self.q_norm = _norm(config, self.head_dim) if qk else nn.Identity()
+        self.k_norm = _norm(config, self.head_dim) if qk else nn.Identity()
 
     def forward(self, x_BLH, mask_B1LK, rotary, cache):
         B, L, _ = x_BLH.shape
-        q = self.q_proj(x_BLH).view(B, L, self.heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x_BLH).view(B, L, self.kv_heads, self.head_dim).transpose(1, 2)
+        q = self.q_norm(self.q_proj(x_BLH).view(B, L, self.heads, self.head_dim)).transpose(1, 2)
+        k = self.k_norm(self.k_proj(x_BLH).view(B, L, self.kv_heads, self.head_dim)).transpose(1, 2)
         v = self.v_proj(x_BLH).view(B, L, self.kv_heads, self.head_dim).transpose(1, 2)
         if rotary is not None:
             q, k = _apply_rotary(q, *rotary), _apply_rotary(k, *rotary)
