@@ -3,16 +3,20 @@ top-1 of the same size, with the expert rows computed per token, side by side in
 
     make setup-vllm && make bench-serve
     .venv-vllm/bin/python benchmarks/serve_bench.py [--rounds 3] [--hidden 512] [--json out.json]
+    # a GPU's shape (untried: the GPU check's machine has no vLLM; see moe_rows_bench.py there)
+    .venv-vllm/bin/python benchmarks/serve_bench.py --dtype bfloat16 --hidden 2048 --experts 64 \
+        --nulls 64 --batch 64 --decode-tokens 128
 
 Models (random weights, exported by the project's export as tests/_vllm_reference.py builds them,
 in a process of their own): a GPT of --layers MoE layers, width --hidden over heads of 64 (a head
-size vLLM's CPU attention takes), E = 8 experts of FFN --ffn, GELU, vocabulary 96 (so the MoE
-layers hold most of the compute); null: k = 2 over 8 real + 8 null slots (shared null logit, the
-budget bias at 0.15 as in tests/_models.py); top2 and top1: no null slots. Real experts per token
-are counted on the prefill batch through the export's own remote code (its routers' picks).
+size vLLM's CPU attention takes), E = --experts (8) experts of FFN --ffn, GELU, vocabulary 96 (so
+the MoE layers hold most of the compute); null: k = 2 over E real + --nulls (8) null slots (shared
+null logit, the budget bias at 0.15 as in tests/_models.py); top2 and top1: no null slots. Real
+experts per token are counted on the prefill batch through the export's own remote code (its
+routers' picks).
 
-Timing: vLLM in this process, fp32, eager, prefix caching off. Prefill: --batch prompts of
---prompt-len random tokens, one new token; decode: --batch prompts of 16 tokens, (t(1 + N) - t(1))
+Timing: vLLM in this process, --dtype (fp32 by default), eager, prefix caching off. Prefill:
+--batch prompts of --prompt-len random tokens, one new token; decode: --batch prompts of 16 tokens, (t(1 + N) - t(1))
 for N = --decode-tokens new tokens each, end of text ignored. Each round starts each model's engine
 in turn (the order rotates) and takes the median of --repeats timings; ratios to top2 are taken per
 round and reported as median [min, max] over rounds (a shared, noisy machine).
@@ -41,9 +45,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-# name -> (k, null slots)
-MODELS = {"null": (2, 8), "top2": (2, 0), "top1": (1, 0)}
-EXPERTS = 8
+def models(args) -> dict:
+    """name -> (k, null slots)"""
+    return {"null": (2, args.nulls), "top2": (2, 0), "top1": (1, 0)}
 PROMPT_SEED = 0
 
 
@@ -68,9 +72,9 @@ def build(args) -> None:
                                 out / "tok.model", vocab_size=96)
     ids = prompts(args)["prefill"]
     real = {}
-    for name, (k, nulls) in MODELS.items():
+    for name, (k, nulls) in models(args).items():
         model = build_gpt(NullExpertConfig(num_null_experts=nulls), layers=args.layers,
-                          topk=k, experts=EXPERTS, seq=args.max_len, hidden_size=args.hidden,
+                          topk=k, experts=args.experts, seq=args.max_len, hidden_size=args.hidden,
                           num_attention_heads=args.hidden // 64, ffn_hidden_size=args.ffn,
                           moe_ffn_hidden_size=args.ffn, init_method_std=0.02,
                           moe_router_pre_softmax=k == 1)  # megatron-core requires it at k = 1
@@ -111,7 +115,7 @@ def measure(export: Path, args) -> dict:
 
     from megatron_nullmoe_vllm.model import routed_rows
 
-    llm = LLM(model=str(export), dtype="float32", enforce_eager=True, max_model_len=args.max_len,
+    llm = LLM(model=str(export), dtype=args.dtype, enforce_eager=True, max_model_len=args.max_len,
               trust_remote_code=True, seed=0, enable_prefix_caching=False)
     try:
         p = prompts(args)
@@ -142,6 +146,9 @@ def main(argv=None) -> None:
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--hidden", type=int, default=512)
     p.add_argument("--ffn", type=int, default=1024)
+    p.add_argument("--experts", type=int, default=8)
+    p.add_argument("--nulls", type=int, default=8, help="the null-MoE's null slots")
+    p.add_argument("--dtype", default="float32", help="vLLM's dtype (bfloat16 on a GPU)")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--decode-tokens", type=int, default=32)
@@ -163,14 +170,18 @@ def main(argv=None) -> None:
         if built.returncode:
             sys.exit(f"building the exports failed:\n{built.stderr[-3000:]}")
         real = json.loads((Path(tmp) / "real.json").read_text())
-        names = list(MODELS)
+        names = list(models(args))
         runs = {n: [] for n in names}
         for r in range(args.rounds):
             for n in names[r % len(names):] + names[:r % len(names)]:
                 runs[n].append(measure(Path(tmp) / n, args))
                 print(f"round {r + 1} {n}: {runs[n][-1]}", file=sys.stderr, flush=True)
-    print(f"vLLM serving, CPU ({os.cpu_count()} cores), fp32: {args.layers} MoE layers, hidden "
-          f"{args.hidden}, E = {EXPERTS} experts of FFN {args.ffn}; prefill {args.batch} x "
+    import torch
+
+    where = (torch.cuda.get_device_name(0) if torch.cuda.is_available()
+             else f"CPU ({os.cpu_count()} cores)")
+    print(f"vLLM serving, {where}, {args.dtype}: {args.layers} MoE layers, hidden "
+          f"{args.hidden}, E = {args.experts} experts of FFN {args.ffn}; prefill {args.batch} x "
           f"{args.prompt_len} tokens, decode {args.batch} x {args.decode_tokens} new tokens; "
           f"{args.rounds} rounds x {args.repeats} repeats, ratios: median [min, max] over rounds")
     print("| model | kernel rows/token | real experts/token (routing) | prefill tok/s | vs top2 "
@@ -178,14 +189,14 @@ def main(argv=None) -> None:
     print("|---|---:|---:|---:|---:|---:|---:|")
     result = {"args": vars(args), "models": {}}
     for n in names:
-        k, nulls = MODELS[n]
+        k, nulls = models(args)[n]
         row = {"k": k, "null_slots": nulls, "real_experts_per_token": real[n],
                "kernel_rows_per_token": statistics.median(m["rows_per_token"] for m in runs[n])}
         for phase in ("prefill", "decode"):
             row[phase] = statistics.median(m[phase] for m in runs[n])
             row[f"{phase}_vs_top2"] = [m[phase] / t[phase] for m, t in zip(runs[n], runs["top2"])]
         result["models"][n] = row
-        label = f"{n} (k = {k}" + (f" over {EXPERTS} + {nulls})" if nulls else ")")
+        label = f"{n} (k = {k}" + (f" over {args.experts} + {nulls})" if nulls else ")")
         print(f"| {label} | {row['kernel_rows_per_token']:.2f} | {real[n]:.2f} | "
               f"{row['prefill']:,.0f} | "
               f"{spread(row['prefill_vs_top2'])} | {row['decode']:,.1f} | "

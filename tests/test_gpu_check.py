@@ -277,7 +277,8 @@ def test_dry_check_writes_both_reports_with_every_step(dry):
     report, log, out, python, _ = dry
     assert report["dry"] is True and report["python"] == str(python)
     assert list(report["steps"]) == ["install", "environment", "demo_data", "train_gpt",
-                                     "train_vlm", "megatron_lm", "layer_bench", "gpu_tests"]
+                                     "train_vlm", "megatron_lm", "layer_bench", "serve_rows",
+                                     "gpu_tests"]
     assert "| train_vlm |" in (out / "gpu_check.md").read_text()
     for name, step in report["steps"].items():
         assert step["status"] in ("ok", "failed", "skipped"), name
@@ -336,6 +337,16 @@ def test_dry_layer_bench_counts_rows_and_host_syncs(dry):
         assert v["ms_fwd_bwd"] > 0
     # megatron-core's own router + dispatcher read the device several times; ours once
     assert b["host_syncs_per_forward"]["total"] <= 1 < a["host_syncs_per_forward"]["total"]
+
+
+@pytest.mark.slow
+def test_dry_serve_rows_computes_only_real_picks(dry):
+    step = _ok(dry[0], "serve_rows")
+    for T, entry in step["batches"].items():
+        assert entry["top2"]["rows_per_token"] == 2 and entry["top1"]["rows_per_token"] == 1
+        # calibrated to 1 real expert per token: the plugin's rows are the real picks only
+        assert 0.5 < entry["null"]["rows_per_token"] < 1.5, T
+        assert all(m["ms"] > 0 for m in entry.values())
 
 
 @pytest.mark.slow

@@ -21,6 +21,8 @@ $GPU_CHECK_OUT (default runs/gpu_check):
   train_vlm       and on examples/demo_vlm.yaml; finite losses, the budget bias, null statistics
   megatron_lm     Megatron-LM's pretrain() through launch/megatron_lm/pretrain_gpt_nullmoe.py, --bf16
   layer_bench     benchmarks/moe_layer_bench.py: top-k_b 4 vs null k=8, Z=64, time, rows, host syncs
+  serve_rows      benchmarks/moe_rows_bench.py: the vLLM plugin's MoE block (real picks only), null
+                  k=2 over 64 + 64 at 1 real/token vs top-2 and top-1, decode and prefill sizes
   gpu_tests       pytest -m gpu (tests/test_gpu.py), Transformer Engine tests where TE imports
 """
 
@@ -40,7 +42,8 @@ from megatron_lm_step import megatron_lm  # noqa: E402
 
 STEPS = {"install": steps.install, "environment": steps.environment, "demo_data": steps.demo_data,
          "train_gpt": steps.train_gpt, "train_vlm": steps.train_vlm, "megatron_lm": megatron_lm,
-         "layer_bench": steps.layer_bench, "gpu_tests": steps.gpu_tests}
+         "layer_bench": steps.layer_bench, "serve_rows": steps.serve_rows,
+         "gpu_tests": steps.gpu_tests}
 
 ROOT = bundle.ROOT
 BUDGET_S = 8 * 60  # the whole check, on the GPU machine

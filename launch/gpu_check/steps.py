@@ -234,6 +234,37 @@ def layer_bench(ctx: Context) -> dict:
                        + "; ".join(parts), **result}
 
 
+def serve_rows(ctx: Context) -> dict:
+    """Issue 33's serving step: the vLLM plugin's MoE block (only real picks computed) at
+    H=2048, E=64, bf16, null k=2 over 64 + 64 at 1 real per token against top-2 and top-1, forward
+    at decode and prefill batch sizes (benchmarks/moe_rows_bench.py, torch only: the GPU machine
+    has no vLLM and no network to install it; `make bench-serve` measures vLLM end to end)."""
+    sizes = (["--hidden", "64", "--ffn", "64", "--experts", "8", "--nulls", "8",
+              "--tokens", "16,256", "--iters", "3", "--rounds", "2"] if ctx.dry else
+             ["--hidden", "2048", "--ffn", "1024", "--experts", "64", "--nulls", "64",
+              "--tokens", "16,64,256,4096", "--iters", "50", "--rounds", "3"])
+    result_path = ctx.out / "serve_rows.json"
+    device = "cpu" if ctx.dry else "cuda"
+    run(ctx, "serve_rows", [ctx.python, str(ROOT / "benchmarks" / "moe_rows_bench.py"),
+                            "--device", device, "--dtype", "bf16", "--target-real", "1.0",
+                            "--json", str(result_path), *sizes], 180)
+    result = json.loads(result_path.read_text())
+    parts = []
+    for T, entry in result["batches"].items():
+        null, top1 = entry["null"], entry["top1"]
+        parts.append(f"T={T}: null {null['rows_per_token']:.2f} rows/token "
+                     f"{_median(null['speedup_vs_base']):.2f}x top-2 (top-1 "
+                     f"{_median(top1['speedup_vs_base']):.2f}x)")
+    return {"summary": f"{result['device']} bf16, experts by {result['experts_by']}: "
+                       + "; ".join(parts), **result}
+
+
+def _median(values: list) -> float:
+    values = sorted(values)
+    mid = len(values) // 2
+    return values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
+
+
 def gpu_tests(ctx: Context) -> dict:
     xml = ctx.out / "gpu_tests.xml"
     xml.unlink(missing_ok=True)
