@@ -17,9 +17,10 @@ routers' picks).
 
 Timing: vLLM in this process, --dtype (fp32 by default), eager, prefix caching off. Prefill:
 --batch prompts of --prompt-len random tokens, one new token; decode: --batch prompts of 16
-tokens, (t(1 + N) - t(1)) for N = --decode-tokens new tokens each, end of text ignored. Each round starts each model's engine
-in turn (the order rotates) and takes the median of --repeats timings; ratios to top2 are taken per
-round and reported as median [min, max] over rounds (a shared, noisy machine).
+tokens, (t(1 + N) - t(1)) for N = --decode-tokens new tokens each, end of text ignored. Each
+round starts each model's engine in turn (the order rotates) and takes the median of --repeats
+timings; ratios to top2 are taken per round and reported as median [min, max] over rounds (a
+shared, noisy machine).
 
 The plugin hands vLLM's fused-MoE kernel only the real picks, one row each
 (megatron_nullmoe_vllm/routing.py): kernel rows/token is counted inside the served model
