@@ -48,6 +48,7 @@ class ServeConfig:
     scaling_factor: Optional[float]  # megatron-core's top-k scaling times the null gate scale
     normalization: str
     norm_eps: float
+    qk_layernorm: bool  # per-head norms of q and k (one weight for all heads) before rotary
     position_embedding_type: str
     rotary_base: float
     rotary_percent: float
@@ -61,11 +62,6 @@ class ServeConfig:
             raise ServeConfigError(
                 "vision_config is set (a vision-language export, NullMoEForConditionalGeneration): "
                 "the vLLM plugin serves text-only exports (vision_config: null) so far")
-        if getattr(c, "qk_layernorm", False):
-            raise ServeConfigError(
-                "qk_layernorm=True (per-head q/k norms, as a Qwen3-MoE import has) cannot be "
-                "served by the vLLM plugin yet (valid: false); a model without null slots serves "
-                "as stock Qwen3-MoE (export hf --format qwen3_moe)")
         for name, valid in CHOICES.items():
             value = getattr(c, name)
             if value not in valid:
@@ -89,7 +85,8 @@ class ServeConfig:
             topk=c.router_topk, score_function=c.router_score_function,
             pre_softmax=bool(c.router_pre_softmax), gate_normalization=c.gate_normalization,
             scaling_factor=c.router_topk_scaling_factor, normalization=c.normalization,
-            norm_eps=c.norm_eps, position_embedding_type=c.position_embedding_type,
+            norm_eps=c.norm_eps, qk_layernorm=bool(getattr(c, "qk_layernorm", False)),
+            position_embedding_type=c.position_embedding_type,
             rotary_base=float(c.rotary_base), rotary_percent=float(c.rotary_percent),
             max_positions=c.max_position_embeddings, activation=c.activation,
             tie_word_embeddings=bool(getattr(c, "tie_word_embeddings", False)))

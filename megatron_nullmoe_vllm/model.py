@@ -45,10 +45,11 @@ _EXPERT = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate|up|down
 _QKV = {"q_proj": "q", "k_proj": "k", "v_proj": "v"}
 
 
-def _norm(cfg: ServeConfig) -> nn.Module:
+def _norm(cfg: ServeConfig, size: int | None = None) -> nn.Module:
+    size = size or cfg.hidden_size
     if cfg.normalization == "RMSNorm":
-        return nn.RMSNorm(cfg.hidden_size, eps=cfg.norm_eps)
-    return nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps)
+        return nn.RMSNorm(size, eps=cfg.norm_eps)
+    return nn.LayerNorm(size, eps=cfg.norm_eps)
 
 
 class NullMoEAttention(nn.Module):
@@ -68,6 +69,11 @@ class NullMoEAttention(nn.Module):
                                    is_neox_style=True,
                                    rope_parameters={"rope_theta": cfg.rotary_base,
                                                     "partial_rotary_factor": cfg.rotary_percent})
+        # per-head q/k norms (a Qwen3-MoE import's): one [D] weight for every head, before rotary;
+        # the same on every tensor-parallel rank
+        self.q_norm = _norm(cfg, cfg.head_dim) if cfg.qk_layernorm else None
+        self.k_norm = _norm(cfg, cfg.head_dim) if cfg.qk_layernorm else None
+        self.head_dim = cfg.head_dim
         self.attn = Attention(self.heads, cfg.head_dim, cfg.head_dim ** -0.5,
                               num_kv_heads=self.kv_heads, cache_config=cache_config,
                               quant_config=quant_config, prefix=f"{prefix}.attn")
@@ -75,6 +81,9 @@ class NullMoEAttention(nn.Module):
     def forward(self, positions_T, x_TH):
         qkv, _ = self.qkv_proj(x_TH)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        if self.q_norm is not None:
+            q = self.q_norm(q.unflatten(-1, (-1, self.head_dim))).flatten(-2)
+            k = self.k_norm(k.unflatten(-1, (-1, self.head_dim))).flatten(-2)
         if self.rotary is not None:
             q, k = self.rotary(positions_T, q, k)
         out, _ = self.o_proj(self.attn(q, k, v))

@@ -48,6 +48,13 @@ MODES = {
         dict(normalization="RMSNorm", gated_linear_unit=True, activation_func=F.silu,
              num_query_groups=1, moe_router_pre_softmax=True),
         dict(position="rope")),
+    # a Qwen3-MoE import's attention: per-head q/k RMSNorm, a head size (64) apart from hidden /
+    # heads (32), norm eps 1e-6; post-softmax gates over the picks
+    "qwen3_qknorm_headdim": (
+        dict(num_null_experts=4),
+        dict(normalization="RMSNorm", gated_linear_unit=True, activation_func=F.silu,
+             qk_layernorm=True, kv_channels=64, layernorm_epsilon=1e-6),
+        dict(position="rope", rotary_base=1000000)),
     # sigmoid scores with the expert bias and megatron-core's top-k scaling factor
     "sigmoid_expert_bias_scaling": (
         dict(num_null_experts=4),
@@ -67,6 +74,11 @@ def build_export(mode: str, tokenizer: Path, out: Path) -> None:
     with torch.no_grad():
         for layer in model.decoder.layers:
             router = getattr(layer.mlp, "router", None)
+            attention = layer.self_attention
+            for norm in (getattr(attention, "q_layernorm", None),
+                         getattr(attention, "k_layernorm", None)):
+                if norm is not None and hasattr(norm, "weight"):  # away from 1: the weight counts
+                    norm.weight.copy_(1 + 0.3 * torch.randn(norm.weight.shape, generator=g))
             if router is not None and router.null_weight is not None:
                 # null logits spread far wider than the real ones: per token, either every pick
                 # is null (0 real experts) or none is

@@ -231,7 +231,7 @@ def test_qwen3_export_is_refused_where_it_is_not_exact(single_rank, tmp_path, nu
             export_mixtral(model, _tokenizer(tmp_path), tmp_path / "m", {})
 
 
-def test_the_vllm_plugin_refuses_qk_layernorm_by_name():
+def test_the_vllm_plugin_reads_qk_layernorm():
     from megatron_nullmoe_vllm.config import ServeConfig, ServeConfigError
 
     fields = dict(vocab_size=96, hidden_size=64, num_hidden_layers=1, num_attention_heads=2,
@@ -242,6 +242,9 @@ def test_the_vllm_plugin_refuses_qk_layernorm_by_name():
                   normalization="RMSNorm", norm_eps=1e-6, position_embedding_type="rope",
                   rotary_base=10000, rotary_percent=1.0, max_position_embeddings=64,
                   activation="swiglu", tie_word_embeddings=False, vision_config=None)
-    assert ServeConfig.from_hf(SimpleNamespace(**fields, qk_layernorm=False)).head_dim == 32
-    with pytest.raises(ServeConfigError, match="qk_layernorm=True"):
-        ServeConfig.from_hf(SimpleNamespace(**fields, qk_layernorm=True))
+    assert not ServeConfig.from_hf(SimpleNamespace(**fields, qk_layernorm=False)).qk_layernorm
+    assert ServeConfig.from_hf(SimpleNamespace(**fields, qk_layernorm=True)).qk_layernorm
+    # exports written before the field existed have no q/k norms
+    assert not ServeConfig.from_hf(SimpleNamespace(**fields)).qk_layernorm
+    with pytest.raises(ServeConfigError, match="moe_layers"):  # its other refusals still hold
+        ServeConfig.from_hf(SimpleNamespace(**{**fields, "moe_layers": [1, 0]}, qk_layernorm=True))
