@@ -95,3 +95,10 @@ def test_one_formula_counted_by_hand_with_gqa_swiglu_and_a_plain_config():
     # layer 1 dense: attention 640, MLP 2*2*h*f = 512; output layer 160
     per_token = (640 + 64 + 576) + (640 + 512) + 160
     assert null_moe_flops(plain, 1, 1.5) == 3 * 4 * per_token == 31104
+    # a head size apart from hidden / heads (Qwen3: kv_channels): 4 heads of 4 channels, so the
+    # attention is 16 wide: projections 2*2*h*16*(1 + 2/4) = 768, scores and values 2*2*s*16 = 256
+    wide = argparse.Namespace(**{**vars(gqa), "kv_channels": 4})
+    per_token = 2 * (768 + 256) + 2 * (64 + 864) + 160
+    assert null_moe_flops(wide, 1, 1.5) == 3 * 4 * per_token
+    # hidden / heads written out is the same model as leaving it out
+    assert null_moe_flops(argparse.Namespace(**{**vars(gqa), "kv_channels": 2}), 1, 1.5) == 36480

@@ -47,6 +47,7 @@ class DecoderShape:
     null_logit_rows: int = 0  # 1 for shared null logits, Z for per-expert, 0 without nulls
     kv_ratio: float = 1.0  # key/value heads over query heads: < 1 with grouped-query attention
     gated_mlp: bool = False  # SwiGLU: three weight matrices per (expert) MLP instead of two
+    attention_width: int = 0  # query heads x head size (kv_channels); 0: hidden_size (the usual)
 
     @property
     def expected_real_per_token(self) -> float:
@@ -84,10 +85,12 @@ def iso_flop_partners(num_experts: int, baseline_topk: int, max_topk: int = 16) 
 
 
 def _layer_forward(h: int, ffn: int, seq: int, kv_ratio: float = 1.0,
-                   gated: bool = False) -> tuple[float, float]:
-    """(attention FLOPs, dense-MLP FLOPs) per token of one transformer layer, forward."""
+                   gated: bool = False, width: int = 0) -> tuple[float, float]:
+    """(attention FLOPs, dense-MLP FLOPs) per token of one transformer layer, forward. `width`:
+    the attention's query width, heads x head size (0: h)."""
+    a = width or h
     # q and o projections, k and v (narrower with GQA), then scores and values
-    attention = 2 * 2 * h * h * (1 + kv_ratio) + 2 * 2 * seq * h
+    attention = 2 * 2 * h * a * (1 + kv_ratio) + 2 * 2 * seq * a
     mlp = 2 * _matrices(gated) * h * ffn
     return attention, mlp
 
@@ -100,7 +103,7 @@ def decoder_forward_flops(d: DecoderShape, real_per_token: Optional[float] = Non
     """Forward FLOPs per decoder token; real_per_token defaults to the balanced expectation."""
     r = d.expected_real_per_token if real_per_token is None else real_per_token
     attention, dense_mlp = _layer_forward(d.hidden_size, d.ffn_hidden_size, d.seq_length,
-                                          d.kv_ratio, d.gated_mlp)
+                                          d.kv_ratio, d.gated_mlp, d.attention_width)
     router = 2 * d.hidden_size * (d.num_experts + d.null_logit_rows)
     experts = r * 2 * _matrices(d.gated_mlp) * d.hidden_size * d.moe_ffn_hidden_size
     dense_layers = d.num_layers - d.num_moe_layers
@@ -121,7 +124,7 @@ def active_params_per_token(d: DecoderShape, real_per_token: Optional[float] = N
     """Decoder weights a token touches (embeddings and output layer included)."""
     r = d.expected_real_per_token if real_per_token is None else real_per_token
     h, m = d.hidden_size, _matrices(d.gated_mlp)
-    attention = 2 * h * h * (1 + d.kv_ratio)
+    attention = 2 * h * (d.attention_width or h) * (1 + d.kv_ratio)
     dense = d.num_layers - d.num_moe_layers
     return (d.num_layers * attention + dense * m * h * d.ffn_hidden_size
             + d.num_moe_layers * (h * (d.num_experts + d.null_logit_rows)

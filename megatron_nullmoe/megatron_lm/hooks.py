@@ -167,7 +167,8 @@ def decoder_shape_from_args(args):
         num_moe_layers=sum(pattern) if experts else 0, num_experts=experts,
         moe_ffn_hidden_size=getattr(args, "moe_ffn_hidden_size", None) or args.ffn_hidden_size,
         topk=getattr(args, "moe_router_topk", 0) or 0,
-        kv_ratio=groups / args.num_attention_heads, gated_mlp=bool(getattr(args, "swiglu", False)))
+        kv_ratio=groups / args.num_attention_heads, gated_mlp=bool(getattr(args, "swiglu", False)),
+        attention_width=args.num_attention_heads * (getattr(args, "kv_channels", None) or 0))
 
 
 def null_moe_flops(args, batch_size: int, real_per_token: float) -> float:

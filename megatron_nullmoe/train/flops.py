@@ -29,7 +29,8 @@ def shapes_from_config(cfg: RunConfig,
         m.num_layers, m.hidden_size, m.ffn_hidden_size, seq, vocab_size, moe_layers, m.num_experts,
         m.moe_ffn_hidden_size, m.router_topk, null.num_null_experts, null.num_null_logits,
         kv_ratio=groups / m.num_attention_heads,  # grouped-query attention: narrower k and v
-        gated_mlp=m.activation == "swiglu")  # three matrices per MLP, the experts' too
+        gated_mlp=m.activation == "swiglu",  # three matrices per MLP, the experts' too
+        attention_width=m.num_attention_heads * (m.kv_channels or 0))  # 0: hidden / heads
     if m.kind != "vlm":
         return decoder, None
     v = m.vision
