@@ -205,3 +205,116 @@ def test_weight_zero_is_todays_run_bit_for_bit(runs):
 def test_the_teacher_is_not_in_the_checkpoint(runs):
     keys = _checkpoint_keys(runs["distill"] / "checkpoints" / "iter_0000006")
     assert keys == _checkpoint_keys(runs["plain"] / "checkpoints" / "iter_0000006")
+
+
+def _trainer_worker(rank, world, args):
+    """A Trainer in this process: the teacher's state, the optimizer's parameters, and one
+    batch's KL as the trainer computes it and by hand, after 3 steps (the student has moved)."""
+    from megatron_nullmoe.run.config import load_config
+    from megatron_nullmoe.train.loop import Trainer
+
+    t = Trainer(load_config(args[1], args[2:]))
+    teacher = t.distiller.teacher
+    before = {n: p.detach().clone() for n, p in teacher.named_parameters()}
+    student_before = {n: p.detach().clone() for n, p in t.model.named_parameters()}
+    optimized = {id(p) for group in t.optimizer.param_groups for p in group["params"]}
+    for _ in range(3):
+        t.train_step()
+    batch = {k: v.to(t.device) for k, v in t.data.next_train().items()}
+    t._distilling = True
+    output, loss_func = t._forward_step(iter([batch]), t.ddp)
+    t._distilling = False
+    _, _, reports = loss_func(output)
+    with torch.no_grad():
+        zt = teacher(batch["input_ids"], batch["position_ids"], None)
+        zs = t.model(batch["input_ids"], batch["position_ids"], None)
+    mask = batch["loss_mask"].float()
+    per_token = F.kl_div(F.log_softmax(zs, -1), F.log_softmax(zt, -1), log_target=True,
+                         reduction="none").sum(-1)
+    return {
+        "trainer_kl": float(reports["kl"][0] / reports["kl"][1]),
+        "hand_kl": float((per_token * mask).sum() / mask.sum()),
+        "teacher_unchanged": all(torch.equal(before[n], p) for n, p in teacher.named_parameters()),
+        "student_moved": any(not torch.equal(student_before[n], p)
+                             for n, p in t.model.named_parameters()),
+        "teacher_frozen": all(not p.requires_grad for p in teacher.parameters()),
+        "teacher_eval": not any(m.training for m in teacher.modules()),
+        "teacher_in_optimizer": any(id(p) in optimized for p in teacher.parameters()),
+        "teacher_grads": [n for n, p in teacher.named_parameters() if p.grad is not None],
+    }
+
+
+def test_the_teacher_stays_frozen_and_one_batch_kl_is_the_hand_computation(
+        text_data, source_run, tmp_path):
+    from tests.test_init_from import _args
+
+    args = _args(text_data, tmp_path / "inproc", "steps=6", *_switch(source_run),
+                 "distill.weight=1", "faults.stall_timeout_s=null")
+    (r,) = run_ranks(1, _trainer_worker, (args,), tmp_path)
+    assert r["hand_kl"] > 1e-4  # the student has moved away from the teacher
+    assert r["trainer_kl"] == pytest.approx(r["hand_kl"], rel=1e-5)
+    assert r["teacher_unchanged"] and r["student_moved"]
+    assert r["teacher_frozen"] and r["teacher_eval"] and not r["teacher_in_optimizer"]
+    assert r["teacher_grads"] == []
+
+
+def test_two_ranks_expert_parallel_distil_and_resume_exactly(text_data, source_run, runs,
+                                                             tmp_path):
+    """2 ranks, expert parallel 2 (teacher and student both split their experts over the ranks):
+    6 steps straight and 3 + a resume to 6 give the same losses and KL; the first step is the
+    one-rank run's."""
+    from tests._train import run
+    from tests.test_init_from import _args
+
+    common = ["parallel.expert=2", *_switch(source_run), "distill.weight=1"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    run(_args(text_data, straight, "steps=6", *common), ranks=2)
+    run(_args(text_data, resumed, "steps=6", "exit_at_step=3", *common), ranks=2)
+    out = run(_args(text_data, resumed, "steps=6", *common), ranks=2)
+    assert "resumed from" in out.stdout and "distilling from" in out.stdout
+    a, b = _records(straight), _records(resumed)
+    assert [(r["train/loss"], r["train/kl"]) for r in a.values()] == \
+        [(r["train/loss"], r["train/kl"]) for r in b.values()]
+    assert len(a) == 6 and a[1]["train/kl"] < 1e-5 and a[6]["train/kl"] > 1e-3
+    one = _records(runs["distill"])
+    assert a[1]["train/loss"] == pytest.approx(one[1]["train/loss"], abs=1e-5)
+
+
+def test_a_teacher_that_cannot_teach_is_refused_by_name(text_data, source_run, tmp_path):
+    from megatron_nullmoe.run.config import ConfigError, load_config
+    from megatron_nullmoe.run.tokenizer import train_tokenizer
+    from megatron_nullmoe.train.distill import resolve_teacher
+    from tests._train import run
+    from tests.test_init_from import _args
+
+    student = load_config(None, ["model.kind=gpt", "distill.weight=1",
+                                 f"distill.teacher={tmp_path / 'nope'}"])
+    with pytest.raises(ConfigError, match=r"distill.teacher=.*nope: not a run folder"):
+        resolve_teacher(student.distill_teacher, student)
+    texts = [json.loads(l)["text"] for l in (text_data / "train.jsonl").read_text().splitlines()]
+    small = train_tokenizer(texts, tmp_path / "small.model", vocab_size=60)
+    out = run(_args(text_data, tmp_path / "r", "steps=1", "distill.weight=1",
+                    f"distill.teacher={source_run}", f"data.tokenizer={small}"), check=False)
+    assert out.returncode != 0
+    assert f"distill.teacher={source_run} cannot teach this run: its vocabulary has 80 ids, " \
+           "the student's 60" in out.stderr
+    assert not (tmp_path / "r" / "config.yaml").exists()
+
+
+def test_a_hugging_face_teacher_starts_at_zero_kl(mixtral, tmp_path):
+    from tests._train import run
+    from tests.test_hf_import import _common
+
+    root, _, folder = mixtral
+    run_dir = tmp_path / "hf"
+    out = run([*_common(root, run_dir), f"checkpoint.init_from={folder}", "steps=3",
+               "model.null_experts.num_null_experts=4",
+               "model.null_experts.target_start_real_per_token=2.0",
+               "model.null_experts.target_real_per_token=1.0",
+               "model.null_experts.target_schedule_steps=2", "distill.weight=0.5"])
+    assert f"distilling from {folder} (a Hugging Face folder)" in out.stdout
+    kl = {step: r["train/kl"] for step, r in _records(run_dir).items()}
+    assert kl[1] < 1e-5 and kl[3] > kl[1]
+
+
+from tests.test_hf_import import mixtral  # noqa: E402,F401  (the fixture: a tiny Mixtral export)
