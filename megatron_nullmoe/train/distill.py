@@ -116,6 +116,29 @@ class KLTap:
         return result
 
 
+def build_distiller(cfg: RunConfig, student: torch.nn.Module, vocab_size: int,
+                    dtype: torch.dtype, device: torch.device) -> Optional["Distiller"]:
+    """The run's Distiller (with megatron-core's process groups, as the student's), or None when
+    it does not distil."""
+    if cfg.distill_teacher is None:
+        return None
+    from megatron.core.process_groups_config import ProcessGroupCollection
+
+    return Distiller(cfg, student, vocab_size, ProcessGroupCollection.use_mpu_process_groups(),
+                     dtype, device)
+
+
+def describe_distillation(cfg: RunConfig, distiller: Optional["Distiller"]) -> str:
+    """The log's line on distillation: what teaches with which loss, or why nothing does."""
+    d = cfg.distill
+    if distiller is None:
+        return (f"note: distill.weight={d.weight} is ignored with distill.teacher={d.teacher} "
+                "(no distillation)")
+    params = sum(p.numel() for p in distiller.teacher.parameters())
+    return (f"distilling from {distiller.what}: loss = LM + {d.weight} x {d.temperature}^2 x "
+            f"KL(teacher || student), the teacher frozen ({params} parameters)")
+
+
 class Distiller:
     """The frozen teacher and the KL term of one run (built on every rank, in the same order)."""
 

@@ -136,17 +136,12 @@ class Trainer:
     def _build_teacher(self) -> None:
         """The frozen teacher of self-distillation (train/distill.py), when distill.weight > 0;
         its forward FLOPs count in the run's."""
-        self.distiller = None
-        if self.cfg.distill_teacher is None:
-            return
-        from megatron.core.process_groups_config import ProcessGroupCollection
+        from megatron_nullmoe.train.distill import build_distiller
 
-        from megatron_nullmoe.train.distill import Distiller
-
-        self.distiller = Distiller(self.cfg, self.model, self.vocab_size,
-                                   ProcessGroupCollection.use_mpu_process_groups(), self.dtype,
-                                   self.device)
-        self.accounting.add_teacher(self.distiller.teacher, self.distiller.shapes)
+        self.distiller = build_distiller(self.cfg, self.model, self.vocab_size, self.dtype,
+                                         self.device)
+        if self.distiller is not None:
+            self.accounting.add_teacher(self.distiller.teacher, self.distiller.shapes)
 
     def _build_optimizer(self) -> None:
         """megatron-core's Adam and LR schedule, and the hooks its schedules call."""
@@ -240,14 +235,10 @@ class Trainer:
         self.log = RunLog(cfg, self.run_dir, self.step, enabled=self.rank == 0)
         if self.init_note:
             self.log.message(self.init_note)
-        d = cfg.distill
-        if self.distiller is not None:
-            self.log.message(f"distilling from {self.distiller.what}: loss = LM + {d.weight} x "
-                             f"{d.temperature}^2 x KL(teacher || student), the teacher frozen "
-                             f"({describe(self.distiller.teacher)['parameters']} parameters)")
-        elif d.weight > 0:
-            self.log.message(f"note: distill.weight={d.weight} is ignored with "
-                             f"distill.teacher={d.teacher} (no distillation)")
+        if self.distiller is not None or cfg.distill.weight > 0:
+            from megatron_nullmoe.train.distill import describe_distillation
+
+            self.log.message(describe_distillation(cfg, self.distiller))
         if latest is not None:
             self.log.message(f"resumed from {latest} at step {self.step}"
                              + (f"; the run is complete (steps={cfg.steps}), nothing to train "
