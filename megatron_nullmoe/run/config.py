@@ -168,6 +168,26 @@ class Checkpoint:
     init_from: Optional[str] = None
 
 
+# distill.teacher values that switch distillation off (YAML's null means "the default teacher")
+NO_TEACHER = ("none", "")
+
+
+@dataclass
+class Distill:
+    """Self-distillation from a frozen teacher (ZEDA's first stage): the loss is the LM loss plus
+    `weight` x temperature^2 x KL(teacher || student) of the next-token distributions, on the
+    tokens the LM loss counts. The teacher is a trainer run or checkpoint folder, or a Hugging Face
+    folder, built with its own architecture in the run's precision and parallel layout, frozen
+    (train/distill.py). weight 0 (the default): off, nothing is built."""
+
+    # null: checkpoint.init_from (the source the null slots are switched on in); none: off
+    teacher: Optional[str] = None
+    weight: float = _at_least(0.0, 0)
+    # the KL between softmax(logits / temperature) of both models, times temperature^2 (Hinton's
+    # convention: the gradient keeps its size as the temperature changes)
+    temperature: float = _above(1.0, 0)
+
+
 @dataclass
 class Logging:
     log_every: int = _at_least(10, 1)
@@ -220,11 +240,40 @@ class RunConfig:
     checkpoint: Checkpoint = field(default_factory=Checkpoint)
     logging: Logging = field(default_factory=Logging)
     faults: Faults = field(default_factory=Faults)
+    distill: Distill = field(default_factory=Distill)
+
+    def __post_init__(self) -> None:
+        d = self.distill
+        if self.distill_teacher is None:
+            if d.weight > 0 and d.teacher is None:
+                raise ConfigError(
+                    f"distill.weight={d.weight} needs a teacher: give distill.teacher=PATH (a run "
+                    "or checkpoint folder, or a Hugging Face folder) or checkpoint.init_from=PATH "
+                    "(the teacher by default); or distill.weight=0 for no distillation")
+            return
+        if self.model.kind != "gpt":
+            raise ConfigError(f"distill.weight={d.weight} with model.kind={self.model.kind}: "
+                              "distillation is done for model.kind=gpt only (a VLM teacher would "
+                              "need the images too; not done yet)")
+        if self.parallel.pipeline > 1:
+            raise ConfigError(
+                f"distill.weight={d.weight} with parallel.pipeline={self.parallel.pipeline}: the "
+                "teacher runs inside each micro-batch's forward, which a pipeline stage cannot do "
+                "(it would need its own pipeline schedule; not done); use parallel.pipeline=1")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     # Sizes derived from the sections, here once so that nothing re-derives them.
+    @property
+    def distill_teacher(self) -> Optional[str]:
+        """The teacher distillation runs with: None when off (distill.weight=0 or
+        distill.teacher=none), else distill.teacher, by default checkpoint.init_from."""
+        d = self.distill
+        if d.weight == 0 or (d.teacher is not None and d.teacher.strip().lower() in NO_TEACHER):
+            return None
+        return d.teacher if d.teacher is not None else self.checkpoint.init_from
+
     @property
     def image_tokens(self) -> int:
         """Positions one image occupies in the decoder sequence: its patches, and the class token

@@ -16,7 +16,7 @@ from megatron_nullmoe.routing.stats import RoutingStats
 
 # Running totals a resumed run continues from (saved in every checkpoint).
 TOTALS = ("rows_dispatched", "rows_topk", "model_flops", "tokens", "null_picks", "slots",
-          "skipped_steps")
+          "skipped_steps", "teacher_flops")
 
 
 class RunAccounting:
@@ -27,8 +27,14 @@ class RunAccounting:
         self.global_batch_size = global_batch_size
         self.token_group, self.pp_group = token_group, pp_group
         self.totals: dict = dict.fromkeys(TOTALS, 0)
-        self.totals["model_flops"] = 0.0
+        self.totals["model_flops"] = self.totals["teacher_flops"] = 0.0
         self._aside: tuple[dict, DispatchStats] | None = None  # see set_aside
+        self.teacher = self.teacher_shapes = None
+
+    def add_teacher(self, teacher, shapes) -> None:
+        """A distillation teacher: its forward FLOPs, counted from the expert rows it ran, are
+        part of the run's (model_flops) and kept apart too (teacher_flops)."""
+        self.teacher, self.teacher_shapes = teacher, shapes
 
     def set_aside(self) -> None:
         """Takes the training counts not logged yet out of the routers and dispatchers, so that
@@ -98,9 +104,25 @@ class RunAccounting:
         per_row = (train_flops_per_sample(*self.shapes, 1.0) - without_experts) / (
             decoder.seq_length * decoder.num_moe_layers)
         flops = steps * self.global_batch_size * without_experts + rows_dispatched * per_row
+        out = {}
+        if self.teacher is not None:
+            teacher = self._teacher_flops(steps)
+            self.totals["teacher_flops"] += teacher
+            flops += teacher
+            out["throughput/teacher_flops_total"] = self.totals["teacher_flops"]
         self.totals["model_flops"] += flops
         return {"throughput/tflops_per_s": flops / elapsed / 1e12,
-                "throughput/model_flops_total": self.totals["model_flops"]}
+                "throughput/model_flops_total": self.totals["model_flops"], **out}
+
+    def _teacher_flops(self, steps: int) -> float:
+        """The teacher's forward FLOPs of `steps` training steps (it runs on every training
+        micro-batch, never in evaluation): a third of training's 3 x forward, from its rows."""
+        decoder, _ = self.teacher_shapes
+        rows = dispatch_stats(self.teacher, self.token_group, reset=True).rows_dispatched
+        without_experts = train_flops_per_sample(*self.teacher_shapes, 0.0) / 3
+        per_row = (train_flops_per_sample(*self.teacher_shapes, 1.0) / 3 - without_experts) / (
+            decoder.seq_length * max(decoder.num_moe_layers, 1))
+        return steps * self.global_batch_size * without_experts + rows * per_row
 
     def close_interval(self, steps: int, elapsed: float) -> dict:
         """Folds the interval's counts and FLOPs into the totals; returns its logged values."""

@@ -65,6 +65,7 @@ class Trainer:
 
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
+        self._distilling = False  # set for the forward-backward of a training step (see _run)
         start = time.monotonic()
         backend = None if cfg.parallel.backend == "auto" else cfg.parallel.backend
         parallel.init_distributed(backend=backend, timeout_s=cfg.faults.collective_timeout_s)
@@ -77,6 +78,7 @@ class Trainer:
         self._init_groups()
         self._build_model()
         self._build_optimizer()
+        self._build_teacher()
         from megatron.core import parallel_state as ps
 
         self.data = build_data(cfg, self.tokenizer,
@@ -130,6 +132,16 @@ class Trainer:
             model, shapes_from_config(self.cfg, self.vocab_size),
             self.cfg.data.global_batch_size, self.token_group, self.pp_group)
         self.totals = self.accounting.totals  # one dict: what checkpoints carry
+
+    def _build_teacher(self) -> None:
+        """The frozen teacher of self-distillation (train/distill.py), when distill.weight > 0;
+        its forward FLOPs count in the run's."""
+        from megatron_nullmoe.train.distill import build_distiller
+
+        self.distiller = build_distiller(self.cfg, self.model, self.vocab_size, self.dtype,
+                                         self.device)
+        if self.distiller is not None:
+            self.accounting.add_teacher(self.distiller.teacher, self.distiller.shapes)
 
     def _build_optimizer(self) -> None:
         """megatron-core's Adam and LR schedule, and the hooks its schedules call."""
@@ -222,6 +234,10 @@ class Trainer:
         self.log = RunLog(cfg, self.run_dir, self.step, enabled=self.rank == 0)
         if self.init_note:
             self.log.message(self.init_note)
+        if self.distiller is not None or cfg.distill.weight > 0:
+            from megatron_nullmoe.train.distill import describe_distillation
+
+            self.log.message(describe_distillation(cfg, self.distiller))
         if latest is not None:
             self.log.message(f"resumed from {latest} at step {self.step}"
                              + (f"; the run is complete (steps={cfg.steps}), nothing to train "
@@ -240,41 +256,58 @@ class Trainer:
     def _forward_step(self, data_iterator, model):
         batch = {k: v.to(self.device, non_blocking=True) for k, v in next(data_iterator).items()}
         set_vision_mask(self.model, batch["vision_BS"], batch["pad_BS"])
+        distill = self.distiller if self._distilling else None
+        if distill is not None:  # the same micro-batch through the frozen teacher, forward only
+            set_vision_mask(distill.teacher, batch["vision_BS"], batch["pad_BS"])
+            distill.tap.arm(distill.teacher_logits(batch["input_ids"], batch["position_ids"]))
         if self.cfg.model.kind == "vlm":
             loss_BS, mask_BS = model(batch["images"], batch["input_ids"], batch["position_ids"],
                                      None, labels=batch["labels"], loss_mask=batch["loss_mask"])
         else:
             loss_BS = model(batch["input_ids"], batch["position_ids"], None, labels=batch["labels"])
             mask_BS = batch["loss_mask"]
+        kl_BS = None
+        if distill is not None:
+            kl_BS = distill.tap.take()
 
         def loss_func(output_BS):
             mask = mask_BS.reshape(-1).float()
             total = (output_BS.float().reshape(-1) * mask).sum()
             count = mask.sum().clamp(min=1).to(torch.int)
-            return total, count, {"lm loss": torch.stack([total.detach(), mask.sum()])}
+            reports = {"lm loss": torch.stack([total.detach(), mask.sum()])}
+            if kl_BS is not None:  # the same tokens, the same normalisation as the LM loss
+                kl = (kl_BS.reshape(-1) * mask).sum()
+                reports["kl"] = torch.stack([kl.detach(), mask.sum()])
+                total = total + distill.scale * kl
+            return total, count, reports
 
         return loss_BS, loss_func
 
-    def _run(self, batches, forward_only: bool) -> tuple[float, float]:
-        """(mean loss over all ranks, this rank's own loss sum) of one forward(-backward)."""
+    def _run(self, batches, forward_only: bool) -> tuple[float, float, float]:
+        """(mean loss over all ranks, this rank's own loss sum, mean KL to the teacher over all
+        ranks: nan unless distilling) of one forward(-backward). Only training distils."""
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         batches = list(batches)
         self._beat(1)
         if not batches:
-            return math.nan, math.nan
+            return math.nan, math.nan, math.nan
+        self._distilling = self.distiller is not None and not forward_only
+        keys = ["lm loss", "kl"] if self._distilling else ["lm loss"]
         reports = get_forward_backward_func()(
             forward_step_func=self._forward_step, data_iterator=iter(batches), model=[self.ddp],
             num_microbatches=len(batches), seq_length=self.info.decoder_seq_length,
             micro_batch_size=self.cfg.data.micro_batch_size, forward_only=forward_only)
-        # [loss sum, token count] of this rank, read once; empty except on the last stage
-        local = torch.stack([r["lm loss"].double() for r in reports]).sum(0).tolist() \
-            if reports else [0.0, 0.0]
+        self._distilling = False
+        # [sum, token count] per key of this rank, read once; empty except on the last stage
+        local = torch.cat([torch.stack([r[k].double() for r in reports]).sum(0) for k in keys]
+                          ).tolist() if reports else [0.0, 0.0] * len(keys)
         total = collectives.reduce_values(local, self.group)
         if self.pp_group is not None:  # hand the last stage's loss to every stage
             total = collectives.reduce_values(total, self.pp_group)
         self._beat(2)
-        return total[0] / max(total[1], 1.0), local[0]
+        kl = total[2] / max(total[3], 1.0) if len(keys) == 2 else math.nan
+        return total[0] / max(total[1], 1.0), local[0], kl
 
     def _beat(self, phase: int) -> None:
         if self.watchdog is not None:
@@ -289,7 +322,8 @@ class Trainer:
         self.ddp.zero_grad_buffer()
         self.optimizer.zero_grad()
         self.ddp.train()
-        loss, local = self._run((self.data.next_train() for _ in range(self.num_micro)), False)
+        loss, local, kl = self._run((self.data.next_train() for _ in range(self.num_micro)),
+                                    False)
         skipped = self.cfg.faults.skip_nonfinite and self._nonfinite(loss, local)
         ok, grad_norm = False, math.nan
         if not skipped:
@@ -297,9 +331,12 @@ class Trainer:
             self.scheduler.step(increment=1)
         update_null_budget(self.model)
         self._beat(3)
-        return {"train/loss": loss, "train/grad_norm": float(grad_norm or 0.0),
-                "train/lr": self.optimizer.param_groups[0]["lr"], "train/update_ok": bool(ok),
-                "train/skipped_steps_total": self.totals["skipped_steps"]}
+        out = {"train/loss": loss, "train/grad_norm": float(grad_norm or 0.0),
+               "train/lr": self.optimizer.param_groups[0]["lr"], "train/update_ok": bool(ok),
+               "train/skipped_steps_total": self.totals["skipped_steps"]}
+        if self.distiller is not None:  # train/loss stays the LM loss, comparable across runs
+            out["train/kl"] = kl
+        return out
 
     def _nonfinite(self, loss: float, local_loss: float) -> bool:
         """Whether this step must be skipped (the same answer on every rank). Raises
@@ -330,7 +367,7 @@ class Trainer:
     def evaluate(self) -> dict:
         self.accounting.set_aside()  # training's counts stay training's
         self.ddp.eval()
-        loss, _ = self._run(self.data.val_batches(self.cfg.logging.eval_steps), True)
+        loss, _, _ = self._run(self.data.val_batches(self.cfg.logging.eval_steps), True)
         self.ddp.train()
         stats = self.accounting.routing().get("all")
         self.accounting.dispatch()  # the evaluation's rows: not training compute

@@ -72,6 +72,8 @@ class RunLog:
             if (self.cfg.model.null_experts.target_scheduled
                     and values.get("moe/target_real_per_token") is not None):
                 line += f" (target {values['moe/target_real_per_token']:.2f})"
+            if values.get("train/kl") is not None:
+                line += f" | kl {values['train/kl']:.2e}"
             self._show(step, line)
         if "val/loss" in values:
             self._show(step, f"validation loss {values['val/loss']:.3f}")
