@@ -13,3 +13,9 @@ class NullMoEError(Exception):
     """An error the package raised on purpose; its message is for the user as it is."""
 
     what = "error"  # how a command's one-line report of it starts ("config error: ...")
+
+
+class TokenizerError(NullMoEError, ValueError):
+    """A tokenizer file that is missing or cannot be read. Here, not in run/tokenizer.py, because
+    both tokenizer kinds raise it: run/tokenizer.py (sentencepiece, and `load_tokenizer`, which
+    picks a kind) and run/hf_tokenizer.py (tokenizer.json) each import it from below."""

@@ -20,7 +20,7 @@ import shutil
 from pathlib import Path
 from typing import Optional
 
-from megatron_nullmoe.run.tokenizer import TokenizerError
+from megatron_nullmoe.errors import TokenizerError
 
 SPECIALS = ("bos", "eos", "pad")
 TOKEN_FILES = ("tokenizer_config.json", "special_tokens_map.json")

@@ -19,14 +19,10 @@ from typing import Iterable, Optional
 
 import sentencepiece as spm
 
-from megatron_nullmoe.errors import NullMoEError
+from megatron_nullmoe.errors import TokenizerError
 
 PAD, UNK, BOS, EOS = 0, 1, 2, 3
 IMAGE_TOKEN = -200  # megatron-core's DEFAULT_IMAGE_TOKEN_INDEX
-
-
-class TokenizerError(NullMoEError, ValueError):
-    """A tokenizer file that is missing or cannot be read."""
 
 
 def train_tokenizer(texts: Iterable[str], out: Path, vocab_size: int = 128) -> Path:
