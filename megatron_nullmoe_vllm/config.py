@@ -116,3 +116,14 @@ def check_parallel(*, tensor: int, expert: bool, data: int, on_cpu: bool) -> Non
             f"enable_expert_parallel=True with data_parallel_size={data}: not served (a rank "
             "whose tokens pick only null slots skips the layer's token exchange); use "
             "data_parallel_size=1 with expert parallelism across the tensor-parallel ranks")
+
+
+def check_eager(*, enforce_eager: bool, on_cpu: bool) -> None:
+    """Off CPU, refuses CUDA graphs by vLLM's flag name: the MoE blocks hand the kernel as many
+    rows as the routing picked real experts (a data-dependent shape, read on the host), which a
+    captured graph cannot replay. CPU serving has no graphs to capture."""
+    if not on_cpu and not enforce_eager:
+        raise ServeConfigError(
+            "enforce_eager=False: the null-MoE blocks compute a data-dependent number of rows "
+            "(the real picks), which CUDA graphs cannot capture; serve with --enforce-eager "
+            "(LLM(..., enforce_eager=True))")

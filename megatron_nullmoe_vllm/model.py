@@ -38,7 +38,7 @@ from vllm.model_executor.layers.vocab_parallel_embedding import (ParallelLMHead,
 from vllm.model_executor.model_loader.weight_utils import default_weight_loader
 from vllm.platforms import current_platform
 
-from megatron_nullmoe_vllm.config import ServeConfig, check_parallel
+from megatron_nullmoe_vllm.config import ServeConfig, check_eager, check_parallel
 from megatron_nullmoe_vllm.routing import picks, real_rows, routing_math, rows_as_routing
 
 _EXPERT = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate|up|down)_proj\.weight$")
@@ -247,6 +247,8 @@ class NullMoEForCausalLM(nn.Module):
         par = vllm_config.parallel_config
         check_parallel(tensor=par.tensor_parallel_size, expert=par.enable_expert_parallel,
                        data=par.data_parallel_size, on_cpu=current_platform.is_cpu())
+        check_eager(enforce_eager=vllm_config.model_config.enforce_eager,
+                    on_cpu=current_platform.is_cpu())
         quant_config = vllm_config.quant_config
         self.model = NullMoEModel(cfg, vllm_config.cache_config, quant_config,
                                   f"{prefix}model" if not prefix else f"{prefix}.model")

@@ -282,6 +282,15 @@ def test_parallel_layouts_vllm_cannot_serve_exactly_are_refused_by_flag():
         check_parallel(tensor=1, expert=True, data=2, on_cpu=False)
 
 
+def test_cuda_graphs_are_refused_by_flag_off_cpu():
+    from megatron_nullmoe_vllm.config import ServeConfigError, check_eager
+
+    check_eager(enforce_eager=False, on_cpu=True)  # CPU: no graphs to capture
+    check_eager(enforce_eager=True, on_cpu=False)
+    with pytest.raises(ServeConfigError, match="enforce_eager=False.*--enforce-eager"):
+        check_eager(enforce_eager=False, on_cpu=False)
+
+
 @needs_vllm
 def test_tensor_parallel_2_gives_the_projects_greedy_text(exports):
     """Two tensor-parallel ranks (vLLM's worker processes over gloo on CPU): attention heads, the
