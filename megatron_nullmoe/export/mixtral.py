@@ -127,28 +127,47 @@ def write_stock(out: Path, fields: dict, weights: dict, config: dict, tokenizer_
     return Path(out)
 
 
-def export_mixtral(model, tokenizer_model: Path, out: Path, provenance: dict,
-                   dtype: torch.dtype = torch.float32, overwrite: bool = False) -> Path:
+def export_stock(model, family: str, refusals, family_config, tokenizer_model: Path, out: Path,
+                 provenance: dict, dtype: torch.dtype, overwrite: bool) -> Path:
+    """A stock family's folder (`family`: mixtral, qwen3_moe), or ExportError with every reason
+    `refusals(fields, tensors)` gives. `family_config(fields, experts)`: the config.json keys of
+    the family's own, beside the decoder keys every family shares (`shared_config`)."""
     fields = hf_config(model)
     tensors = hf_state_dict(model)
     reasons = refusals(fields, tensors)
     if reasons:
-        raise ExportError("--format mixtral would not compute what this model computes: "
+        raise ExportError(f"--format {family} would not compute what this model computes: "
                           + "; ".join(reasons) + ". Use the default format (NullMoEForCausalLM), "
                           "which is exact for every mode")
-    weights, experts = zero_expert_weights(fields, tensors, "mixtral")
-    config = {
-        "model_type": "mixtral", "architectures": ["MixtralForCausalLM"],
+    weights, experts = zero_expert_weights(fields, tensors, family)
+    config = {**shared_config(fields), **family_config(fields, experts)}
+    return write_stock(out, fields, weights, config, tokenizer_model, provenance, dtype,
+                       overwrite, family)
+
+
+def shared_config(fields: dict) -> dict:
+    """The config.json keys Mixtral and Qwen3-MoE name alike: the decoder's shape, RMSNorm, rope."""
+    theta = float(fields["rotary_base"])
+    return {
         "vocab_size": fields["vocab_size"], "hidden_size": fields["hidden_size"],
-        "intermediate_size": fields["moe_ffn_hidden_size"],
         "num_hidden_layers": fields["num_hidden_layers"],
         "num_attention_heads": fields["num_attention_heads"],
         "num_key_value_heads": fields["num_key_value_heads"], "head_dim": fields["head_dim"],
         "hidden_act": "silu", "max_position_embeddings": fields["max_position_embeddings"],
-        "rms_norm_eps": fields["norm_eps"], "rope_theta": float(fields["rotary_base"]),
-        "rope_parameters": {"rope_type": "default", "rope_theta": float(fields["rotary_base"])},
-        "num_local_experts": experts, "num_experts_per_tok": fields["router_topk"],
-        "sliding_window": None, "tie_word_embeddings": fields["tie_word_embeddings"],
+        "rms_norm_eps": fields["norm_eps"], "rope_theta": theta,
+        "rope_parameters": {"rope_type": "default", "rope_theta": theta},
+        "num_experts_per_tok": fields["router_topk"],
+        "tie_word_embeddings": fields["tie_word_embeddings"],
     }
-    return write_stock(out, fields, weights, config, tokenizer_model, provenance, dtype,
-                       overwrite, "mixtral")
+
+
+def _mixtral_config(fields: dict, experts: int) -> dict:
+    return {"model_type": "mixtral", "architectures": ["MixtralForCausalLM"],
+            "intermediate_size": fields["moe_ffn_hidden_size"], "num_local_experts": experts,
+            "sliding_window": None}
+
+
+def export_mixtral(model, tokenizer_model: Path, out: Path, provenance: dict,
+                   dtype: torch.dtype = torch.float32, overwrite: bool = False) -> Path:
+    return export_stock(model, "mixtral", refusals, _mixtral_config, tokenizer_model, out,
+                        provenance, dtype, overwrite)

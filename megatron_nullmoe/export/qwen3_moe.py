@@ -18,8 +18,7 @@ from pathlib import Path
 
 import torch
 
-from megatron_nullmoe.export.hf import ExportError, hf_config, hf_state_dict
-from megatron_nullmoe.export.mixtral import common_refusals, write_stock, zero_expert_weights
+from megatron_nullmoe.export.mixtral import common_refusals, export_stock
 
 
 def refusals(fields: dict, tensors: dict) -> list[str]:
@@ -33,34 +32,18 @@ def refusals(fields: dict, tensors: dict) -> list[str]:
     return reasons
 
 
-def export_qwen3_moe(model, tokenizer_model: Path, out: Path, provenance: dict,
-                     dtype: torch.dtype = torch.float32, overwrite: bool = False) -> Path:
-    fields = hf_config(model)
-    tensors = hf_state_dict(model)
-    reasons = refusals(fields, tensors)
-    if reasons:
-        raise ExportError("--format qwen3_moe would not compute what this model computes: "
-                          + "; ".join(reasons) + ". Use the default format (NullMoEForCausalLM), "
-                          "which is exact for every mode")
-    weights, experts = zero_expert_weights(fields, tensors, "qwen3_moe")
-    theta = float(fields["rotary_base"])
-    config = {
+def _qwen3_config(fields: dict, experts: int) -> dict:
+    return {
         "model_type": "qwen3_moe", "architectures": ["Qwen3MoeForCausalLM"],
-        "vocab_size": fields["vocab_size"], "hidden_size": fields["hidden_size"],
         "intermediate_size": fields["ffn_hidden_size"],
-        "moe_intermediate_size": fields["moe_ffn_hidden_size"],
-        "num_hidden_layers": fields["num_hidden_layers"],
-        "num_attention_heads": fields["num_attention_heads"],
-        "num_key_value_heads": fields["num_key_value_heads"], "head_dim": fields["head_dim"],
-        "hidden_act": "silu", "max_position_embeddings": fields["max_position_embeddings"],
-        "rms_norm_eps": fields["norm_eps"], "rope_theta": theta,
-        "rope_parameters": {"rope_type": "default", "rope_theta": theta},
-        "num_experts": experts, "num_experts_per_tok": fields["router_topk"],
-        "norm_topk_prob": not fields["router_pre_softmax"],
-        "decoder_sparse_step": 1,
+        "moe_intermediate_size": fields["moe_ffn_hidden_size"], "num_experts": experts,
+        "norm_topk_prob": not fields["router_pre_softmax"], "decoder_sparse_step": 1,
         "mlp_only_layers": [i for i, moe in enumerate(fields["moe_layers"]) if not moe],
         "attention_bias": False, "use_sliding_window": False, "sliding_window": None,
-        "tie_word_embeddings": fields["tie_word_embeddings"],
     }
-    return write_stock(out, fields, weights, config, tokenizer_model, provenance, dtype,
-                       overwrite, "qwen3_moe")
+
+
+def export_qwen3_moe(model, tokenizer_model: Path, out: Path, provenance: dict,
+                     dtype: torch.dtype = torch.float32, overwrite: bool = False) -> Path:
+    return export_stock(model, "qwen3_moe", refusals, _qwen3_config, tokenizer_model, out,
+                        provenance, dtype, overwrite)
