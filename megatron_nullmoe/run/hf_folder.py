@@ -221,8 +221,11 @@ class _Tensors:
 def load_hf_weights(path: Path, model) -> list[str]:
     """The folder's weights into `model` (this rank's part of each tensor, whatever its parallel
     layout); returns the checkpoint keys left as the model had them (null-slot router state).
-    CheckpointError lists every tensor that is missing or shaped differently."""
-    from megatron_nullmoe.run.hf_layout import Attention, from_hf, load_global, nullmoe_name
+    CheckpointError lists every tensor that is missing or shaped differently, and every tensor
+    of the folder without a place in this rank's part of the model (a pipeline stage leaves the
+    other stages' tensors to them)."""
+    from megatron_nullmoe.run.hf_layout import (Attention, from_hf, load_global, nullmoe_name,
+                                                other_stage)
 
     family = family_of(path)
     read_config(path)
@@ -232,6 +235,7 @@ def load_hf_weights(path: Path, model) -> list[str]:
     tensors = _Tensors(path)
     by_ours = {nullmoe_name(name, family.name): name for name in tensors.where}
     used: set[str] = set()
+    held: set[str] = set()  # this rank's checkpoint keys (a pipeline stage holds only its part)
 
     def get(name: str):
         theirs = by_ours.get(name)
@@ -240,13 +244,15 @@ def load_hf_weights(path: Path, model) -> list[str]:
         return None if theirs is None else tensors.get(theirs)
 
     def global_tensor(key: str, shape: tuple):
+        held.add(key)
         return from_hf(key, shape, get, att, c.gated_linear_unit)
 
     try:
         kept = load_global(model, global_tensor, lambda key: key.endswith(FRESH))
     except ValueError as err:
         raise CheckpointError(f"{path}: {err}") from None
-    left = sorted(set(tensors.where) - used)
+    left = sorted(name for name in set(tensors.where) - used
+                  if not other_stage(nullmoe_name(name, family.name), held, c.num_layers))
     if left:
         raise CheckpointError(f"{path}: tensors without a place in this model: {left[:6]}"
                               + (f" and {len(left) - 6} more" if len(left) > 6 else ""))

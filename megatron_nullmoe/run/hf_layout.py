@@ -167,6 +167,25 @@ def from_hf(key: str, shape: tuple, get: Callable[[str], Optional[torch.Tensor]]
     return torch.stack(stacked) if row.experts else stacked[0]
 
 
+def other_stage(name: str, held: set[str], num_layers: int) -> bool:
+    """Whether the NullMoE-named tensor `name` belongs to a part of the model that another
+    pipeline stage holds, `held` being this rank's checkpoint keys: a layer below num_layers of
+    which this rank holds nothing, the embedding on a rank without it (not the first stage), the
+    final norm or output layer on a rank without the final norm (not the last stage). Each stage
+    then answers only for the tensors of its own part, and together the stages refuse every
+    tensor that has no place in the whole model."""
+    m = re.match(r"model\.layers\.(\d+)\.", name)
+    if m:
+        i = int(m.group(1))
+        return i < num_layers and not any(k.startswith(f"decoder.layers.{i}.") for k in held)
+    row = next((r for r in TOP_ROWS if name in r.hf), None)
+    if row is None:
+        return False
+    anchor = "embedding.word_embeddings.weight" if row.mcore.startswith("embedding.") else \
+        "decoder.final_layernorm.weight"
+    return anchor not in held
+
+
 def family_name(name: str, family: str) -> str:
     """A NullMoE tensor name as `family` (a key of RENAMES) names it."""
     for ours, theirs in RENAMES[family]:
