@@ -55,6 +55,13 @@ MODES = {
         dict(normalization="RMSNorm", gated_linear_unit=True, activation_func=F.silu,
              qk_layernorm=True, kv_channels=64, layernorm_epsilon=1e-6),
         dict(position="rope", rotary_base=1000000)),
+    # an OLMoE import's attention: q/k RMSNorms over the whole projection (2 heads x 32 for q,
+    # 1 x 32 for k), pre-softmax gates (norm_topk_prob false) without gate scaling
+    "olmoe_projection_qknorm": (
+        dict(num_null_experts=4, gate_normalization="keep_null_share", gate_scale="none"),
+        dict(normalization="RMSNorm", gated_linear_unit=True, activation_func=F.silu,
+             qk_layernorm=True, num_query_groups=1, moe_router_pre_softmax=True),
+        dict(position="rope", qk_norm_scope="projection")),
     # sigmoid scores with the expert bias and megatron-core's top-k scaling factor
     "sigmoid_expert_bias_scaling": (
         dict(num_null_experts=4),
