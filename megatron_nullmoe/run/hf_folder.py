@@ -162,7 +162,8 @@ def recipe_keys(path: Path) -> dict[str, object]:
     """{recipe key: value} of the architecture the folder's config.json describes: RMSNorm, rope,
     SwiGLU; the gate rule top-k then softmax over the picks (Mixtral, Qwen3 norm_topk_prob=true)
     or softmax over all experts, picks not renormalised (Qwen3/OLMoE norm_topk_prob=false,
-    megatron-core's pre-softmax); the q/k norms (Qwen3 per head, OLMoE per projection), head_dim."""
+    megatron-core's pre-softmax); the q/k norms (Qwen3: per head, OLMoE: per projection) and
+    head_dim."""
     family, c = family_of(path), read_config(path)
     theta = _rope_theta(c)
     if theta != int(theta):
