@@ -21,6 +21,8 @@ CHOICES = {
     "position_embedding_type": ("learned_absolute", "rope"),
     "activation": ("gelu", "swiglu"),
 }
+# read apart from CHOICES: exports written before the field lack it
+QK_NORM_SCOPES = ("head", "projection")
 
 
 class ServeConfigError(ValueError):
@@ -48,7 +50,10 @@ class ServeConfig:
     scaling_factor: Optional[float]  # megatron-core's top-k scaling times the null gate scale
     normalization: str
     norm_eps: float
-    qk_layernorm: bool  # per-head norms of q and k (one weight for all heads) before rotary
+    qk_layernorm: bool  # norms of q and k before rotary
+    # what they span: "head" (each head apart, one [head_dim] weight for all heads) or
+    # "projection" (all heads of the q or k projection at once: an OLMoE import's)
+    qk_norm_scope: str
     position_embedding_type: str
     rotary_base: float
     rotary_percent: float
@@ -74,6 +79,10 @@ class ServeConfig:
         if any(moe_layers) and c.num_experts < 1:
             raise ServeConfigError(f"num_experts={c.num_experts} with MoE layers in moe_layers "
                                    "(valid: at least 1)")
+        scope = getattr(c, "qk_norm_scope", "head")  # exports before the field: per head
+        if scope not in QK_NORM_SCOPES:
+            raise ServeConfigError(f"qk_norm_scope={scope!r} cannot be served by the vLLM plugin "
+                                   f"(valid: {', '.join(QK_NORM_SCOPES)})")
         num_null = c.num_null_experts or 0
         null_rows = 0 if not num_null else (1 if c.null_logits == "shared" else num_null)
         return cls(
@@ -86,6 +95,7 @@ class ServeConfig:
             pre_softmax=bool(c.router_pre_softmax), gate_normalization=c.gate_normalization,
             scaling_factor=c.router_topk_scaling_factor, normalization=c.normalization,
             norm_eps=c.norm_eps, qk_layernorm=bool(getattr(c, "qk_layernorm", False)),
+            qk_norm_scope=scope,
             position_embedding_type=c.position_embedding_type,
             rotary_base=float(c.rotary_base), rotary_percent=float(c.rotary_percent),
             max_positions=c.max_position_embeddings, activation=c.activation,

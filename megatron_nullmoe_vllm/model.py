@@ -38,7 +38,8 @@ from vllm.model_executor.layers.vocab_parallel_embedding import (ParallelLMHead,
 from vllm.model_executor.model_loader.weight_utils import default_weight_loader
 from vllm.platforms import current_platform
 
-from megatron_nullmoe_vllm.config import ServeConfig, check_eager, check_parallel
+from megatron_nullmoe_vllm.config import (ServeConfig, ServeConfigError, check_eager,
+                                          check_parallel)
 from megatron_nullmoe_vllm.routing import picks, real_rows, routing_math, rows_as_routing
 
 _EXPERT = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate|up|down)_proj\.weight$")
@@ -69,10 +70,18 @@ class NullMoEAttention(nn.Module):
                                    is_neox_style=True,
                                    rope_parameters={"rope_theta": cfg.rotary_base,
                                                     "partial_rotary_factor": cfg.rotary_percent})
-        # per-head q/k norms (a Qwen3-MoE import's): one [D] weight for every head, before rotary;
-        # the same on every tensor-parallel rank
-        self.q_norm = _norm(cfg, cfg.head_dim) if cfg.qk_layernorm else None
-        self.k_norm = _norm(cfg, cfg.head_dim) if cfg.qk_layernorm else None
+        # q/k norms before rotary: per head (a Qwen3-MoE import's), one [D] weight for every head,
+        # the same on every tensor-parallel rank; or over the whole projection (an OLMoE
+        # import's), a [heads x D] weight whose mean square spans every head
+        self.whole = cfg.qk_layernorm and cfg.qk_norm_scope == "projection"
+        if self.whole and tp > 1:
+            raise ServeConfigError(
+                f"tensor_parallel_size={tp} with qk_norm_scope='projection': each rank holds a "
+                "slice of the heads, and the q/k norm's mean square over all of them is not "
+                "reduced across ranks (not done); serve with tensor_parallel_size=1")
+        q_norm, k_norm = (self.q_size, self.kv_size) if self.whole else (cfg.head_dim,) * 2
+        self.q_norm = _norm(cfg, q_norm) if cfg.qk_layernorm else None
+        self.k_norm = _norm(cfg, k_norm) if cfg.qk_layernorm else None
         self.head_dim = cfg.head_dim
         self.attn = Attention(self.heads, cfg.head_dim, cfg.head_dim ** -0.5,
                               num_kv_heads=self.kv_heads, cache_config=cache_config,
@@ -81,7 +90,9 @@ class NullMoEAttention(nn.Module):
     def forward(self, positions_T, x_TH):
         qkv, _ = self.qkv_proj(x_TH)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        if self.q_norm is not None:
+        if self.whole:
+            q, k = self.q_norm(q), self.k_norm(k)
+        elif self.q_norm is not None:
             q = self.q_norm(q.unflatten(-1, (-1, self.head_dim))).flatten(-2)
             k = self.k_norm(k.unflatten(-1, (-1, self.head_dim))).flatten(-2)
         if self.rotary is not None:

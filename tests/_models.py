@@ -74,7 +74,7 @@ VOCAB = 96
 
 def build_gpt(null: NullExpertConfig, *, layers: int = 2, moe_freq=1, topk: int = 2,
               experts: int = 4, seq: int = 16, position: str = "learned_absolute",
-              rotary_base: int = 10000, **config):
+              rotary_base: int = 10000, qk_norm_scope: str = "head", **config):
     """A megatron-core GPTModel with null-expert MoE layers (local spec, CPU, fp32, eval mode),
     random weights (std 0.2, so routing is far from uniform) and, as in a trained model, selection
     biases set: the budget-control bias at 0.15 and the expert bias random."""
@@ -84,6 +84,7 @@ def build_gpt(null: NullExpertConfig, *, layers: int = 2, moe_freq=1, topk: int 
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     from megatron_nullmoe.flops import moe_layer_pattern
+    from megatron_nullmoe.qk_norm import with_qk_norm_scope
     from megatron_nullmoe.spec import with_null_experts
 
     kw = dict(num_layers=layers, hidden_size=32, ffn_hidden_size=48, num_attention_heads=4,
@@ -96,7 +97,9 @@ def build_gpt(null: NullExpertConfig, *, layers: int = 2, moe_freq=1, topk: int 
               gradient_accumulation_fusion=False, init_method_std=0.2)
     kw.update(config)
     tc = TransformerConfig(**kw)
-    spec = with_null_experts(get_gpt_decoder_block_spec(tc, use_transformer_engine=False), null)
+    spec = with_qk_norm_scope(get_gpt_decoder_block_spec(tc, use_transformer_engine=False),
+                              qk_norm_scope)  # "projection": OLMoE's q/k norms (qk_norm.py)
+    spec = with_null_experts(spec, null)
     model = GPTModel(tc, spec, vocab_size=VOCAB, max_sequence_length=seq,
                      position_embedding_type=position, rotary_base=rotary_base,
                      pg_collection=ProcessGroupCollection.use_mpu_process_groups())

@@ -55,6 +55,13 @@ MODES = {
         dict(normalization="RMSNorm", gated_linear_unit=True, activation_func=F.silu,
              qk_layernorm=True, kv_channels=64, layernorm_epsilon=1e-6),
         dict(position="rope", rotary_base=1000000)),
+    # an OLMoE import's attention: q/k RMSNorms over the whole projection (2 heads x 32 for q,
+    # 1 x 32 for k), pre-softmax gates (norm_topk_prob false) with the slot-ratio gate scale
+    "olmoe_projection_qknorm": (
+        dict(num_null_experts=4, gate_normalization="keep_null_share"),
+        dict(normalization="RMSNorm", gated_linear_unit=True, activation_func=F.silu,
+             qk_layernorm=True, num_query_groups=1, moe_router_pre_softmax=True),
+        dict(position="rope", qk_norm_scope="projection")),
     # sigmoid scores with the expert bias and megatron-core's top-k scaling factor
     "sigmoid_expert_bias_scaling": (
         dict(num_null_experts=4),
@@ -91,7 +98,7 @@ def reference(export: Path) -> dict:
     from megatron_nullmoe import generate
     from megatron_nullmoe.export.source import load_hf
     from megatron_nullmoe.inference.decode import hf_generate, prompt_ids
-    from megatron_nullmoe.run.tokenizer import Tokenizer
+    from megatron_nullmoe.run.tokenizer import UNK, Tokenizer
 
     hf_model, _ = load_hf(export)
     tokenizer = Tokenizer(export / "tokenizer.model")
@@ -112,6 +119,7 @@ def reference(export: Path) -> dict:
         text = stdout.getvalue()[:-1]  # print's newline
         out["prompts"].append(dict(
             prompt=prompt, prompt_ids=ids, new_ids=new, text=text,
+            text_without_unk=tokenizer.decode([i for i in new if i != UNK]),
             tokens_with_0_real=int((real_T == 0).sum()),
             tokens_with_k_real=int((real_T == hf_model.config.router_topk).sum()),
             # (token, MoE layer) pairs routed, and the real picks among their k each: the rows

@@ -30,6 +30,7 @@ LONGEST_FIRST = {
     "test_sequence_parallel.py": 45, "test_megatron_lm_recipe.py": 40, "test_router.py": 40,
     "test_model_arch.py": 30, "test_distill.py": 110, "test_hf_qwen3.py": 60,
     "test_hf_import.py": 60, "test_hf_tokenizer.py": 40, "test_hf_import_ranks.py": 40,
+    "test_hf_olmoe.py": 100,
 }
 
 

@@ -137,7 +137,7 @@ def _copy(folder, tmp_path, edit=None, drop=()):
     (None, ("config.json",), "holds safetensors but no config.json"),
     ({"architectures": ["GptOssForCausalLM"]}, (),
      "architecture 'GptOssForCausalLM' cannot be imported (valid: MixtralForCausalLM, "
-     "Qwen3MoeForCausalLM)"),
+     "Qwen3MoeForCausalLM, OlmoeForCausalLM)"),
     ({"sliding_window": 4096}, (), "sliding_window=4096"),
     ({"tie_word_embeddings": True}, (), "tie_word_embeddings=true"),
     ({"hidden_act": "gelu"}, (), "hidden_act='gelu'"),

@@ -5,8 +5,8 @@ head_dim 32, apart from hidden / heads = 16; per-head q/k RMSNorm; rms_norm_eps 
 top-2; both gate rules of norm_topk_prob; once with a dense layer) imported with no null slots
 computes transformers' logits, and exported again as Qwen3-MoE is the source, tensor for tensor.
 With null slots switched on the trainer's first loss is the source's. What the trainer cannot
-reproduce (OLMoE's whole-projection q/k norm, sliding windows, tied embeddings, a dense-layer
-pattern moe_layer_freq cannot place) is refused by name, and so is what stock Qwen3-MoE cannot
+reproduce (Qwen2-MoE's shared experts, sliding windows, tied embeddings, a dense-layer pattern
+moe_layer_freq cannot place) is refused by name, and so is what stock Qwen3-MoE cannot
 express on export.
 """
 
@@ -134,9 +134,8 @@ def _edited(folder, tmp_path, **edit):
 
 
 @pytest.mark.parametrize("edit,message", [
-    ({"architectures": ["OlmoeForCausalLM"], "model_type": "olmoe"},
-     "architecture 'OlmoeForCausalLM' cannot be imported: its q_norm/k_norm are RMSNorms over "
-     "the whole query and key projections"),
+    ({"architectures": ["Qwen2MoeForCausalLM"], "model_type": "qwen2_moe"},
+     "architecture 'Qwen2MoeForCausalLM' cannot be imported: shared experts"),
     ({"use_sliding_window": True, "sliding_window": 8}, "sliding_window=8"),
     ({"tie_word_embeddings": True}, "tie_word_embeddings=true"),
     ({"mlp_only_layers": [0]}, "the MoE layers [1] are not layers 0, n, 2n, ..."),

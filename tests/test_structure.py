@@ -120,7 +120,7 @@ def test_only_the_trainer_and_sweeps_reach_into_train_and_the_run_layer_stays_be
 # export/, inference/). generate.py and evaluate.py stay at the root only so that the command lines
 # users type keep working: each forwards to inference/ and holds no code of its own.
 ROOT_CORE = {"__init__", "collectives", "config", "errors", "host_syncs", "layer", "model_utils",
-             "parallel", "router", "spec", "upcycle"}
+             "parallel", "qk_norm", "router", "spec", "upcycle"}
 ROOT_ENTRY_POINTS = {"generate", "evaluate"}
 
 

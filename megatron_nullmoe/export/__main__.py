@@ -2,7 +2,7 @@
 
     python -m megatron_nullmoe.export hf runs/gpt_null_moe --out exports/gpt_null_moe
     python -m megatron_nullmoe.export hf runs/gpt_null_moe/checkpoints/iter_0000200 --out DIR \
-        [--format nullmoe|mixtral|qwen3_moe] [--dtype bfloat16] [--overwrite]
+        [--format nullmoe|mixtral|qwen3_moe|olmoe] [--dtype bfloat16] [--overwrite]
         [--config RUN/config.yaml]
         [--tokenizer X.model]
 
@@ -10,14 +10,14 @@ SOURCE is a run folder (its newest checkpoint) or a checkpoint folder of this pr
 or a Megatron-LM checkpoint written through launch/megatron_lm/pretrain_gpt_nullmoe.py (its --save
 folder: the newest iteration, or one iter_NNNNNNN folder; --tokenizer when the run's tokenizer
 model is not a sentencepiece file found at the path it was trained with). The folder loads with
-    AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)   (mixtral, qwen3_moe: without)
+    AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)   (stock formats: without)
     AutoTokenizer.from_pretrained(DIR, trust_remote_code=True)          (the run's tokenizer, its ids)
 A VLM run exports NullMoEForConditionalGeneration (vision tower, projector, the same decoder) with
 a processor: AutoModelForImageTextToText and AutoProcessor, trust_remote_code=True.
 and with lm-evaluation-harness as `--model hf --model_args pretrained=DIR,trust_remote_code=True`.
 --format defaults to nullmoe, except for a run started from a Hugging Face folder
-(checkpoint.init_from) without null slots: that exports in its source's own family (mixtral or
-qwen3_moe), as long as the folder is still there to say which.
+(checkpoint.init_from) without null slots: that exports in its source's own family (mixtral,
+qwen3_moe or olmoe), as long as the folder is still there to say which.
 After writing, the export is loaded back and its logits are compared with the megatron-core
 model's on a few sequences (fp32); the maximum difference is printed and must stay below 1e-4.
 """
@@ -30,7 +30,7 @@ import warnings
 from pathlib import Path
 
 DTYPES = ("float32", "bfloat16", "float16")
-FORMATS = ("nullmoe", "mixtral", "qwen3_moe")
+FORMATS = ("nullmoe", "mixtral", "qwen3_moe", "olmoe")
 TOLERANCE = 1e-4
 
 
@@ -44,10 +44,11 @@ def _parser() -> argparse.ArgumentParser:
     hf.add_argument("--out", required=True, help="the folder to write (new or empty)")
     hf.add_argument("--format", choices=FORMATS, default=None,
                     help="nullmoe: NullMoEForCausalLM, remote code, exact for every mode and skips "
-                         "null picks; mixtral, qwen3_moe: stock MixtralForCausalLM or "
-                         "Qwen3MoeForCausalLM with the null slots as zero experts, where that is "
-                         "exact (refused otherwise, with why). Default: nullmoe, or the source "
-                         "family of a run imported from a Hugging Face folder without null slots")
+                         "null picks; mixtral, qwen3_moe, olmoe: stock MixtralForCausalLM, "
+                         "Qwen3MoeForCausalLM or OlmoeForCausalLM with the null slots as zero "
+                         "experts, where that is exact (refused otherwise, with why). Default: "
+                         "nullmoe, or the source family of a run imported from a Hugging Face "
+                         "folder without null slots")
     hf.add_argument("--dtype", choices=DTYPES, default="float32",
                     help="weights' dtype in model.safetensors (default float32)")
     hf.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
@@ -96,6 +97,7 @@ def main(argv=None) -> None:
         run = source.cfg.name if source.cfg is not None else source.path.parent.name
         provenance = {"source": str(source.path.resolve()), "step": source.step, "run": run}
         from megatron_nullmoe.export.mixtral import export_mixtral
+        from megatron_nullmoe.export.olmoe import export_olmoe
         from megatron_nullmoe.export.qwen3_moe import export_qwen3_moe
         from megatron_nullmoe.export.vlm import export_vlm, is_llava
 
@@ -106,7 +108,7 @@ def main(argv=None) -> None:
             raise hf.ExportError(f"--format {fmt} is for GPT runs: a VLM exports as nullmoe "
                                  "(NullMoEForConditionalGeneration, remote code)")
         writers = {"nullmoe": hf.export_gpt, "mixtral": export_mixtral,
-                   "qwen3_moe": export_qwen3_moe}
+                   "qwen3_moe": export_qwen3_moe, "olmoe": export_olmoe}
         write = export_vlm if vlm else writers[fmt]
         out = write(model, source.tokenizer, Path(a.out), provenance, getattr(torch, a.dtype),
                     a.overwrite)

@@ -100,6 +100,19 @@ def _routers(model) -> list:
             for layer in model.decoder.layers]
 
 
+def _qk_norm_scope(model) -> str:
+    """What the model's q/k norms span: "projection" where the spec put qk_norm.py's norms in
+    (model.qk_norm_scope=projection, OLMoE), else "head" (megatron-core's own, or none)."""
+    from megatron_nullmoe.qk_norm import ProjectionQueryNorm
+
+    whole = [isinstance(getattr(layer.self_attention, "q_layernorm", None), ProjectionQueryNorm)
+             for layer in model.decoder.layers]
+    if any(whole) and not all(whole):
+        raise ExportError("q/k norms over the whole projection in some layers only cannot be "
+                          "exported (valid: one q/k norm scope for every layer)")
+    return "projection" if any(whole) else "head"
+
+
 def hf_config(model, tokenizer_ids: Optional[dict] = None) -> dict:
     """NullMoEConfig's fields for this megatron-core GPT."""
     _gpt(model)
@@ -127,7 +140,7 @@ def hf_config(model, tokenizer_ids: Optional[dict] = None) -> dict:
         # megatron-core's top-k scaling times the null gate scale (the router's product)
         router_topk_scaling_factor=moe[0].gate_scaling if moe else c.moe_router_topk_scaling_factor,
         normalization=c.normalization, norm_eps=c.layernorm_epsilon,
-        qk_layernorm=bool(c.qk_layernorm),
+        qk_layernorm=bool(c.qk_layernorm), qk_norm_scope=_qk_norm_scope(model),
         position_embedding_type=model.position_embedding_type,
         rotary_base=int(getattr(model, "rotary_base", 10000)),
         rotary_percent=float(getattr(c, "rotary_percent", 1.0)),

@@ -69,7 +69,8 @@ def refusals(fields: dict, tensors: dict) -> list[str]:
         reasons.append("router_pre_softmax=True: Mixtral renormalises its top-k gates (top-k then "
                        "softmax); pre-softmax gates are the all-slot probabilities")
     if fields["qk_layernorm"]:
-        reasons.append("qk_layernorm=True: Mixtral has no q/k norms (--format qwen3_moe has)")
+        reasons.append("qk_layernorm=True: Mixtral has no q/k norms (--format qwen3_moe has, "
+                       "per head; --format olmoe over the whole projection)")
     return reasons
 
 
@@ -129,9 +130,9 @@ def write_stock(out: Path, fields: dict, weights: dict, config: dict, tokenizer_
 
 def export_stock(model, family: str, refusals, family_config, tokenizer_model: Path, out: Path,
                  provenance: dict, dtype: torch.dtype, overwrite: bool) -> Path:
-    """A stock family's folder (`family`: mixtral, qwen3_moe), or ExportError with every reason
-    `refusals(fields, tensors)` gives. `family_config(fields, experts)`: the config.json keys of
-    the family's own, beside the decoder keys every family shares (`shared_config`)."""
+    """A stock family's folder (`family`: mixtral, qwen3_moe, olmoe), or ExportError with every
+    reason `refusals(fields, tensors)` gives. `family_config(fields, experts)`: the config.json
+    keys of the family's own, beside the decoder keys every family shares (`shared_config`)."""
     fields = hf_config(model)
     tensors = hf_state_dict(model)
     reasons = refusals(fields, tensors)
@@ -146,7 +147,8 @@ def export_stock(model, family: str, refusals, family_config, tokenizer_model: P
 
 
 def shared_config(fields: dict) -> dict:
-    """The config.json keys Mixtral and Qwen3-MoE name alike: the decoder's shape, RMSNorm, rope."""
+    """The config.json keys Mixtral, Qwen3-MoE and OLMoE name alike: the decoder's shape,
+    RMSNorm, rope."""
     theta = float(fields["rotary_base"])
     return {
         "vocab_size": fields["vocab_size"], "hidden_size": fields["hidden_size"],

@@ -27,6 +27,9 @@ def refusals(fields: dict, tensors: dict) -> list[str]:
     if not fields["qk_layernorm"]:
         reasons.append("qk_layernorm=False: every Qwen3-MoE layer normalises its query and key "
                        "heads (--format mixtral has no q/k norms)")
+    elif fields["qk_norm_scope"] != "head":
+        reasons.append(f"qk_norm_scope={fields['qk_norm_scope']!r}: Qwen3-MoE normalises each "
+                       "query and key head apart, not the whole projection (--format olmoe does)")
     if not any(fields["moe_layers"]):
         reasons.append("no MoE layers: Qwen3-MoE needs at least one")
     return reasons

@@ -85,6 +85,10 @@ class Model:
     # a norm (model.normalization) over each query and key head before rotary, as Qwen3 has
     # (megatron-core's qk_layernorm)
     qk_layernorm: bool = False
+    # what each q/k norm spans: head (one [head_dim] weight over each head apart: Qwen3,
+    # megatron-core's own) or projection (all heads of the q or k projection at once, an
+    # [heads x head_dim] weight: OLMoE); read only with qk_layernorm
+    qk_norm_scope: str = _choices("head", "projection", default="head")
     norm_epsilon: float = _above(1e-5, 0)  # epsilon of every decoder norm (layernorm_epsilon)
     # MoE: decoder layers 0, n, 2n, ... are MoE for moe_layer_freq=n (megatron-core's convention).
     moe_layer_freq: int = 1

@@ -5,12 +5,13 @@ its config.json (`recipe_keys`: the recipe may leave those keys out; any it sets
 are refused, each by name with both values), and the trainer's `_init_from` loads the weights
 (`load_hf_weights`) through run/hf_layout.py's table, the one the export writes with.
 
-Families (`FAMILIES`): `MixtralForCausalLM` and `Qwen3MoeForCausalLM` (per-head q/k RMSNorm as
+Families (`FAMILIES`): `MixtralForCausalLM`, `Qwen3MoeForCausalLM` (per-head q/k RMSNorm as
 megatron-core's qk_layernorm, `head_dim` as kv_channels, `norm_topk_prob` as the gate rule, dense
-layers where model.moe_layer_freq can place them). `OlmoeForCausalLM` is refused (`REFUSED`): its
-q/k norms run over the whole projection, which megatron-core's per-head qk_layernorm is not.
-Whatever the trainer cannot reproduce (sliding windows, rope scaling, tied embeddings, attention
-bias, another activation, a dense-layer pattern moe_layer_freq cannot place) is refused by name.
+layers where model.moe_layer_freq can place them) and `OlmoeForCausalLM` (q/k RMSNorms over the
+whole projection, heads x head_dim at once: model.qk_norm_scope=projection, qk_norm.py; its
+`norm_topk_prob` as Qwen3's). Whatever the trainer cannot reproduce (sliding windows, rope
+scaling, tied embeddings, attention bias, clip_qkv, another activation, a dense-layer pattern
+moe_layer_freq cannot place) is refused by name.
 """
 
 from __future__ import annotations
@@ -32,22 +33,25 @@ class Family:
     name: str  # its key in hf_layout.RENAMES and its `export hf --format`
     experts: tuple[str, ...]  # the expert count, under the first of these names it has
     expert_ffn: str  # the experts' hidden size (`intermediate_size` is the dense layers')
-    qk_norm: bool  # per-head q/k RMSNorm in every layer
+    qk_norm: Optional[str]  # q/k RMSNorms in every layer over each head or the whole
+    # projection (model.qk_norm_scope); None: none
     norm_eps: float  # rms_norm_eps where config.json leaves it out (transformers' default)
+    reads_norm_topk_prob: bool  # its gate rule is config.json's norm_topk_prob (else top-k,
+    # then softmax over the picks, always)
 
 
 FAMILIES = {
-    "MixtralForCausalLM": Family("mixtral", ("num_local_experts",), "intermediate_size", False,
-                                 1e-5),
+    "MixtralForCausalLM": Family("mixtral", ("num_local_experts",), "intermediate_size", None,
+                                 1e-5, False),
     # the Hub's configs say num_experts; transformers 5 writes num_local_experts (its alias)
     "Qwen3MoeForCausalLM": Family("qwen3_moe", ("num_experts", "num_local_experts"),
-                                  "moe_intermediate_size", True, 1e-6),
+                                  "moe_intermediate_size", "head", 1e-6, True),
+    # no dense layers: intermediate_size is the experts'
+    "OlmoeForCausalLM": Family("olmoe", ("num_experts", "num_local_experts"), "intermediate_size",
+                               "projection", 1e-5, True),
 }
 # architectures people ask for that the trainer cannot reproduce, and why
 REFUSED = {
-    "OlmoeForCausalLM": "its q_norm/k_norm are RMSNorms over the whole query and key projections "
-                        "(heads x head_dim channels at once), while megatron-core's qk_layernorm "
-                        "normalises each head apart; the logits would differ",
     "Qwen2MoeForCausalLM": "shared experts and QKV biases, which the trainer does not build",
 }
 # router state a Hugging Face MoE has no tensors for: the null-slot state (upcycle.NULL_STATE),
@@ -113,6 +117,7 @@ def read_config(path: Path) -> dict:
     reproduce. CheckpointError names each problem."""
     family = family_of(path)
     c = _json(path)
+    heads, head_dim = c["num_attention_heads"], c.get("head_dim")
     rope = c.get("rope_parameters") or {}
     scaling = c.get("rope_scaling") or ({} if rope.get("rope_type", "default") == "default"
                                         else rope)
@@ -127,6 +132,12 @@ def read_config(path: Path) -> dict:
          "SwiGLU (silu) only"),
         (bool(scaling), f"rope_scaling={scaling}", "plain rotary embeddings"),
         (bool(c.get("attention_bias")), "attention_bias=true", "linear layers without bias"),
+        (c.get("clip_qkv") is not None, f"clip_qkv={c.get('clip_qkv')}",
+         "queries, keys and values are not clamped"),
+        # OLMoE sizes its q_norm by hidden_size: heads x head_dim must be that
+        (family.qk_norm == "projection" and head_dim not in (None, c["hidden_size"] // heads),
+         f"head_dim={head_dim}", f"a projection-wide q/k norm of hidden_size="
+         f"{c['hidden_size']} channels needs head_dim = hidden_size / heads"),
         (not _experts(c, family)[1], "{}={}".format(*_experts(c, family)),
          "a MoE model: at least one expert"),
         (_moe_layer_freq(c) is None,
@@ -150,8 +161,9 @@ def _rope_theta(c: dict) -> float:
 def recipe_keys(path: Path) -> dict[str, object]:
     """{recipe key: value} of the architecture the folder's config.json describes: RMSNorm, rope,
     SwiGLU; the gate rule top-k then softmax over the picks (Mixtral, Qwen3 norm_topk_prob=true)
-    or softmax over all experts, picks not renormalised (Qwen3 norm_topk_prob=false, megatron-
-    core's pre-softmax); Qwen3's per-head q/k norms and head_dim."""
+    or softmax over all experts, picks not renormalised (Qwen3/OLMoE norm_topk_prob=false,
+    megatron-core's pre-softmax); the q/k norms (Qwen3: per head, OLMoE: per projection) and
+    head_dim."""
     family, c = family_of(path), read_config(path)
     theta = _rope_theta(c)
     if theta != int(theta):
@@ -162,15 +174,16 @@ def recipe_keys(path: Path) -> dict[str, object]:
         "model.hidden_size": c["hidden_size"], "model.num_attention_heads": heads,
         "model.num_query_groups": c.get("num_key_value_heads") or heads,
         "model.kv_channels": None if head_dim in (None, c["hidden_size"] // heads) else head_dim,
-        "model.qk_layernorm": family.qk_norm,
+        "model.qk_layernorm": family.qk_norm is not None,
+        "model.qk_norm_scope": family.qk_norm or "head",
         "model.norm_epsilon": float(c.get("rms_norm_eps", family.norm_eps)),
         "model.moe_ffn_hidden_size": c[family.expert_ffn],
         "model.num_experts": _experts(c, family)[1], "model.router_topk": c["num_experts_per_tok"],
         "model.moe_layer_freq": _moe_layer_freq(c), "model.normalization": "RMSNorm",
         "model.position_embedding": "rope", "model.rotary_base": int(theta),
         "model.activation": "swiglu", "model.router_score_function": "softmax",
-        # Qwen3's norm_topk_prob=false keeps the all-expert softmax probabilities as gates
-        "model.router_pre_softmax": family.name == "qwen3_moe" and not c.get("norm_topk_prob"),
+        # norm_topk_prob=false (Qwen3, OLMoE) keeps the all-expert softmax probabilities as gates
+        "model.router_pre_softmax": family.reads_norm_topk_prob and not c.get("norm_topk_prob"),
         "model.router_topk_scaling_factor": None, "model.vocab_size": c["vocab_size"],
     }
     if not all(moe_layers(c)):  # the dense layers' weights depend on it

@@ -13,7 +13,7 @@ slice of them this rank holds, so the import is layout-free.
 
 The Hugging Face side is NullMoEForCausalLM's names; `family_name`/`nullmoe_name` rename the MoE
 block to a stock family's (Mixtral: router -> block_sparse_moe.gate, gate/down/up -> w1/w2/w3;
-Qwen3-MoE: router -> gate). Qwen3's per-head q/k norms are megatron-core's q/k_layernorm.
+Qwen3-MoE and OLMoE: router -> gate). Their q/k norms are megatron-core's q/k_layernorm.
 
 Layouts (legend: H hidden, G query groups = key/value heads, Q query heads per group, D head
 dim, F ffn hidden, E experts): the fused QKV is [G, (Q q-heads, 1 k-head, 1 v-head) x D, H],
@@ -57,7 +57,8 @@ LAYER_ROWS = (
     Row("self_attention.linear_qkv.weight",
         ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"), "qkv"),
     Row("self_attention.linear_proj.weight", ("self_attn.o_proj.weight",)),
-    # per-head q/k norms (qk_layernorm; Qwen3): one [D] weight shared by every head
+    # q/k norms (qk_layernorm): per head (Qwen3) one [D] weight shared by every head; over the
+    # projection (OLMoE, qk_norm.py) one [N x D] weight, flat in both names
     Row("self_attention.q_layernorm.weight", ("self_attn.q_norm.weight",), optional=True),
     Row("self_attention.q_layernorm.bias", ("self_attn.q_norm.bias",), optional=True),
     Row("self_attention.k_layernorm.weight", ("self_attn.k_norm.weight",), optional=True),
@@ -88,6 +89,7 @@ RENAMES = {
                 ("mlp.experts.", "block_sparse_moe.experts."),
                 ("gate_proj.", "w1."), ("down_proj.", "w2."), ("up_proj.", "w3.")),
     "qwen3_moe": (("mlp.router.weight", "mlp.gate.weight"),),
+    "olmoe": (("mlp.router.weight", "mlp.gate.weight"),),
 }
 
 

@@ -22,6 +22,7 @@ import torch
 from megatron_nullmoe import _mcore
 from megatron_nullmoe.config import NullExpertConfig, NullExpertConfigError
 from megatron_nullmoe.flops import moe_layer_pattern
+from megatron_nullmoe.qk_norm import with_qk_norm_scope
 from megatron_nullmoe.run.config import ConfigError, RunConfig
 from megatron_nullmoe.run.tokenizer import IMAGE_TOKEN
 from megatron_nullmoe.spec import with_null_experts
@@ -93,6 +94,7 @@ def _check_architecture(cfg: RunConfig) -> None:
             raise ConfigError(
                 f"model.num_query_groups={groups} with parallel.tensor={tp}: megatron-core needs "
                 "the key/value groups to be a multiple or a divisor of the tensor-parallel size")
+    _check_qk_norm_scope(cfg)
     if m.position_embedding == "rope":
         head_dim = m.kv_channels or m.hidden_size // heads  # megatron-core's kv_channels
         what = (f"model.kv_channels = {head_dim}" if m.kv_channels else
@@ -102,6 +104,26 @@ def _check_architecture(cfg: RunConfig) -> None:
             raise ConfigError(
                 f"model.position_embedding=rope rotates pairs of channels, so the head dimension "
                 f"{what} must be even; change it, or use learned_absolute")
+
+
+def _check_qk_norm_scope(cfg: RunConfig) -> None:
+    """model.qk_norm_scope=projection against the keys its norm needs (qk_norm.py)."""
+    m, tp = cfg.model, cfg.parallel.tensor
+    if m.qk_norm_scope == "head":
+        return
+    where = f"model.qk_norm_scope={m.qk_norm_scope!r}"
+    if not m.qk_layernorm:
+        raise ConfigError(f"{where} with model.qk_layernorm=false: there is no q/k norm to span "
+                          "the projection; set model.qk_layernorm=true, or leave "
+                          "model.qk_norm_scope at 'head'")
+    if m.normalization != "RMSNorm":
+        raise ConfigError(f"{where} with model.normalization={m.normalization!r}: the "
+                          "projection-wide q/k norm is an RMSNorm (valid: RMSNorm)")
+    if tp > 1:
+        raise ConfigError(
+            f"{where} with parallel.tensor={tp}: each rank would hold a slice of the heads, and "
+            "the norm's mean square over the tensor-parallel group is not computed (not done); "
+            "use parallel.tensor=1 (expert and data parallelism are fine)")
 
 
 def decoder_config(cfg: RunConfig, dtype: torch.dtype):
@@ -172,6 +194,8 @@ def build_model(cfg: RunConfig, vocab_size: int, pg_collection, dtype: torch.dty
     # as Megatron-LM passes it: the local spec then builds RMSNorm layers with torch's RMSNorm.
     spec = get_gpt_decoder_block_spec(config, use_transformer_engine=use_te,
                                       normalization=config.normalization)
+    if cfg.model.qk_layernorm:
+        spec = with_qk_norm_scope(spec, cfg.model.qk_norm_scope)
     try:
         spec = with_null_experts(spec, null)
     except ValueError:  # a pipeline stage with dense layers only

@@ -54,6 +54,7 @@ class NullMoEConfig(PretrainedConfig):
         normalization="LayerNorm",
         norm_eps=1e-5,
         qk_layernorm=False,
+        qk_norm_scope="head",
         position_embedding_type="learned_absolute",
         rotary_base=10000,
         rotary_percent=1.0,
@@ -91,6 +92,10 @@ class NullMoEConfig(PretrainedConfig):
         # a norm of `normalization` kind over each query and key head (head_dim channels, one
         # weight shared by the heads) before rotary: megatron-core's qk_layernorm, Qwen3's q/k norm
         self.qk_layernorm = qk_layernorm
+        # what each q/k norm spans: "head" (as above), or "projection": all heads of the q or k
+        # projection at once, a [heads x head_dim] weight (OLMoE's q/k norm); configs written
+        # before the field have per-head norms
+        self.qk_norm_scope = qk_norm_scope
         self.position_embedding_type = position_embedding_type
         self.rotary_base = rotary_base
         self.rotary_percent = rotary_percent
@@ -146,6 +151,7 @@ class NullMoEConfig(PretrainedConfig):
                    "router_score_function": ("softmax", "sigmoid"),
                    "gate_normalization": ("renormalize", "keep_null_share"),
                    "normalization": ("LayerNorm", "RMSNorm"),
+                   "qk_norm_scope": ("head", "projection"),
                    "position_embedding_type": ("learned_absolute", "rope"),
                    "activation": ("gelu", "swiglu")}
         for name, valid in choices.items():

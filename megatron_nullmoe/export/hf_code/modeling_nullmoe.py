@@ -99,15 +99,27 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(H, self.kv_heads * self.head_dim, bias=False)
         self.v_proj = nn.Linear(H, self.kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.heads * self.head_dim, H, bias=False)
-        # per-head norms of q and k before rotary (config.qk_layernorm), one weight for all heads
+        # norms of q and k before rotary (config.qk_layernorm): per head, one [head_dim] weight
+        # for all heads (qk_norm_scope "head", Qwen3's), or over all heads of the projection at
+        # once with a [heads x head_dim] weight ("projection", OLMoE's)
         qk = getattr(config, "qk_layernorm", False)  # configs written before it have none
-        self.q_norm = _norm(config, self.head_dim) if qk else nn.Identity()
-        self.k_norm = _norm(config, self.head_dim) if qk else nn.Identity()
+        self.whole = getattr(config, "qk_norm_scope", "head") == "projection"  # older: per head
+        q_size, k_size = ((self.heads * self.head_dim, self.kv_heads * self.head_dim) if self.whole
+                          else (self.head_dim, self.head_dim))
+        self.q_norm = _norm(config, q_size) if qk else nn.Identity()
+        self.k_norm = _norm(config, k_size) if qk else nn.Identity()
+
+    def _heads(self, x_BLX, norm, heads):
+        """[B, heads, L, head_dim] of a projection, normalised before or after the split."""
+        B, L, _ = x_BLX.shape
+        if self.whole:
+            return norm(x_BLX).view(B, L, heads, self.head_dim).transpose(1, 2)
+        return norm(x_BLX.view(B, L, heads, self.head_dim)).transpose(1, 2)
 
     def forward(self, x_BLH, mask_B1LK, rotary, cache):
         B, L, _ = x_BLH.shape
-        q = self.q_norm(self.q_proj(x_BLH).view(B, L, self.heads, self.head_dim)).transpose(1, 2)
-        k = self.k_norm(self.k_proj(x_BLH).view(B, L, self.kv_heads, self.head_dim)).transpose(1, 2)
+        q = self._heads(self.q_proj(x_BLH), self.q_norm, self.heads)
+        k = self._heads(self.k_proj(x_BLH), self.k_norm, self.kv_heads)
         v = self.v_proj(x_BLH).view(B, L, self.kv_heads, self.head_dim).transpose(1, 2)
         if rotary is not None:
             q, k = _apply_rotary(q, *rotary), _apply_rotary(k, *rotary)
