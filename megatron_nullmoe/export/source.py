@@ -32,7 +32,8 @@ KINDS = ("a run folder (config.yaml and checkpoints/)", "a checkpoint folder (it
 
 
 def is_export(path: Path) -> bool:
-    """A folder this project's export wrote (NullMoEForCausalLM, or --format mixtral/qwen3_moe)."""
+    """A folder this project's export wrote (NullMoEForCausalLM, or --format mixtral, qwen3_moe
+    or olmoe)."""
     config = path / "config.json"
     if not config.is_file():
         return False
@@ -40,7 +41,7 @@ def is_export(path: Path) -> bool:
         model_type = json.loads(config.read_text()).get("model_type")
     except (json.JSONDecodeError, AttributeError):
         return False
-    return model_type == "nullmoe" or (model_type in ("mixtral", "qwen3_moe")
+    return model_type == "nullmoe" or (model_type in ("mixtral", "qwen3_moe", "olmoe")
                                        and (path / "export.json").is_file())
 
 
@@ -102,7 +103,7 @@ def load_hf(path: str | Path, dtype: torch.dtype = torch.float32):
         key = "AutoModelForImageTextToText" if config.get("vision_config") else "AutoModelForCausalLM"
         model = get_class_from_dynamic_module(auto_map[key], str(path)).from_pretrained(
             str(path), dtype=dtype)
-    else:  # --format mixtral or qwen3_moe: stock transformers
+    else:  # --format mixtral, qwen3_moe or olmoe: stock transformers
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
     tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=True)
     return model.eval(), tokenizer
