@@ -234,6 +234,16 @@ def test_example_sweeps_load_and_dry_run(name, capsys):
             assert not any(o.startswith("checkpoint.init_from=@") for o in run.overrides)
         assert by["c_top1", 1].cfg.model.router_topk == 1
         assert by["b_upcycle", 1].cfg.model.null_experts.target_start_real_per_token == 2.0
+    elif name == "distill_study.yaml":  # three continuations of one Mixtral export (issue 34)
+        from megatron_nullmoe.sweep.checks import expected_real_per_token
+
+        rate = {r.variant: expected_real_per_token(r.cfg) for r in runs}
+        # the null variants' budget falls 2 -> 1 over the first half of the steps, then holds 1
+        assert rate == {"top2": 2, "null_sched": pytest.approx(1.25, abs=0.01),
+                        "null_distill": pytest.approx(1.25, abs=0.01)} and len(runs) == 3 * 3
+        assert {r.cfg.checkpoint.init_from for r in runs} == {"runs/distill_study/hub_mixtral"}
+        assert {r.variant: r.cfg.distill.weight for r in runs} == {
+            "top2": 0, "null_sched": 0, "null_distill": 1.0}
     elif "study" in name:  # the CPU study: top-1 baseline, top-2 bound, nulls at 1 real/token
         from megatron_nullmoe.sweep.checks import expected_real_per_token
 

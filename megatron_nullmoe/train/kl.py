@@ -17,18 +17,20 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from megatron_nullmoe.collectives import reduce_tensor
 
-def _all_reduce(x: torch.Tensor, op, group) -> torch.Tensor:
-    if group is not None and dist.get_world_size(group) > 1:
-        dist.all_reduce(x, op=op, group=group)
-    return x
+
+def _all_reduce(x: torch.Tensor, op: str, group) -> torch.Tensor:
+    """x reduced over `group` (collectives.py: the one home of control-value collectives); None
+    is no group at all, not the default one."""
+    return x if group is None else reduce_tensor(x, group, op)
 
 
 def _log_softmax(z: torch.Tensor, group) -> torch.Tensor:
     """log softmax over the whole vocabulary of [2, ..., V/TP] (teacher, student) logit slices:
     one MAX and one SUM collective for both models."""
-    z = z - _all_reduce(z.amax(-1), dist.ReduceOp.MAX, group).unsqueeze(-1)
-    sums = _all_reduce(z.exp().sum(-1), dist.ReduceOp.SUM, group)
+    z = z - _all_reduce(z.amax(-1), "max", group).unsqueeze(-1)
+    sums = _all_reduce(z.exp().sum(-1), "sum", group)
     return z - sums.log().unsqueeze(-1)
 
 
@@ -38,7 +40,7 @@ class _VocabParallelKL(torch.autograd.Function):
         z = torch.stack([teacher.float(), student.float()]) / temperature
         logp = _log_softmax(z, group)
         p = logp.exp()
-        kl = _all_reduce((p[0] * (logp[0] - logp[1])).sum(-1), dist.ReduceOp.SUM, group)
+        kl = _all_reduce((p[0] * (logp[0] - logp[1])).sum(-1), "sum", group)
         ctx.save_for_backward(p[1] - p[0])
         ctx.temperature, ctx.dtype = temperature, student.dtype
         return kl
