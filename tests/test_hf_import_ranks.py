@@ -21,12 +21,12 @@ Legend: V vocabulary, B batch, L sequence.
 
 from __future__ import annotations
 
-import shutil
 
 import pytest
 import torch
 
 from tests._dist import run_ranks
+from tests._hf_folders import save_random
 from tests._train import losses, run, tiny_text
 from tests.test_hf_import import _common
 from tests.test_hf_qwen3 import _qwen3
@@ -46,17 +46,7 @@ def _mixtral(folder, tokenizer):
                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                            num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=32,
                            rms_norm_eps=1e-5, sliding_window=None, tie_word_embeddings=False)
-    torch.manual_seed(5)
-    model = MixtralForCausalLM(config)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.copy_(1 + 0.3 * torch.randn_like(p))
-            else:
-                p.normal_(0.0, 0.15)
-    model.save_pretrained(str(folder), safe_serialization=True)
-    shutil.copyfile(tokenizer, folder / "tokenizer.model")
-    return folder
+    return save_random(MixtralForCausalLM, config, folder, tokenizer, 5)
 
 
 @pytest.fixture(scope="module")

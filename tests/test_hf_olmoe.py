@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from megatron_nullmoe import NullExpertConfig
 from tests._models import build_gpt
+from tests._hf_folders import safetensors, save_random
 from tests._train import losses, run, tiny_text
 from tests.test_export import tokens
 from tests.test_hf_import import _common, _imported
@@ -38,28 +39,12 @@ def _olmoe(folder, tokenizer, norm_topk_prob=False, kv_heads=1, **extra):
         num_attention_heads=2, num_key_value_heads=kv_heads, num_experts=4, num_experts_per_tok=2,
         norm_topk_prob=norm_topk_prob, rms_norm_eps=1e-5, max_position_embeddings=32,
         rope_theta=10000.0, tie_word_embeddings=False, **extra)
-    torch.manual_seed(4)
-    model = OlmoeForCausalLM(config)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.copy_(1 + 0.3 * torch.randn_like(p))
-            else:
-                p.normal_(0.0, 0.15)
-    model.save_pretrained(str(folder), safe_serialization=True)
-    shutil.copyfile(tokenizer, folder / "tokenizer.model")
-    return folder
+    return save_random(OlmoeForCausalLM, config, folder, tokenizer, 4)
 
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
     return tiny_text(tmp_path_factory.mktemp("hf_olmoe"), 200, 24, 12)
-
-
-def _safetensors(folder) -> dict:
-    from safetensors.torch import load_file
-
-    return load_file(str(folder / "model.safetensors"))
 
 
 def test_the_projection_norm_is_one_rms_norm_over_all_heads():
@@ -103,7 +88,7 @@ def test_olmoe_imports_exactly_and_exports_back(root, single_rank, tmp_path, kv_
     assert max_logit_difference(model, remote) < 1e-4
     # stock OLMoE: the source again, tensor for tensor
     again = export_olmoe(model, folder / "tokenizer.model", tmp_path / "again", {})
-    a, b = _safetensors(folder), _safetensors(again)
+    a, b = safetensors(folder), safetensors(again)
     assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
     with torch.no_grad():
         got = OlmoeForCausalLM.from_pretrained(str(again)).eval()(ids).logits

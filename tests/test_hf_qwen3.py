@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from megatron_nullmoe import NullExpertConfig
 from tests._models import build_gpt
+from tests._hf_folders import safetensors, save_random
 from tests._train import losses, run, tiny_text
 from tests.test_export import tokens
 from tests.test_hf_import import _common, _imported
@@ -39,28 +40,12 @@ def _qwen3(folder, tokenizer, norm_topk_prob=True, mlp_only_layers=(), **extra):
         num_experts=4, num_experts_per_tok=2, norm_topk_prob=norm_topk_prob, rms_norm_eps=1e-6,
         max_position_embeddings=32, rope_theta=1000000.0, mlp_only_layers=list(mlp_only_layers),
         tie_word_embeddings=False, **extra)
-    torch.manual_seed(3)
-    model = Qwen3MoeForCausalLM(config)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.copy_(1 + 0.3 * torch.randn_like(p))
-            else:
-                p.normal_(0.0, 0.15)
-    model.save_pretrained(str(folder), safe_serialization=True)
-    shutil.copyfile(tokenizer, folder / "tokenizer.model")
-    return folder
+    return save_random(Qwen3MoeForCausalLM, config, folder, tokenizer, 3)
 
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
     return tiny_text(tmp_path_factory.mktemp("hf_qwen3"), 200, 24, 12)
-
-
-def _safetensors(folder) -> dict:
-    from safetensors.torch import load_file
-
-    return load_file(str(folder / "model.safetensors"))
 
 
 @pytest.mark.parametrize("norm_topk_prob,mlp_only_layers", [
@@ -91,7 +76,7 @@ def test_qwen3_moe_imports_exactly_and_exports_back_as_itself(
                 "moe_intermediate_size", "intermediate_size", "num_key_value_heads",
                 "sliding_window", "rope_parameters"):
         assert getattr(written, key) == getattr(theirs, key), key
-    a, b = _safetensors(folder), _safetensors(again)
+    a, b = safetensors(folder), safetensors(again)
     assert sorted(a) == sorted(b)
     assert all(torch.equal(a[k], b[k]) for k in a)
     with torch.no_grad():
