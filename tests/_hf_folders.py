@@ -31,3 +31,14 @@ def safetensors(folder: Path) -> dict:
     from safetensors.torch import load_file
 
     return load_file(str(Path(folder) / "model.safetensors"))
+
+
+def edited_copy(folder: Path, tmp_path: Path, **edit) -> Path:
+    """A copy of `folder` (tmp_path/edited) whose config.json has the keys of `edit` set."""
+    import json
+
+    out = Path(tmp_path) / "edited"
+    shutil.copytree(folder, out)
+    config = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**config, **edit}))
+    return out

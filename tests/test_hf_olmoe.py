@@ -14,7 +14,6 @@ null picks while the gates shrink (README). What cannot be reproduced is refused
 from __future__ import annotations
 
 import json
-import shutil
 from types import SimpleNamespace
 
 import pytest
@@ -23,7 +22,7 @@ import torch.nn.functional as F
 
 from megatron_nullmoe import NullExpertConfig
 from tests._models import build_gpt
-from tests._hf_folders import safetensors, save_random
+from tests._hf_folders import edited_copy, safetensors, save_random
 from tests._train import losses, run, tiny_text
 from tests.test_export import tokens
 from tests.test_hf_import import _common, _imported
@@ -133,14 +132,6 @@ def test_the_cli_exports_an_olmoe_import_as_olmoe(root, tmp_path):
     assert written["architectures"] == ["OlmoeForCausalLM"] and "auto_map" not in written
 
 
-def _edited(folder, tmp_path, **edit):
-    out = tmp_path / "edited"
-    shutil.copytree(folder, out)
-    config = json.loads((out / "config.json").read_text())
-    (out / "config.json").write_text(json.dumps({**config, **edit}))
-    return out
-
-
 @pytest.mark.parametrize("edit,message", [
     ({"clip_qkv": 8.0}, "clip_qkv=8.0 (queries, keys and values are not clamped)"),
     ({"head_dim": 16}, "head_dim=16 (a projection-wide q/k norm of hidden_size=64"),
@@ -153,7 +144,7 @@ def test_an_olmoe_folder_the_trainer_cannot_reproduce_is_refused_by_name(
     from megatron_nullmoe.run.config import ConfigError, load_config
 
     folder = _olmoe(tmp_path / "olmoe", root / "tok.model")
-    bad = _edited(folder, tmp_path, **edit)
+    bad = edited_copy(folder, tmp_path, **edit)
     with pytest.raises(ConfigError, match="checkpoint.init_from=") as err:
         load_config(None, [*_common(root, tmp_path / "r"), f"checkpoint.init_from={bad}"])
     assert message in str(err.value)

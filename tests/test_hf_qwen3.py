@@ -13,7 +13,6 @@ express on export.
 from __future__ import annotations
 
 import json
-import shutil
 from types import SimpleNamespace
 
 import pytest
@@ -22,7 +21,7 @@ import torch.nn.functional as F
 
 from megatron_nullmoe import NullExpertConfig
 from tests._models import build_gpt
-from tests._hf_folders import safetensors, save_random
+from tests._hf_folders import edited_copy, safetensors, save_random
 from tests._train import losses, run, tiny_text
 from tests.test_export import tokens
 from tests.test_hf_import import _common, _imported
@@ -110,14 +109,6 @@ def test_trainer_first_loss_with_null_slots_is_the_sources_and_export_defaults(r
     assert written["architectures"] == ["Qwen3MoeForCausalLM"] and "auto_map" not in written
 
 
-def _edited(folder, tmp_path, **edit):
-    out = tmp_path / "edited"
-    shutil.copytree(folder, out)
-    config = json.loads((out / "config.json").read_text())
-    (out / "config.json").write_text(json.dumps({**config, **edit}))
-    return out
-
-
 @pytest.mark.parametrize("edit,message", [
     ({"architectures": ["Qwen2MoeForCausalLM"], "model_type": "qwen2_moe"},
      "architecture 'Qwen2MoeForCausalLM' cannot be imported: shared experts"),
@@ -132,7 +123,7 @@ def test_a_qwen3_folder_the_trainer_cannot_reproduce_is_refused_by_name(
     from megatron_nullmoe.run.config import ConfigError, load_config
 
     folder = _qwen3(tmp_path / "qwen3", root / "tok.model")
-    bad = _edited(folder, tmp_path, **edit)
+    bad = edited_copy(folder, tmp_path, **edit)
     with pytest.raises(ConfigError, match="checkpoint.init_from=") as err:
         load_config(None, [*_common(root, tmp_path / "r"), f"checkpoint.init_from={bad}"])
     assert message in str(err.value)
@@ -143,7 +134,7 @@ def test_a_sliding_window_switched_off_is_not_refused(root, tmp_path):
     from megatron_nullmoe.run.config import load_config
 
     folder = _qwen3(tmp_path / "qwen3", root / "tok.model")
-    kept = _edited(folder, tmp_path, use_sliding_window=False, sliding_window=4096)
+    kept = edited_copy(folder, tmp_path, use_sliding_window=False, sliding_window=4096)
     cfg = load_config(None, [*_common(root, tmp_path / "r"), f"checkpoint.init_from={kept}"])
     assert cfg.model.qk_layernorm and cfg.model.kv_channels == 32
 
